@@ -41,10 +41,20 @@ def _impl(backend: str):
 
     interpret = backend == "mosaic_interpret"
     return (
-        functools.partial(gmm_mosaic.gmm, interpret=interpret),
+        functools.partial(_mosaic_gmm, interpret=interpret),
         functools.partial(gmm_mosaic.group_xty, interpret=interpret),
     )
   raise AssertionError(backend)
+
+
+def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, interpret):
+  """The warp-specialized Mosaic kernel where its CTA tile fits N, else the simple one."""
+  from kernels import gmm_mosaic, gmm_mosaic_ws
+
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  impl = gmm_mosaic_ws.gmm if gmm_mosaic_ws.supports(lhs.shape[1], n) else gmm_mosaic.gmm
+  return impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+              interpret=interpret)
 
 
 def _pick_pallas(m: int, k: int, n: int) -> str:
