@@ -1,0 +1,36 @@
+"""Token-dropping MoE (Switch/GShard baseline): fixed per-expert capacity, dense batched matmuls.
+
+Each expert has C slots (MoEConfig.capacity). Slots are filled in GShard priority order (all first
+choices in token order, then all second choices, ...); an assignment past its expert's C-th slot is
+dropped: it contributes nothing, so a token whose every assignment is dropped leaves the layer as
+zero and passes through the transformer block's residual unchanged (Switch). Combine weights are
+not renormalized after drops.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe import dispatch
+from jaxmoe.experts import RoutedExperts
+
+
+def capacity_experts(experts: RoutedExperts, x: jax.Array, indices: jax.Array, weights: jax.Array,
+                     capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x (T, d), indices/weights (T, k) -> (y (T, d), kept (T, k) bool, dropped_fraction f32 scalar)."""
+  t, k = indices.shape
+  e = experts.config.num_experts
+  d = x.shape[-1]
+  pos = dispatch.capacity_positions(indices, e)
+  kept = pos < capacity
+  # Flat buffer row of each kept assignment; dropped ones point past the end and are discarded by
+  # mode="drop" on the way in and read back as zeros by mode="fill" on the way out.
+  slot = jnp.where(kept, indices * capacity + pos, e * capacity).reshape(-1)
+  rows = jnp.repeat(x.astype(experts.dtype), k, axis=0)                           # (T*k, d)
+  buf = jnp.zeros((e * capacity, d), rows.dtype).at[slot].set(rows, mode="drop")
+  out = experts.apply_batched(buf.reshape(e, capacity, d)).reshape(e * capacity, d)
+  y_slots = jnp.take(out, slot, axis=0, mode="fill", fill_value=0).reshape(t, k, d)
+  y = jnp.einsum("tkd,tk->td", y_slots.astype(jnp.float32), weights.astype(jnp.float32))
+  dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
+  return y.astype(out.dtype), kept, dropped

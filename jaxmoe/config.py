@@ -1,0 +1,140 @@
+"""`MoEConfig`: every knob of the MoE layer, validated once at construction.
+
+A bad value raises a ValueError naming the field, what was given and what is allowed, so a typo in a
+training config fails at startup rather than deep inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# Dropless implementations compute the same function; "capacity" is the token-dropping baseline.
+# "scatter" and "blocksparse" join this tuple once their kernels (kernels/scatter_*, kernels/blocksparse)
+# are wired in jaxmoe/moe.py.
+DROPLESS_IMPLS = ("grouped", "ragged_dot")
+IMPLS = DROPLESS_IMPLS + ("capacity",)
+
+# name -> is it a gated linear unit (two input projections)?
+ACTIVATIONS = {
+    "swiglu": True,
+    "geglu": True,
+    "geglu_tanh": True,
+    "reglu": True,
+    "gelu": False,
+    "gelu_tanh": False,
+    "relu": False,
+    "silu": False,
+}
+
+# softmax_topk: softmax over all experts, then top-k (Switch, GShard, DeepSeek-V2; renormalize=True
+#               makes it equal to Mixtral's).
+# topk_softmax: top-k of the logits, softmax over the k chosen (Mixtral's formulation).
+# sigmoid:      per-expert sigmoid scores, top-k, weights normalized to sum 1 (DeepSeek-V3).
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
+
+BACKENDS = (None, "xla", "triton", "mosaic", "pallas", "triton_interpret", "mosaic_interpret")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Configuration of one MoE layer.
+
+  Attributes:
+    d_model: model width (input and output features).
+    d_ff: hidden width of each routed expert.
+    num_experts: number of routed experts E.
+    top_k: experts per token, 1..num_experts.
+    impl: "grouped" (sort + kernels.grouped_matmul), "ragged_dot" (sort + jax.lax.ragged_dot), or
+      "capacity" (token dropping with a per-expert capacity, the Switch/GShard baseline).
+    activation: one of ACTIVATIONS; the GLU ones ("swiglu", "geglu", ...) use gate and up projections.
+    router: one of ROUTERS.
+    renormalize: renormalize the k chosen softmax probabilities to sum 1 ("softmax_topk" only; the
+      other routers are normalized by construction).
+    capacity_factor: impl="capacity" only: capacity = ceil(top_k * tokens * capacity_factor / E).
+    num_shared_experts: always-on experts (DeepSeek style), run as one dense MLP of width
+      num_shared_experts * shared_d_ff.
+    shared_d_ff: hidden width of one shared expert (None: d_ff).
+    use_bias: biases in the expert projections.
+    jitter: multiplicative router-input noise x * U(1 - jitter, 1 + jitter) at train time (Switch).
+    aux_loss_weight: weight of the load-balancing loss in MoEStats.loss.
+    z_loss_weight: weight of the router z-loss in MoEStats.loss.
+    bias_balancing: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the
+      scores for expert selection only, updated outside the gradient by MoE.update_router_bias.
+    routed_scale: factor on the routed experts' combined output (DeepSeek-V3 uses 2.5).
+    backend: kernels backend for impl="grouped" (None: platform default).
+  """
+
+  d_model: int
+  d_ff: int
+  num_experts: int
+  top_k: int = 2
+  impl: str = "grouped"
+  activation: str = "swiglu"
+  router: str = "softmax_topk"
+  renormalize: bool = True
+  capacity_factor: float = 1.25
+  num_shared_experts: int = 0
+  shared_d_ff: int | None = None
+  use_bias: bool = False
+  jitter: float = 0.0
+  aux_loss_weight: float = 0.01
+  z_loss_weight: float = 0.001
+  bias_balancing: bool = False
+  routed_scale: float = 1.0
+  backend: str | None = None
+
+  def __post_init__(self):
+    for name in ("d_model", "d_ff", "num_experts"):
+      _check_positive_int(name, getattr(self, name))
+    if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f"MoEConfig.top_k must be an int in 1..num_experts={self.num_experts}, "
+                       f"got {self.top_k!r}")
+    _check_choice("impl", self.impl, IMPLS)
+    _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+    _check_choice("router", self.router, ROUTERS)
+    _check_choice("backend", self.backend, BACKENDS)
+    if not (isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
+            and self.capacity_factor > 0):
+      raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0, "
+                       f"got {self.capacity_factor!r}")
+    if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+      raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, "
+                       f"got {self.num_shared_experts!r}")
+    if self.shared_d_ff is not None:
+      _check_positive_int("shared_d_ff", self.shared_d_ff)
+    if not isinstance(self.jitter, (int, float)) or not 0.0 <= self.jitter < 1.0:
+      raise ValueError(f"MoEConfig.jitter must be in [0, 1), got {self.jitter!r}")
+    for name in ("aux_loss_weight", "z_loss_weight"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
+    if not isinstance(self.routed_scale, (int, float)) or not math.isfinite(self.routed_scale):
+      raise ValueError(f"MoEConfig.routed_scale must be a finite number, got {self.routed_scale!r}")
+
+  @property
+  def is_glu(self) -> bool:
+    return ACTIVATIONS[self.activation]
+
+  @property
+  def is_dropless(self) -> bool:
+    return self.impl in DROPLESS_IMPLS
+
+  @property
+  def shared_width(self) -> int:
+    """Hidden width of the fused shared-expert MLP (0 without shared experts)."""
+    return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
+
+  def capacity(self, num_tokens: int) -> int:
+    """Slots per expert for impl="capacity": ceil(top_k * tokens * capacity_factor / E)."""
+    return max(1, math.ceil(self.top_k * num_tokens * self.capacity_factor / self.num_experts))
+
+
+def _check_positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+  if value not in allowed:
+    raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,80 @@
+"""Token permutation helpers: sort (token, slot) pairs by expert, gather, unsort, combine.
+
+T tokens, k slots each, E experts, d features.
+  sort_by_expert(indices (T, k), E) -> Dispatch(order (T*k,), token (T*k,), group_sizes (E,))
+  gather_sorted(x (T, d), dispatch) -> (T*k, d)        rows grouped by expert, stable in token order
+  combine_sorted(y (T*k, d), dispatch, weights (T, k)) -> (T, d)   sum_j weights[t, j] * y[slot (t, j)]
+
+Also the capacity bookkeeping of the token-dropping baseline:
+  capacity_positions(indices (T, k), E) -> (T, k) int32 rank of each slot in its expert's queue.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Dispatch(NamedTuple):
+  """Expert-sorted order of the T*k (token, slot) pairs.
+
+  order: (T*k,) int32 flat slot index (t * k + j) at each sorted position.
+  token: (T*k,) int32 token of each sorted position (order // k).
+  inverse: (T*k,) int32 sorted position of each flat slot (argsort of order).
+  group_sizes: (E,) int32 rows per expert in the sorted order.
+  expert: (T*k,) int32 expert of each sorted position.
+  """
+
+  order: jax.Array
+  token: jax.Array
+  inverse: jax.Array
+  group_sizes: jax.Array
+  expert: jax.Array
+
+
+def sort_by_expert(indices: jax.Array, num_experts: int) -> Dispatch:
+  """Stable sort of the (T, k) assignments by expert, so ties stay in token order."""
+  t, k = indices.shape
+  flat = indices.reshape(-1).astype(jnp.int32)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return Dispatch(order, order // k, inverse, group_sizes, flat[order])
+
+
+def gather_sorted(x: jax.Array, dispatch: Dispatch) -> jax.Array:
+  """(T, d) -> (T*k, d): each token's row once per slot, grouped by expert."""
+  return jnp.take(x, dispatch.token, axis=0)
+
+
+def unsort(y_sorted: jax.Array, dispatch: Dispatch, top_k: int) -> jax.Array:
+  """(T*k, ...) expert-sorted rows -> (T, k, ...) in token/slot order (a gather, not a scatter)."""
+  y = jnp.take(y_sorted, dispatch.inverse, axis=0)
+  return y.reshape((-1, top_k) + y_sorted.shape[1:])
+
+
+def combine_sorted(y_sorted: jax.Array, dispatch: Dispatch, weights: jax.Array) -> jax.Array:
+  """(T*k, d) expert outputs -> (T, d) gate-weighted sum over each token's k slots.
+
+  The product is taken in float32 and cast back to y's dtype: summing k bf16 terms in bf16 would
+  add a rounding the grouped kernels (float32 accumulation) do not have.
+  """
+  y = unsort(y_sorted, dispatch, weights.shape[1])
+  out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights.astype(jnp.float32))
+  return out.astype(y_sorted.dtype)
+
+
+def capacity_positions(indices: jax.Array, num_experts: int) -> jax.Array:
+  """(T, k) int32 queue position of each slot at its expert, GShard priority order.
+
+  All first choices come before all second choices (and so on), each in token order: a token's
+  best expert is the last thing dropped. A slot is kept iff its position < capacity.
+  """
+  t, k = indices.shape
+  # Slot-major flat order: position p = j * T + t.
+  one_hot = jax.nn.one_hot(indices.T.reshape(-1), num_experts, dtype=jnp.int32)   # (k*T, E)
+  ranks = jnp.cumsum(one_hot, axis=0) - 1
+  pos = jnp.sum(ranks * one_hot, axis=1)                                            # (k*T,)
+  return pos.reshape(k, t).T

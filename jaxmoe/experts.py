@@ -1,0 +1,163 @@
+"""Expert parameters (stacked (E, ...) arrays with logical axis names) and their application.
+
+Routed experts, E of them, each an MLP  act(x W_in + b_in) W_out + b_out  or a GLU
+act(x W_gate) * (x W_up) W_out. Weights are stored stacked so a grouped matmul runs all experts in
+one kernel, and carry logical axis names ("expert", "embed", "mlp") that the sharding rules map to
+mesh axes:
+  w_gate, w_up:        (E, d_model, d_ff)   ("expert", "embed", "mlp")   (a plain MLP has only
+                                            w_gate, its input projection)
+  w_out:               (E, d_ff, d_model)   ("expert", "mlp", "embed")
+  b_in / b_gate, b_up: (E, d_ff) ("expert", "mlp");  b_out: (E, d_model) ("expert", "embed")
+Shared experts are one dense MLP/GLU of width num_shared_experts * shared_d_ff, ("embed", "mlp").
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import MoEConfig
+
+# (E, M, K) x (E, K, N) on expert-sorted rows: matmul(lhs (M, K), rhs (E, K, N), group_sizes) -> (M, N)
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+_ACT_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swiglu": jax.nn.silu,
+    "geglu": lambda x: jax.nn.gelu(x, approximate=False),
+    "geglu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "reglu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The elementwise nonlinearity of an activation name (the gate's, for GLUs)."""
+  if name not in _ACT_FNS:
+    raise ValueError(f"activation must be one of {tuple(_ACT_FNS)}, got {name!r}")
+  return _ACT_FNS[name]
+
+
+def _weight_init(fan_in_axis: int):
+  # Fan-in scaling per expert: the leading expert axis is a batch axis, not a fan.
+  return nnx.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=fan_in_axis, out_axis=-1, batch_axis=(0,))
+
+
+def _param(rngs, init, shape, names, dtype) -> nnx.Param:
+  init = nnx.with_partitioning(init, names, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def _hidden(act, is_glu: bool, gate: jax.Array, up: jax.Array | None, dtype) -> jax.Array:
+  """act(gate) [* up] in float32, cast back to the compute dtype for the output matmul."""
+  h = act(gate.astype(jnp.float32))
+  if is_glu:
+    h = h * up.astype(jnp.float32)
+  return h.astype(dtype)
+
+
+class RoutedExperts(nnx.Module):
+  """E experts with stacked weights; applied to expert-sorted rows or to (E, C, d) buffers."""
+
+  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.config = config
+    self.dtype = dtype
+    e, d, f = config.num_experts, config.d_model, config.d_ff
+    in_names, out_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+    if config.is_glu:
+      self.w_gate = _param(rngs, _weight_init(-2), (e, d, f), in_names, param_dtype)
+      self.w_up = _param(rngs, _weight_init(-2), (e, d, f), in_names, param_dtype)
+    else:
+      self.w_gate = _param(rngs, _weight_init(-2), (e, d, f), in_names, param_dtype)
+      self.w_up = None
+    self.w_out = _param(rngs, _weight_init(-2), (e, f, d), out_names, param_dtype)
+    if config.use_bias:
+      zeros = nnx.initializers.zeros
+      self.b_gate = _param(rngs, zeros, (e, f), ("expert", "mlp"), param_dtype)
+      self.b_up = _param(rngs, zeros, (e, f), ("expert", "mlp"), param_dtype) if config.is_glu \
+          else None
+      self.b_out = _param(rngs, zeros, (e, d), ("expert", "embed"), param_dtype)
+    else:
+      self.b_gate = self.b_up = self.b_out = None
+
+  def _w(self, p):
+    return None if p is None else p[...].astype(self.dtype)
+
+  def apply_sorted(self, x: jax.Array, group_sizes: jax.Array, expert: jax.Array,
+                   matmul: GroupedMatmul) -> jax.Array:
+    """x (M, d) rows sorted by expert, group_sizes (E,), expert (M,) -> (M, d) expert outputs."""
+    cfg = self.config
+    x = x.astype(self.dtype)
+
+    def proj(w, b, lhs):
+      y = matmul(lhs, self._w(w), group_sizes)
+      if b is not None:
+        y = y + jnp.take(self._w(b), expert, axis=0)
+      return y
+
+    gate = proj(self.w_gate, self.b_gate, x)
+    up = proj(self.w_up, self.b_up, x) if cfg.is_glu else None
+    h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
+    return proj(self.w_out, self.b_out, h)
+
+  def apply_batched(self, x: jax.Array) -> jax.Array:
+    """x (E, C, d) per-expert buffers -> (E, C, d): a dense batched matmul (capacity baseline)."""
+    cfg = self.config
+    x = x.astype(self.dtype)
+
+    def proj(w, b, lhs):
+      y = jnp.einsum("ecd,edf->ecf", lhs, self._w(w), preferred_element_type=jnp.float32)
+      y = y.astype(self.dtype)
+      if b is not None:
+        y = y + self._w(b)[:, None, :]
+      return y
+
+    gate = proj(self.w_gate, self.b_gate, x)
+    up = proj(self.w_up, self.b_up, x) if cfg.is_glu else None
+    h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
+    return proj(self.w_out, self.b_out, h)
+
+
+class SharedExperts(nnx.Module):
+  """Always-on experts, fused into one dense MLP/GLU of width config.shared_width."""
+
+  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.config = config
+    self.dtype = dtype
+    d, s = config.d_model, config.shared_width
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    self.w_gate = _param(rngs, init, (d, s), ("embed", "mlp"), param_dtype)
+    self.w_up = _param(rngs, init, (d, s), ("embed", "mlp"), param_dtype) if config.is_glu else None
+    self.w_out = _param(rngs, init, (s, d), ("mlp", "embed"), param_dtype)
+    if config.use_bias:
+      zeros = nnx.initializers.zeros
+      self.b_gate = _param(rngs, zeros, (s,), ("mlp",), param_dtype)
+      self.b_up = _param(rngs, zeros, (s,), ("mlp",), param_dtype) if config.is_glu else None
+      self.b_out = _param(rngs, zeros, (d,), ("embed",), param_dtype)
+    else:
+      self.b_gate = self.b_up = self.b_out = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x (T, d) -> (T, d)."""
+    cfg = self.config
+    x = x.astype(self.dtype)
+
+    def proj(w, b, lhs):
+      y = jnp.dot(lhs, w[...].astype(self.dtype), preferred_element_type=jnp.float32)
+      y = y.astype(self.dtype)
+      if b is not None:
+        y = y + b[...].astype(self.dtype)
+      return y
+
+    gate = proj(self.w_gate, self.b_gate, x)
+    up = proj(self.w_up, self.b_up, x) if cfg.is_glu else None
+    h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
+    return proj(self.w_out, self.b_out, h)
