@@ -100,6 +100,14 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(lse))
 
 
+def _jitter_stream(rngs: nnx.Rngs) -> nnx.RngStream:
+  for name in ("jitter", "default", "params"):
+    if name in vars(rngs):
+      return getattr(rngs, name)
+  raise ValueError("rngs: MoEConfig.jitter > 0 needs an rng stream named 'jitter', 'default' or "
+                   f"'params', got streams {sorted(vars(rngs))}")
+
+
 class Router(nnx.Module):
   """Linear router d_model -> E in float32, with optional jitter and selection bias."""
 
@@ -111,8 +119,9 @@ class Router(nnx.Module):
     self.kernel = nnx.Param(init(rngs.params(), (config.d_model, config.num_experts), jnp.float32))
     self.bias = RouterBias(jnp.zeros((config.num_experts,), jnp.float32)) if config.bias_balancing \
         else None
-    # A separate stream so jitter noise does not disturb parameter initialization.
-    self.jitter_rngs = rngs["jitter"].fork() if config.jitter > 0 else None
+    # Its own stream ("jitter", else "default", else "params") so noise does not shift parameter
+    # initialization; the fallbacks let Linen users (bridge) pass only a "params" key.
+    self.jitter_rngs = _jitter_stream(rngs).fork() if config.jitter > 0 else None
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> RouterOutput:
     """x (T, d_model) any float dtype -> RouterOutput."""
