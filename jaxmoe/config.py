@@ -10,9 +10,8 @@ import dataclasses
 import math
 
 # Dropless implementations compute the same function; "capacity" is the token-dropping baseline.
-# "scatter" and "blocksparse" join this tuple once their kernels (kernels/scatter_*, kernels/blocksparse)
-# are wired in jaxmoe/moe.py.
-DROPLESS_IMPLS = ("grouped", "ragged_dot")
+# "scatter" joins this tuple once its kernels (kernels/scatter_*) are wired in jaxmoe/moe.py.
+DROPLESS_IMPLS = ("grouped", "ragged_dot", "blocksparse")
 IMPLS = DROPLESS_IMPLS + ("capacity",)
 
 # name -> is it a gated linear unit (two input projections)?
@@ -45,8 +44,10 @@ class MoEConfig:
     d_ff: hidden width of each routed expert.
     num_experts: number of routed experts E.
     top_k: experts per token, 1..num_experts.
-    impl: "grouped" (sort + kernels.grouped_matmul), "ragged_dot" (sort + jax.lax.ragged_dot), or
-      "capacity" (token dropping with a per-expert capacity, the Switch/GShard baseline).
+    impl: "grouped" (sort + kernels.grouped_matmul), "ragged_dot" (sort + jax.lax.ragged_dot),
+      "blocksparse" (MegaBlocks dMoE, kernels.blocksparse.dmoe_mlp: needs use_bias=False and d_ff a
+      multiple of block_size), or "capacity" (token dropping with a per-expert capacity, the
+      Switch/GShard baseline).
     activation: one of ACTIVATIONS; the GLU ones ("swiglu", "geglu", ...) use gate and up projections.
     router: one of ROUTERS.
     renormalize: renormalize the k chosen softmax probabilities to sum 1 ("softmax_topk" only; the
@@ -62,7 +63,8 @@ class MoEConfig:
     bias_balancing: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the
       scores for expert selection only, updated outside the gradient by MoE.update_router_bias.
     routed_scale: factor on the routed experts' combined output (DeepSeek-V3 uses 2.5).
-    backend: kernels backend for impl="grouped" (None: platform default).
+    backend: kernels backend for impl="grouped" and "blocksparse" (None: platform default).
+    block_size: block size of impl="blocksparse" (MegaBlocks uses 128).
   """
 
   d_model: int
@@ -83,6 +85,7 @@ class MoEConfig:
   bias_balancing: bool = False
   routed_scale: float = 1.0
   backend: str | None = None
+  block_size: int = 128
 
   def __post_init__(self):
     for name in ("d_model", "d_ff", "num_experts"):
@@ -91,6 +94,8 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.top_k must be an int in 1..num_experts={self.num_experts}, "
                        f"got {self.top_k!r}")
     _check_choice("impl", self.impl, IMPLS)
+    _check_positive_int("block_size", self.block_size)
+    self.check_impl(self.impl)
     _check_choice("activation", self.activation, tuple(ACTIVATIONS))
     _check_choice("router", self.router, ROUTERS)
     _check_choice("backend", self.backend, BACKENDS)
@@ -111,6 +116,19 @@ class MoEConfig:
         raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
     if not isinstance(self.routed_scale, (int, float)) or not math.isfinite(self.routed_scale):
       raise ValueError(f"MoEConfig.routed_scale must be a finite number, got {self.routed_scale!r}")
+
+  def check_impl(self, impl: str) -> None:
+    """ValueError if `impl` is unknown or cannot run this configuration (also used for the MoE
+    call's impl override)."""
+    if impl not in IMPLS:
+      raise ValueError(f"MoEConfig.impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "blocksparse":
+      if self.use_bias:
+        raise ValueError("MoEConfig.use_bias must be False with impl='blocksparse' (the "
+                         "block-sparse dMoE has no expert biases), got True")
+      if self.d_ff % self.block_size:
+        raise ValueError(f"MoEConfig.d_ff must be a multiple of block_size={self.block_size} with "
+                         f"impl='blocksparse', got {self.d_ff}")
 
   @property
   def is_glu(self) -> bool:

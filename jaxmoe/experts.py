@@ -107,6 +107,18 @@ class RoutedExperts(nnx.Module):
     h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
     return proj(self.w_out, self.b_out, h)
 
+  def apply_blocksparse(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+    """x (T, d), indices/weights (T, k) -> (T, d) combined outputs via MegaBlocks dMoE.
+
+    No biases (MoEConfig.check_impl refuses use_bias with this impl).
+    """
+    from kernels.blocksparse import dmoe_mlp  # imported here: only this impl needs it
+
+    cfg = self.config
+    return dmoe_mlp(x.astype(self.dtype), indices, weights, self._w(self.w_gate),
+                    self._w(self.w_out), self._w(self.w_up), activation=activation_fn(cfg.activation),
+                    block_size=cfg.block_size, backend=cfg.backend)
+
   def apply_batched(self, x: jax.Array) -> jax.Array:
     """x (E, C, d) per-expert buffers -> (E, C, d): a dense batched matmul (capacity baseline)."""
     cfg = self.config

@@ -6,6 +6,8 @@
 impl (MoEConfig.impl, or the `impl=` call argument to run the same parameters another way):
   "grouped":    sort assignments by expert, gather, kernels.grouped_matmul MLP/GLU, unsort, combine.
   "ragged_dot": the same pipeline with jax.lax.ragged_dot (XLA's own grouped matmul).
+  "blocksparse": MegaBlocks dMoE (kernels.blocksparse.dmoe_mlp): pad each expert to block_size,
+                block-sparse sdd/dsd products over a topology built from the routing.
   "capacity":   token dropping with capacity ceil(k * T * capacity_factor / E) (jaxmoe/capacity.py).
 The dropless impls compute the same function. The layer returns the MoE contribution only; the
 transformer block adds the residual.
@@ -21,7 +23,7 @@ import kernels
 from jaxmoe import capacity as capacity_lib
 from jaxmoe import dispatch
 from jaxmoe import router as router_lib
-from jaxmoe.config import IMPLS, MoEConfig
+from jaxmoe.config import MoEConfig
 from jaxmoe.experts import RoutedExperts, SharedExperts
 
 
@@ -90,8 +92,7 @@ class MoE(nnx.Module):
     """
     cfg = self.config
     impl = cfg.impl if impl is None else impl
-    if impl not in IMPLS:
-      raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    cfg.check_impl(impl)
     if x.ndim < 1 or x.shape[-1] != cfg.d_model:
       raise ValueError(f"x must have shape (..., d_model={cfg.d_model}), got {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -100,16 +101,18 @@ class MoE(nnx.Module):
     routing = self.router(tokens, deterministic=deterministic)
     e = cfg.num_experts
 
+    dropped = jnp.zeros((), jnp.float32)
     if impl == "capacity":
       y, _, dropped = capacity_lib.capacity_experts(
           self.experts, tokens, routing.indices, routing.weights, cfg.capacity(tokens.shape[0]))
+    elif impl == "blocksparse":
+      y = self.experts.apply_blocksparse(tokens, routing.indices, routing.weights)
     else:
       matmul = _ragged_dot if impl == "ragged_dot" else _grouped_matmul_fn(cfg.backend)
       d = dispatch.sort_by_expert(routing.indices, e)
       rows = dispatch.gather_sorted(tokens.astype(self.dtype), d)
       y_sorted = self.experts.apply_sorted(rows, d.group_sizes, d.expert, matmul)
       y = dispatch.combine_sorted(y_sorted, d, routing.weights)
-      dropped = jnp.zeros((), jnp.float32)
 
     if cfg.routed_scale != 1.0:
       y = y * jnp.asarray(cfg.routed_scale, y.dtype)

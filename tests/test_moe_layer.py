@@ -15,10 +15,11 @@ from flax import nnx
 from conftest import assert_close
 from jaxmoe import MoE, MoEConfig, MoEStats
 from jaxmoe import capacity as capacity_lib
-from jaxmoe.config import DROPLESS_IMPLS
+from jaxmoe.config import DROPLESS_IMPLS, IMPLS
 from jaxmoe.experts import activation_fn
 
-D, F, E = 16, 24, 4
+D, F, E = 16, 32, 4
+BS = 16  # block size of impl="blocksparse" (d_ff must be a multiple)
 
 
 def dense_reference(layer: MoE, x: jax.Array, kept=None) -> jax.Array:
@@ -57,7 +58,8 @@ CONFIGS = {
 
 
 def _layer(name, **overrides):
-  kw = dict(d_model=D, d_ff=F, num_experts=E, capacity_factor=float(E))  # capacity: never drops
+  kw = dict(d_model=D, d_ff=F, num_experts=E, capacity_factor=float(E),  # capacity: never drops
+            block_size=BS)
   kw.update(CONFIGS[name])
   kw.update(overrides)
   layer = MoE(MoEConfig(**kw), rngs=nnx.Rngs(0))
@@ -66,6 +68,18 @@ def _layer(name, **overrides):
       if isinstance(v, nnx.Param) and path[-1].startswith("b_"):
         v[...] = 0.1 * jax.random.normal(jax.random.key(len(path[-1])), v.shape)
   return layer
+
+
+def _impls(cfg: MoEConfig, impls=IMPLS) -> list[str]:
+  """The impls that can run cfg (blocksparse has no biases)."""
+  out = []
+  for impl in impls:
+    try:
+      cfg.check_impl(impl)
+      out.append(impl)
+    except ValueError:
+      pass
+  return out
 
 
 def _loss(impl, x, g):
@@ -87,7 +101,9 @@ def test_impls_match_reference_outputs_and_grads(name, rng):
     return jnp.sum(dense_reference(m, x) * g) + stats.loss
 
   want_gm, want_gx = nnx.grad(ref_loss, argnums=(0, 1))(layer, x)
-  for impl in DROPLESS_IMPLS + ("capacity",):
+  impls = _impls(layer.config)
+  assert len(impls) >= 3
+  for impl in impls:
     y, stats = layer(x, impl=impl)
     chex.assert_shape(y, x.shape)
     assert_close(y, want, np.float32, factor=3, name=f"{impl} y")
@@ -212,7 +228,7 @@ def test_scan_remat_over_layers(rng):
 
 
 def test_bf16(rng):
-  cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=2)
+  cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=2, block_size=BS)
   layer16 = MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
   x = jnp.asarray(rng.standard_normal((3, 7, D)), jnp.float32)
   x16 = x.astype(jnp.bfloat16)
@@ -255,3 +271,8 @@ def test_input_validation():
     layer(jnp.ones((3, D)), impl="magic")
   with pytest.raises(ValueError, match="dtype"):
     layer(jnp.ones((3, D), jnp.int32))
+  biased = _layer("gelu_bias_shared")
+  with pytest.raises(ValueError, match="use_bias"):
+    biased(jnp.ones((3, D)), impl="blocksparse")
+  with pytest.raises(ValueError, match="d_ff"):
+    MoEConfig(d_model=D, d_ff=48, num_experts=E, impl="blocksparse", block_size=32)

@@ -157,7 +157,7 @@ def test_update_router_bias_needs_bias_balancing():
 @pytest.mark.parametrize("field,value", [
     ("top_k", 0), ("top_k", 5), ("d_model", 0), ("d_ff", -3), ("num_experts", 0),
     ("impl", "magic"), ("activation", "tanh"), ("router", "hash"), ("capacity_factor", 0.0),
-    ("jitter", 1.5), ("num_shared_experts", -1), ("aux_loss_weight", -1.0), ("backend", "cuda"),
+    ("jitter", 1.5), ("num_shared_experts", -1), ("aux_loss_weight", -1.0), ("backend", "cuda"), ("block_size", 0),
 ])
 def test_config_validation_names_field(field, value):
   kwargs = dict(d_model=8, d_ff=16, num_experts=4, top_k=2)
