@@ -1,0 +1,188 @@
+"""The `jaxmoe` command: train, sample, plot.
+
+  jaxmoe train --preset tiny [--config FILE.json|.toml] [--out DIR] [--<model or train field> V ...]
+  jaxmoe sample RUN_OR_CHECKPOINT --prompt "def " [--tokens 200] [--temperature 0.8]
+  jaxmoe plot RUN [--out FILE.png]
+
+Every ModelConfig / TrainConfig field is a flag (`--d-model 256`, `--moe-impl capacity`,
+`--ffn dense`, `--remat true`). Precedence: preset < config file < flags. User mistakes (unknown
+preset or values, a config that does not fit the mesh, missing/corrupt checkpoint, empty corpus)
+print one error line and exit with status 2; a run stopped by SIGTERM/SIGINT exits 128 + signal
+after saving its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+from typing import Any, Sequence
+
+from jaxmoe.presets import PRESETS, get_preset
+
+USER_ERROR = 2
+
+
+class UserError(Exception):
+  """Reported as `jaxmoe: error: <message>` with exit status 2, without a traceback."""
+
+
+def _bool(text: str) -> bool:
+  low = text.lower()
+  if low in ("1", "true", "yes", "on"):
+    return True
+  if low in ("0", "false", "no", "off"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(conv):
+  def parse(text: str):
+    return None if text.lower() in ("none", "null", "") else conv(text)
+  parse.__name__ = conv.__name__
+  return parse
+
+
+_CONVERTERS = {"int": int, "float": float, "str": str, "bool": _bool,
+               "int | None": _optional(int), "float | None": _optional(float),
+               "str | None": _optional(str)}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, group_name: str) -> None:
+  group = parser.add_argument_group(group_name)
+  for f in dataclasses.fields(cls):
+    conv = _CONVERTERS[str(f.type)]
+    group.add_argument("--" + f.name.replace("_", "-"), dest=f"{group_name}.{f.name}", type=conv,
+                       default=None, metavar=str(f.type).split(" ")[0].upper(),
+                       help=f"(default from the preset; {f.name}={f.default!r} otherwise)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from jaxmoe.model import ModelConfig
+  from jaxmoe.train import TrainConfig
+
+  parser = argparse.ArgumentParser(prog="jaxmoe", description="Train and use MoE language models.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  tr = sub.add_parser("train", help="train (or resume) a model")
+  tr.add_argument("--preset", default="tiny", choices=sorted(PRESETS), metavar="NAME",
+                  help=f"one of: {', '.join(sorted(PRESETS))} (default tiny)")
+  tr.add_argument("--config", help="JSON or TOML file with optional 'model' and 'train' tables")
+  tr.add_argument("--out", help="run folder (default runs/<preset>); resumes if it has checkpoints")
+  tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+  _add_fields(tr, ModelConfig, "model")
+  _add_fields(tr, TrainConfig, "train")
+
+  sp = sub.add_parser("sample", help="generate text from a checkpoint")
+  sp.add_argument("checkpoint", help="a run folder, its ckpt/ folder, or ckpt/<step>")
+  sp.add_argument("--prompt", default="")
+  sp.add_argument("--tokens", type=int, default=200)
+  sp.add_argument("--temperature", type=float, default=0.8)
+  sp.add_argument("--top-k", type=int, default=0)
+  sp.add_argument("--seed", type=int, default=0)
+
+  pp = sub.add_parser("plot", help="draw a run's curves to PNG")
+  pp.add_argument("run", help="run folder (holds metrics.jsonl)")
+  pp.add_argument("--out", help="PNG path (default RUN/curves.png)")
+  return parser
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise UserError(f"cannot read config file {path!r}: {e.strerror}") from None
+  try:
+    cfg = tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"config file {path!r} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}"
+                    f": {e}") from None
+  if not isinstance(cfg, dict) or set(cfg) - {"model", "train"} or \
+      not all(isinstance(v, dict) for v in cfg.values()):
+    raise UserError(f"config file {path!r} must hold only 'model' and 'train' tables, got "
+                    f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
+  return cfg
+
+
+def resolve_configs(args: argparse.Namespace):
+  """(ModelConfig, TrainConfig) from preset < config file < flags; UserError on bad values."""
+  from jaxmoe.model import ModelConfig
+  from jaxmoe.train import TrainConfig
+
+  preset = get_preset(args.preset)
+  if args.config:
+    for section, values in _read_config_file(args.config).items():
+      preset[section].update(values)
+  for key, value in vars(args).items():
+    if value is not None and "." in key:
+      section, name = key.split(".", 1)
+      preset[section][name] = value
+  try:
+    return ModelConfig.from_dict(preset["model"]), TrainConfig.from_dict(preset["train"])
+  except (TypeError, ValueError) as e:
+    raise UserError(str(e)) from None
+
+
+def _train(args) -> int:
+  from jaxmoe.train import run
+
+  model_cfg, train_cfg = resolve_configs(args)
+  out = args.out or os.path.join("runs", args.preset)
+  result = run(model_cfg, train_cfg, out, progress=not args.no_progress)
+  out = os.path.abspath(out)
+  print(f"run folder: {out}\n  metrics: {out}/metrics.jsonl (TensorBoard: {out}/tb)\n"
+        f"  checkpoints: {out}/ckpt (step {result.step})\n"
+        f"  curves: jaxmoe plot {out}\n  text: jaxmoe sample {out} --prompt 'def '")
+  if result.last_metrics.get("val_loss") is not None:
+    print(f"final loss {result.last_metrics['loss']:.4f}, val loss "
+          f"{result.last_metrics['val_loss']:.4f}")
+  return 128 + result.interrupted_by if result.interrupted_by else 0
+
+
+def _sample(args) -> int:
+  import numpy as np
+
+  from jaxmoe.sample import decode, generate, load_model
+
+  if args.tokens < 0:
+    raise UserError(f"--tokens must be >= 0, got {args.tokens}")
+  model, _ = load_model(args.checkpoint)
+  prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)
+  if model.cfg.vocab_size < 256 and prompt.size and prompt.max() >= model.cfg.vocab_size:
+    raise UserError(f"prompt bytes exceed the model's vocab_size={model.cfg.vocab_size}")
+  out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                 seed=args.seed)
+  print(decode(out, model.cfg.vocab_size))
+  return 0
+
+
+def _plot(args) -> int:
+  from jaxmoe.plot import plot_run
+
+  print(plot_run(args.run, args.out))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; returns the exit status (argparse's own errors exit 2 directly)."""
+  from jaxmoe.checkpointing import CheckpointError
+  from jaxmoe.data import DataError
+  from jaxmoe.plot import PlotError
+  from jaxmoe.train import ConfigError
+
+  args = build_parser().parse_args(argv)
+  try:
+    return {"train": _train, "sample": _sample, "plot": _plot}[args.command](args)
+  except (UserError, ConfigError, DataError, CheckpointError, PlotError) as e:
+    print(f"jaxmoe: error: {e}", file=sys.stderr)
+    return USER_ERROR
+  except KeyboardInterrupt:
+    print("jaxmoe: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,160 @@
+"""Training data: the embedded byte-level corpus, user text, pre-tokenized arrays; a resumable iterator.
+
+- Embedded corpus (no download): the running Python's own standard library source (its modules and
+  their docstrings, real English + code), read in sorted path order, byte-level (vocab 256). The
+  exact bytes depend on the Python build; the order and split are deterministic for a given one.
+- User text: a file or a folder (all files under it, sorted; binary files skipped), byte-level.
+- Pre-tokenized: a .npy array (memory-mapped) or a raw .bin memmap of `dtype` (default uint16).
+
+Splits: the last `val_fraction` of the token stream is validation.
+Batches: batch `i` draws its windows from np.random.default_rng([seed, i]), so the position is just
+the step counter: saving it and starting again from it reproduces the exact same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sysconfig
+
+import numpy as np
+
+TEXT_SUFFIXES_SKIP = (".pyc", ".so", ".dll", ".exe", ".png", ".jpg", ".gif", ".zip", ".gz", ".bz2",
+                      ".xz", ".pickle", ".pkl", ".whl", ".npy", ".bin")
+
+
+class DataError(ValueError):
+  """A user data problem (missing path, empty corpus, bad token values)."""
+
+
+def stdlib_corpus(max_bytes: int = 8 << 20) -> np.ndarray:
+  """Up to max_bytes of the Python standard library's .py sources as uint8 tokens, sorted by path."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    # Skip vendored third-party packages and tests (much generated data in the tests).
+    dirnames[:] = sorted(d for d in dirnames
+                         if d not in ("site-packages", "dist-packages", "test", "tests", "__pycache__",
+                                      "idlelib", "lib2to3", "turtledemo"))
+    files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+  return _concat_files(sorted(files), max_bytes)
+
+
+def _concat_files(paths: list[str], max_bytes: int) -> np.ndarray:
+  chunks, total = [], 0
+  for path in paths:
+    try:
+      with open(path, "rb") as f:
+        data = f.read(max_bytes - total)
+    except OSError:
+      continue
+    if b"\0" in data[:4096]:
+      continue  # binary file
+    chunks.append(data)
+    total += len(data)
+    if total >= max_bytes:
+      break
+  return np.frombuffer(b"\n".join(chunks), dtype=np.uint8)
+
+
+def text_tokens(path: str, max_bytes: int = 1 << 40) -> np.ndarray:
+  """A text file or a folder of them, byte-level uint8 tokens."""
+  if os.path.isdir(path):
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(path):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      paths += [os.path.join(dirpath, f) for f in sorted(filenames)
+                if not f.startswith(".") and not f.endswith(TEXT_SUFFIXES_SKIP)]
+    return _concat_files(sorted(paths), max_bytes)
+  return _concat_files([path], max_bytes)
+
+
+def load_tokens(path: str | None, *, dtype: str = "uint16", max_bytes: int = 8 << 20) -> np.ndarray:
+  """The token stream: embedded corpus (path None or "builtin"), .npy, .bin, or text/folder."""
+  if path in (None, "", "builtin"):
+    tokens = stdlib_corpus(max_bytes)
+    source = "embedded corpus (Python standard library source)"
+  elif not os.path.exists(path):
+    raise DataError(f"data path {path!r} does not exist")
+  elif path.endswith(".npy"):
+    try:
+      tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+      raise DataError(f"data file {path!r} is not a readable .npy array: {e}") from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+      raise DataError(f"data file {path!r} must hold a 1-D integer token array, got "
+                      f"shape {tokens.shape} dtype {tokens.dtype}")
+    source = path
+  elif path.endswith(".bin"):
+    try:
+      np_dtype = np.dtype(dtype)
+    except TypeError:
+      raise DataError(f"data dtype must be a numpy integer dtype, got {dtype!r}") from None
+    if not np.issubdtype(np_dtype, np.integer):
+      raise DataError(f"data dtype must be a numpy integer dtype, got {dtype!r}")
+    if os.path.getsize(path) % np_dtype.itemsize:
+      raise DataError(f"data file {path!r} size {os.path.getsize(path)} is not a multiple of "
+                      f"{np_dtype.itemsize} (dtype {np_dtype})")
+    tokens = np.memmap(path, dtype=np_dtype, mode="r") if os.path.getsize(path) else \
+        np.zeros((0,), np_dtype)
+    source = path
+  else:
+    tokens = text_tokens(path)
+    source = path
+  if tokens.size == 0:
+    raise DataError(f"corpus is empty: {source}")
+  return tokens
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int) -> None:
+  """DataError unless every token is in [0, vocab_size) (chunked: works on large memmaps)."""
+  step = 1 << 24
+  for i in range(0, tokens.size, step):
+    chunk = np.asarray(tokens[i:i + step])
+    lo, hi = int(chunk.min()), int(chunk.max())
+    if lo < 0 or hi >= vocab_size:
+      raise DataError(f"token values must be in [0, vocab_size={vocab_size}), found "
+                      f"{lo if lo < 0 else hi}; set --vocab-size")
+
+
+def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(train, val): the last val_fraction of the stream is validation."""
+  if not 0.0 <= val_fraction < 1.0:
+    raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+  n_val = int(tokens.size * val_fraction)
+  return tokens[:tokens.size - n_val], tokens[tokens.size - n_val:]
+
+
+@dataclasses.dataclass
+class Batches:
+  """Deterministic, resumable batches of (inputs, targets), each (batch_size, seq_len) int32.
+
+  Windows of seq_len + 1 tokens start at offsets drawn from default_rng([seed, position]).
+  `position` is the index of the next batch; set it to resume.
+  """
+
+  tokens: np.ndarray
+  batch_size: int
+  seq_len: int
+  seed: int = 0
+  position: int = 0
+
+  def __post_init__(self):
+    if self.tokens.size < self.seq_len + 1:
+      raise DataError(f"corpus has {self.tokens.size} tokens, fewer than seq_len + 1 = "
+                      f"{self.seq_len + 1}")
+
+  def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([self.seed, index])
+    starts = rng.integers(0, self.tokens.size - self.seq_len, size=self.batch_size)
+    windows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1]) for s in starts])
+    windows = windows.astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    out = self.batch(self.position)
+    self.position += 1
+    return out

@@ -1,0 +1,310 @@
+"""Decoder-only transformer LM (Flax NNX) with MoE or dense feed-forward layers.
+
+Pre-norm blocks:  x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x)),  FFN = MoE (jaxmoe.MoE) in every
+`moe_every`-th layer (counting from the last: layers i with (i + 1) % moe_every == 0), a dense
+SwiGLU MLP elsewhere and everywhere when ffn="dense". Attention is grouped-query attention with
+rotary embeddings through `jax.nn.dot_product_attention` (implementation=None: XLA picks, cuDNN
+flash attention on GPU). Compute runs in `dtype` (bf16 by default) on float32 master parameters;
+logits and the loss are float32.
+
+Shapes: tokens (B, T) int32 -> logits (B, T, vocab) float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import IMPLS, MoEConfig
+from jaxmoe.moe import MoE, MoEStats
+
+FFN_KINDS = ("moe", "dense")
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of the LM. All fields are plain JSON values (saved with checkpoints)."""
+
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  d_ff: int = 256            # dense MLP width (and expert width unless expert_d_ff is set)
+  max_seq_len: int = 256
+  rope_theta: float = 10000.0
+  ffn: str = "moe"           # "moe" or "dense"
+  moe_every: int = 1         # MoE in every n-th layer
+  num_experts: int = 8
+  top_k: int = 2
+  expert_d_ff: int | None = None
+  moe_impl: str = "grouped"  # one of jaxmoe.config.IMPLS
+  capacity_factor: float = 1.25
+  aux_loss_weight: float = 0.01
+  z_loss_weight: float = 0.001
+  bias_balancing: bool = False
+  backend: str | None = None  # kernels backend for impl="grouped"
+  dtype: str = "bfloat16"    # compute dtype; parameters are always float32
+  remat: bool = False
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                 "moe_every", "num_experts", "top_k"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+    if self.d_model % self.n_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+    if (self.d_model // self.n_heads) % 2:
+      raise ValueError(f"model head dim d_model/n_heads={self.d_model // self.n_heads} must be even "
+                       "(rotary embeddings rotate pairs)")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} must be divisible by "
+                       f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+    if self.ffn not in FFN_KINDS:
+      raise ValueError(f"model.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+    if self.moe_impl not in IMPLS:
+      raise ValueError(f"model.moe_impl must be one of {IMPLS}, got {self.moe_impl!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+    if self.top_k > self.num_experts:
+      raise ValueError(f"model.top_k={self.top_k} must be <= num_experts={self.num_experts}")
+    if self.expert_d_ff is not None and (not isinstance(self.expert_d_ff, int) or self.expert_d_ff < 1):
+      raise ValueError(f"model.expert_d_ff must be a positive int or None, got {self.expert_d_ff!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.ffn == "moe" and (i + 1) % self.moe_every == 0
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+  def moe_config(self) -> MoEConfig:
+    return MoEConfig(d_model=self.d_model, d_ff=self.expert_d_ff or self.d_ff,
+                     num_experts=self.num_experts, top_k=self.top_k, impl=self.moe_impl,
+                     activation="swiglu", capacity_factor=self.capacity_factor,
+                     aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
+                     bias_balancing=self.bias_balancing, backend=self.backend)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+    return cls(**d)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (half-split form). x (B, T, N, H), positions (T,) -> same shape and dtype."""
+  h = x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)   # (H/2,)
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]         # (T, H/2)
+  sin = jnp.sin(angles)[None, :, None, :]
+  cos = jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _dense(rngs, d_in, d_out, dtype) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                    rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with rotary embeddings. x (B, T, D) -> (B, T, D)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+    self.cfg = cfg
+    h = cfg.head_dim
+    self.q = _dense(rngs, cfg.d_model, cfg.n_heads * h, dtype)
+    self.kv = _dense(rngs, cfg.d_model, 2 * cfg.n_kv_heads * h, dtype)
+    self.o = _dense(rngs, cfg.n_heads * h, cfg.d_model, dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    b, t, _ = x.shape
+    h = cfg.head_dim
+    q = self.q(x).reshape(b, t, cfg.n_heads, h)
+    k, v = jnp.split(self.kv(x).reshape(b, t, 2 * cfg.n_kv_heads, h), 2, axis=2)
+    pos = jnp.arange(t)
+    q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
+    # K/V with fewer heads than Q: dot_product_attention broadcasts them over query-head groups.
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=None)
+    return self.o(out.reshape(b, t, cfg.n_heads * h))
+
+
+class DenseMLP(nnx.Module):
+  """SwiGLU MLP d_model -> d_ff -> d_model (the dense baseline's feed-forward)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+    self.gate_up = _dense(rngs, cfg.d_model, 2 * cfg.d_ff, dtype)
+    self.down = _dense(rngs, cfg.d_ff, cfg.d_model, dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+    hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+    return self.down(hidden.astype(x.dtype))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block. x (B, T, D) -> (x, MoEStats or None)."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype):
+    self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
+                                 param_dtype=jnp.float32, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+    self.ffn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
+                                param_dtype=jnp.float32, rngs=rngs)
+    self.is_moe = cfg.is_moe_layer(layer)
+    if self.is_moe:
+      self.ffn = MoE(cfg.moe_config(), rngs=rngs, dtype=dtype, param_dtype=jnp.float32)
+    else:
+      self.ffn = DenseMLP(cfg, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array, deterministic: bool = True):
+    x = x + self.attn(self.attn_norm(x))
+    h = self.ffn_norm(x)
+    if self.is_moe:
+      y, stats = self.ffn(h, deterministic=deterministic)
+      return x + y, stats
+    return x + self.ffn(h), None
+
+
+def _remat_block(block: Block, x: jax.Array, deterministic: bool):
+  """block(x) under jax.checkpoint: activations are recomputed in the backward pass.
+
+  Functional split/merge rather than nnx.remat: the forward pass mutates no state (router-bias
+  updates happen outside the loss), and this works when the model was merged inside a jit.
+  """
+  graphdef, state = nnx.split(block)
+
+  def run(state, x):
+    return nnx.merge(graphdef, state)(x, deterministic)
+
+  return jax.checkpoint(run)(state, x)
+
+
+class TransformerLM(nnx.Module):
+  """The LM. __call__(tokens (B, T) int) -> (logits (B, T, V) float32, ModelStats dict).
+
+  The stats dict holds float32 values: "aux_loss", "z_loss", "moe_loss" (the weighted sum to add
+  to the objective), summed over MoE layers; "dropped_fraction" averaged over MoE layers; and
+  "tokens_per_expert" (num_moe_layers, E) (an empty (0, E) array for a dense model).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = DTYPES[cfg.dtype]
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
+                           embedding_init=nnx.initializers.normal(stddev=1.0), rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.n_layers)])
+    self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
+                                  param_dtype=jnp.float32, rngs=rngs)
+    self.lm_head = None if cfg.tie_embeddings else _dense(rngs, cfg.d_model, cfg.vocab_size, dtype)
+
+  def __call__(self, tokens: jax.Array, deterministic: bool = True):
+    cfg = self.cfg
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+    if tokens.shape[1] > cfg.max_seq_len:
+      raise ValueError(f"tokens seq length {tokens.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
+    x = self.embed(tokens)
+    stats = []
+    for block in self.blocks:
+      if cfg.remat:
+        # Recompute the block's activations in the backward pass instead of storing them.
+        x, s = _remat_block(block, x, deterministic)
+      else:
+        x, s = block(x, deterministic)
+      if s is not None:
+        stats.append(s)
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits.
+      logits = jnp.dot(x.astype(jnp.float32), self.embed.embedding[...].T) * cfg.d_model ** -0.5
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)
+    return logits, _summarize(stats, cfg.num_experts)
+
+
+def _summarize(stats: list[MoEStats], num_experts: int) -> dict[str, jax.Array]:
+  if not stats:
+    z = jnp.zeros((), jnp.float32)
+    return {"aux_loss": z, "z_loss": z, "moe_loss": z, "dropped_fraction": z,
+            "tokens_per_expert": jnp.zeros((0, num_experts), jnp.float32)}
+  return {
+      "aux_loss": sum(s.aux_loss for s in stats),
+      "z_loss": sum(s.z_loss for s in stats),
+      "moe_loss": sum(s.loss for s in stats),
+      "dropped_fraction": sum(s.dropped_fraction for s in stats) / len(stats),
+      "tokens_per_expert": jnp.stack([s.tokens_per_expert.astype(jnp.float32) for s in stats]),
+  }
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy. logits (B, T, V) float32, targets (B, T) int -> scalar."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
+
+
+def update_router_biases(model: TransformerLM, tokens_per_expert: jax.Array, rate: float) -> None:
+  """Aux-loss-free balancing: one bias step per MoE layer. tokens_per_expert (num_moe_layers, E)."""
+  i = 0
+  for block in model.blocks:
+    if block.is_moe:
+      block.ffn.update_router_bias(tokens_per_expert[i], rate)
+      i += 1
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts: "total", "active" (per token: top_k of E experts), "embedding"."""
+  d, h = cfg.d_model, cfg.head_dim
+  attn = d * cfg.n_heads * h + d * 2 * cfg.n_kv_heads * h + cfg.n_heads * h * d
+  norms = 2 * d
+  dense_ffn = 3 * d * cfg.d_ff
+  e_ff = cfg.expert_d_ff or cfg.d_ff
+  expert = 3 * d * e_ff
+  router = d * cfg.num_experts
+  total = active = 0
+  for i in range(cfg.n_layers):
+    total += attn + norms
+    active += attn + norms
+    if cfg.is_moe_layer(i):
+      total += router + cfg.num_experts * expert
+      active += router + cfg.top_k * expert
+    else:
+      total += dense_ffn
+      active += dense_ffn
+  emb = cfg.vocab_size * d
+  head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+  total += emb + head + d
+  active += emb + head + d
+  return {"total": total, "active": active, "embedding": emb}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token on the active parameters: 6 * (active non-embedding params + LM
+  head matmul) + attention scores/values 6 * 2 * n_layers * seq_len * d_model / 2 (causal half)."""
+  counts = param_counts(cfg)
+  # A tied embedding is also the LM head's matmul; an untied head is already in "active".
+  head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+  matmul_params = counts["active"] - counts["embedding"] + head
+  attn = 6 * cfg.n_layers * seq_len * cfg.d_model  # 12 * L * T * D, halved by the causal mask
+  return 6.0 * matmul_params + attn

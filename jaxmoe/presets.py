@@ -1,0 +1,59 @@
+"""Named model + training presets, from a tiny CPU model to the MegaBlocks paper's GPU sizes.
+
+Each preset is {"model": ModelConfig fields, "train": TrainConfig fields}; command-line flags and a
+config file override them. The GPU sizes follow MegaBlocks (Gale et al., 2022, Table 1): XS 46M,
+Small 125M, Medium 356M dense base models (d_ff = 4 d_model, seq 1024, GPT-2 vocabulary padded to
+50304), with 64 experts, top-1, in every layer for the MoE variants ("-dense" gives the base).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_TINY_MODEL = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
+                   max_seq_len=128, ffn="moe", num_experts=8, top_k=2, moe_impl="grouped",
+                   dtype="bfloat16")
+_TINY_TRAIN = dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
+                   eval_every=100, eval_batches=4, ckpt_every=100, log_every=10)
+
+
+def _megablocks(d_model: int, n_layers: int, n_heads: int) -> dict[str, Any]:
+  return {
+      "model": dict(vocab_size=50304, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                    n_kv_heads=n_heads, d_ff=4 * d_model, max_seq_len=1024, ffn="moe",
+                    num_experts=64, top_k=1, moe_impl="grouped", dtype="bfloat16", remat=False,
+                    capacity_factor=1.0),
+      "train": dict(steps=20000, batch_size=64, seq_len=1024, lr=6e-4, warmup_steps=2000,
+                    eval_every=1000, eval_batches=8, ckpt_every=1000, log_every=50),
+  }
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Trains in a few minutes on 2 CPU cores (byte-level, embedded corpus).
+    "tiny": {"model": _TINY_MODEL, "train": _TINY_TRAIN},
+    "tiny-dense": {"model": {**_TINY_MODEL, "ffn": "dense"}, "train": _TINY_TRAIN},
+    # A few seconds per dozen steps on CPU: used by the tests.
+    "test": {
+        "model": dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_seq_len=32, ffn="moe", num_experts=4, top_k=2, moe_impl="grouped",
+                      dtype="float32"),
+        "train": dict(steps=30, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=3, eval_every=0,
+                      eval_batches=2, ckpt_every=10, log_every=5, corpus_bytes=1 << 20),
+    },
+    "xs": _megablocks(512, 8, 8),
+    "small": _megablocks(768, 12, 12),
+    "medium": _megablocks(1024, 24, 16),
+}
+for _name in ("xs", "small", "medium"):
+  PRESETS[f"{_name}-dense"] = {"model": {**PRESETS[_name]["model"], "ffn": "dense"},
+                               "train": PRESETS[_name]["train"]}
+  PRESETS[f"{_name}-capacity"] = {"model": {**PRESETS[_name]["model"], "moe_impl": "capacity"},
+                                  "train": PRESETS[_name]["train"]}
+
+
+def get_preset(name: str) -> dict[str, dict[str, Any]]:
+  """A deep copy of preset `name`; ValueError naming the allowed presets otherwise."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
+  return copy.deepcopy(PRESETS[name])
