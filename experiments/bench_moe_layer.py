@@ -87,10 +87,10 @@ def layer_loss_fn(graphdef, impl):
   return loss
 
 
-def run_checks(shape, dtype, backend, checks: dict) -> None:
+def run_checks(shape, dtype, backend, block_size, checks: dict) -> None:
   t, d, f, e, k = shape
   cfg = MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, capacity_factor=float(e),
-                  backend=backend)
+                  backend=backend, block_size=block_size)
   key = jax.random.key(1)
   x = jax.random.normal(key, (t, d), jnp.float32).astype(dtype)
   g = jax.random.normal(jax.random.key(2), (t, d), jnp.float32)
@@ -157,9 +157,10 @@ def time_or_error(fn, *args, iters):
     return None, f"{type(err).__name__}: {err}"[:500]
 
 
-def run_timing(name, shape, dtype, param_dtype, backend, iters, checks, smoke) -> dict:
+def run_timing(name, shape, dtype, param_dtype, backend, block_size, iters, checks, smoke) -> dict:
   t, d, f, e, k = shape
-  cfg = MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, activation="swiglu", backend=backend)
+  cfg = MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, activation="swiglu", backend=backend,
+                  block_size=block_size)
   layer = MoE(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (t, d), jnp.float32).astype(dtype)
@@ -221,6 +222,7 @@ def main():
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--backend", default=None, help="kernels backend for impl=grouped (default: platform)")
+  ap.add_argument("--block-size", type=int, default=128, help="block size of impl=blocksparse")
   ap.add_argument("--param-dtypes", default="bfloat16,float32",
                   help="parameter storage dtypes to time (bf16: like the bare kernels; f32: master weights)")
   args = ap.parse_args()
@@ -229,21 +231,24 @@ def main():
   print("environment:", env, flush=True)
   if args.smoke:
     shapes, check_shape, backend, iters = SMOKE_SHAPES, SMOKE_CHECK_SHAPE, "triton_interpret", 1
+    block_size = 16
   else:
     shapes, check_shape, backend, iters = SHAPES, CHECK_SHAPE, args.backend, args.iters
-  payload = {"env": env, "backend": backend, "impls": list(IMPLS), "checks": {}, "results": []}
+    block_size = args.block_size
+  payload = {"env": env, "backend": backend, "block_size": block_size, "impls": list(IMPLS), "checks": {}, "results": []}
   checks = payload["checks"]
 
   if not args.no_check:
     for dtype in (jnp.float32, jnp.bfloat16):
-      run_checks(check_shape, dtype, backend, checks)
+      run_checks(check_shape, dtype, backend, block_size, checks)
       run_moa_check(dtype, backend, checks)
     bc.write_json(args.out, "bench_moe_layer.json", payload)
 
   for name, shape in shapes.items():
     for pd in args.param_dtypes.split(","):
       print(f"== {name} {shape} param_dtype={pd}", flush=True)
-      row = run_timing(name, shape, jnp.bfloat16, jnp.dtype(pd), backend, iters, checks, args.smoke)
+      row = run_timing(name, shape, jnp.bfloat16, jnp.dtype(pd), backend, block_size, iters, checks,
+                       args.smoke)
       payload["results"].append(row)
       bc.write_json(args.out, "bench_moe_layer.json", payload)
 
