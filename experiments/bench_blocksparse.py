@@ -17,7 +17,8 @@ In ONE run:
   4. JSON (device, jax version, date, all numbers) to --out, compact table last.
 TFLOP/s always count useful FLOPs (2*M*d*f per product), so padding shows up as lost speed.
 
-GPU:        python experiments/bench_blocksparse.py --out DIR  [--block-size 128 --num-warps 8 ...]
+GPU:        python experiments/bench_blocksparse.py --out DIR  [--block-size 128 --num-warps 8
+            --num-stages 3 --block-k 64 --block-n 128 --block-m 128 --group-lines 8 --shapes mixtral]
 CPU smoke:  python experiments/bench_blocksparse.py --smoke --out /tmp/x
 """
 
@@ -307,6 +308,7 @@ def main():
   ap.add_argument("--block-k", type=int, default=64)
   ap.add_argument("--block-n", type=int, default=128)
   ap.add_argument("--block-m", type=int, default=128)
+  ap.add_argument("--group-lines", type=int, default=8)
   ap.add_argument("--num-warps", type=int, default=8)
   ap.add_argument("--num-stages", type=int, default=3)
   args = ap.parse_args()
@@ -315,12 +317,12 @@ def main():
   print("environment:", env, flush=True)
   if args.smoke:
     backend, block = "triton_interpret", 16
-    cfg = BlockSparseConfig(block_k=16, block_n=16, block_m=16)
+    cfg = BlockSparseConfig(block_k=16, block_n=16, block_m=16, group_lines=2)
     op_shapes, mlp_shapes, edge = SMOKE_OP, SMOKE_MLP, SMOKE_EDGE
   else:
     backend, block = "triton", args.block_size
     cfg = BlockSparseConfig(block_k=args.block_k, block_n=args.block_n, block_m=args.block_m,
-                            num_warps=args.num_warps, num_stages=args.num_stages)
+                            group_lines=args.group_lines, num_warps=args.num_warps, num_stages=args.num_stages)
     names = args.shapes.split(",")
     op_shapes = {n: OP_SHAPES[n] for n in names}
     mlp_shapes = {n: MLP_SHAPES[n] for n in names}

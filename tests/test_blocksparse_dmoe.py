@@ -11,7 +11,7 @@ from conftest import assert_close
 import kernels
 from kernels.blocksparse import BlockSparseConfig, dmoe_mlp, route
 
-CFG = BlockSparseConfig(block_k=16, block_n=16, block_m=16)
+CFG = BlockSparseConfig(block_k=16, block_n=16, block_m=16, group_lines=3)
 B = 16
 HI = jax.lax.Precision.HIGHEST
 

@@ -17,7 +17,7 @@ from kernels.blocksparse import (
 BACKENDS = ["xla", "triton_interpret"]
 FLAGS = list(itertools.product([False, True], repeat=2))
 # Small tiles so the K/N/M loops take several (and ragged) steps in interpret mode.
-CFG = BlockSparseConfig(block_k=16, block_n=16, block_m=16)
+CFG = BlockSparseConfig(block_k=16, block_n=16, block_m=16, group_lines=2)
 B, F, K = 16, 32, 40            # block, ffn size (2 blocks per expert), dense dim (not a multiple)
 
 

@@ -7,6 +7,8 @@ Layouts (see topology.py): S is the (P, E*f) block-sparse matrix stored as data 
        (CSR arrays) or, for S^T, of its block column (the transposed CSC arrays).
   dds: one program per (M tile, output block line): loops over the blocks of its block column
        (CSC) or, for S^T, of its block row (CSR).
+All three walk a 1-D grid swizzled in bands of `group_lines` block rows/columns (as a tiled GEMM
+rasterizes), so the programs running together share their sparse blocks and dense tiles in L2.
 Each output tile is owned by exactly one program (block rows/columns never straddle two lines), so
 there is no shared-tile race; every program writes its tile, zeros for empty lines.
 Metadata arrays are passed as ordinary int32 operands and read with scalar loads.
@@ -30,11 +32,13 @@ class BlockSparseConfig:
   """Tile sizes for the Triton kernels (the sparse block size itself comes from the topology).
 
   block_k: K step of sdd.  block_n: dense N tile of dsd.  block_m: dense M tile of dds.
-  All must be powers of two >= 16 for Triton dots.
+  All must be powers of two >= 16 for Triton dots.  group_lines: block rows (sdd, dsd) or block
+  columns (dds) per band of the swizzled grid.
   """
   block_k: int = 64
   block_n: int = 128
   block_m: int = 128
+  group_lines: int = 8
   num_warps: int = 8
   num_stages: int = 3
 
@@ -43,10 +47,22 @@ class BlockSparseConfig:
       v = getattr(self, name)
       if v < 16 or v & (v - 1):
         raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
+    if self.group_lines < 1:
+      raise ValueError(f"config.group_lines must be >= 1, got {self.group_lines}")
 
 
 def _params(cfg: BlockSparseConfig):
   return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _swizzle(num_lines: int, num_other: int, group: int):
+  """(line, other) of this program on a 1-D grid of num_lines * num_other programs, in bands of
+  `group` lines: consecutive programs sweep the lines of a band before moving to the next `other`."""
+  pid = pl.program_id(0)
+  band_size = group * num_other
+  first = (pid // band_size) * group
+  band_lines = jnp.minimum(num_lines - first, group)
+  return first + (pid % band_size) % band_lines, (pid % band_size) // band_lines
 
 
 # Contract dim 1 of a with dim 0 of b, optionally with either operand stored transposed.
@@ -55,8 +71,11 @@ def _mm(a, b, ta: bool, tb: bool):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _sdd_kernel(nnz_ref, row_ref, col_ref, lhs_ref, rhs_ref, out_ref, *, k, b, cfg, ta, tb):
-  z = pl.program_id(0)
+def _sdd_kernel(nnz_ref, row_ref, col_ref, lhs_ref, rhs_ref, out_ref, *, k, b, cfg, ta, tb,
+                num_rows, per_row):
+  # Every valid block row holds exactly `per_row` blocks (its expert's), so z = row * per_row + j.
+  r, j = _swizzle(num_rows, per_row, cfg.group_lines)
+  z = r * per_row + j
   bk = cfg.block_k
 
   @pl.when(z >= nnz_ref[0])
@@ -97,7 +116,8 @@ def sdd(lhs, rhs, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
   cfg = config or BlockSparseConfig()
   k = lhs.shape[0] if transpose_lhs else lhs.shape[1]
   b = topo.block_size
-  kernel = functools.partial(_sdd_kernel, k=k, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs)
+  kernel = functools.partial(_sdd_kernel, k=k, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs,
+                             num_rows=topo.num_row_blocks, per_row=topo.blocks_per_expert)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(topo.data_shape, out_dtype),
@@ -115,8 +135,9 @@ def _lines(topo: Topology, by_column: bool):
   return topo.offsets, jnp.arange(topo.max_nnz, dtype=jnp.int32), topo.column_indices
 
 
-def _dsd_kernel(ptr_ref, blk_ref, other_ref, data_ref, rhs_ref, out_ref, *, n, b, cfg, ta, tb):
-  line, ni = pl.program_id(0), pl.program_id(1)
+def _dsd_kernel(ptr_ref, blk_ref, other_ref, data_ref, rhs_ref, out_ref, *, n, b, cfg, ta, tb,
+                num_lines):
+  line, ni = _swizzle(num_lines, cdiv(n, cfg.block_n), cfg.group_lines)
   bn = cfg.block_n
   n0 = ni * bn
   nmask = (n0 + jnp.arange(bn, dtype=jnp.int32)) < n
@@ -148,19 +169,21 @@ def dsd(data, rhs, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
   n = rhs.shape[0] if transpose_rhs else rhs.shape[1]
   ptr, blk, other = _lines(topo, by_column=transpose_lhs)
   num_lines = ptr.shape[0] - 1
-  kernel = functools.partial(_dsd_kernel, n=n, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs)
+  kernel = functools.partial(_dsd_kernel, n=n, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs,
+                             num_lines=num_lines)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_lines * b, n), out_dtype),
-      grid=(num_lines, cdiv(n, cfg.block_n)),
+      grid=(num_lines * cdiv(n, cfg.block_n),),
       compiler_params=_params(cfg),
       interpret=interpret,
       name="jaxmoe_bsr_dsd",
   )(ptr, blk, other, data, rhs)
 
 
-def _dds_kernel(ptr_ref, blk_ref, other_ref, lhs_ref, data_ref, out_ref, *, m, b, cfg, ta, tb):
-  mi, line = pl.program_id(0), pl.program_id(1)
+def _dds_kernel(ptr_ref, blk_ref, other_ref, lhs_ref, data_ref, out_ref, *, m, b, cfg, ta, tb,
+                num_lines):
+  line, mi = _swizzle(num_lines, cdiv(m, cfg.block_m), cfg.group_lines)
   bm = cfg.block_m
   m0 = mi * bm
   mmask = (m0 + jnp.arange(bm, dtype=jnp.int32)) < m
@@ -193,11 +216,12 @@ def dds(lhs, data, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
   # lhs @ S walks S's block columns (CSC); lhs @ S^T walks S's block rows (CSR).
   ptr, blk, other = _lines(topo, by_column=not transpose_rhs)
   num_lines = ptr.shape[0] - 1
-  kernel = functools.partial(_dds_kernel, m=m, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs)
+  kernel = functools.partial(_dds_kernel, m=m, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs,
+                             num_lines=num_lines)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, num_lines * b), out_dtype),
-      grid=(cdiv(m, cfg.block_m), num_lines),
+      grid=(num_lines * cdiv(m, cfg.block_m),),
       compiler_params=_params(cfg),
       interpret=interpret,
       name="jaxmoe_bsr_dds",
