@@ -1,0 +1,230 @@
+"""ScatterMoE `ParallelLinear` (arXiv 2403.08245): a grouped matmul that gathers its input rows
+and scatters its output rows inside the kernel, with an optional gate-weighted combine.
+
+Routing: T tokens each pick k experts; flat index f = t * k + j is token t's j-th choice. A
+`ScatterRouting` holds `sorted_flat` (M = T * k,), the flat indices in expert-sorted order (stable),
+and `group_sizes` (E,), the rows per expert. Sorted row p is flat choice sorted_flat[p].
+
+  scatter_matmul(x, w, routing, *, x_grouped, y_grouped, gates)
+    input   x_grouped=False: x (T, K) in token order, sorted row p reads x[sorted_flat[p] // k]
+                             (x may also be (M, K) in flat order: then it reads x[sorted_flat[p]])
+            x_grouped=True:  x (M, K) already in sorted order
+    output  y_grouped=True:  (M, N) in sorted order
+            y_grouped=False: (M, N) in flat order, row f = choice f's output
+            gates (T, k):    (T, N), y[t] = sum_j gates[t, j] * out[t * k + j]
+
+The gate multiply happens in the kernel epilogue; the sum over the k choices is an XLA reduce of
+the (T, k, N) scattered rows (as in the paper). Nothing (M, K)-sized is materialized in the forward
+when x is in token order.
+
+Backward as in the paper: the data gradient is the same scatter kernel with the weights
+transposed, gathering dy (by token when the output was combined) and writing straight to x's
+layout (summed over the k copies when x was in token order); the weight gradient is
+`kernels.group_xty` over grouped x and grouped dy (gathered here: transient, backward only); the
+gate gradient is d gates[f] = <dy[t], x_in @ W> = <dy[t] @ W^T, x_in>, taken from the unscaled
+data-gradient rows, so the forward keeps no output activations for it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kernels import backends, validation, xla_gmm
+from kernels.grouped_matmul import group_xty
+
+
+class ScatterRouting(NamedTuple):
+  """Expert-sorted routing metadata (a pytree of two int32 arrays)."""
+  sorted_flat: jax.Array   # (M,) flat choice index t * k + j of each sorted row
+  group_sizes: jax.Array   # (E,) sorted rows per expert
+
+
+def make_routing(expert_idx: jax.Array, num_experts: int) -> ScatterRouting:
+  """Routing metadata from a (T, k) int32 top-k expert assignment (computed on device)."""
+  if not hasattr(expert_idx, "ndim") or expert_idx.ndim != 2:
+    raise ValueError(
+        f"expert_idx must be a (T, k) integer array, got {getattr(expert_idx, 'shape', expert_idx)}"
+    )
+  if not jnp.issubdtype(expert_idx.dtype, jnp.integer):
+    raise ValueError(f"expert_idx must have an integer dtype, got {expert_idx.dtype}")
+  if not isinstance(num_experts, int) or num_experts < 1:
+    raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+  flat = expert_idx.reshape(-1).astype(jnp.int32)
+  sorted_flat = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return ScatterRouting(sorted_flat, group_sizes)
+
+
+def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend, out_dtype, config):
+  """out[dst[p]] = scale[p] * x[src[p]] @ W[g(p)]; None = identity index / no scale."""
+  if backend in ("pallas", "triton", "triton_interpret"):
+    from kernels import scatter_triton
+
+    return scatter_triton.scatter2scatter(
+        x, w, group_sizes, src, dst, scale, m=m, transpose_w=transpose_w, out_dtype=out_dtype,
+        config=config, interpret=backend == "triton_interpret",
+    )
+  if backend != "xla":
+    raise ValueError(
+        f"backend: scatter_matmul supports 'xla', 'triton', 'triton_interpret', 'pallas' or None, "
+        f"got {backend!r}"
+    )
+  # The plain XLA path: materialize the gather, ragged_dot, scale, scatter.
+  xin = x if src is None else jnp.take(x, src, axis=0)
+  out = xla_gmm.gmm(xin, w, group_sizes, transpose_rhs=transpose_w, out_dtype=jnp.float32)
+  if scale is not None:
+    out = out * scale.astype(jnp.float32)[:, None]
+  out = out.astype(out_dtype)
+  if dst is not None:
+    out = jnp.zeros_like(out).at[dst].set(out, unique_indices=True)
+  return out
+
+
+def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
+             out_dtype, config):
+  m = sorted_flat.shape[0]
+  src = None if x_grouped else sorted_flat // (m // x.shape[0])
+  dst = None if y_grouped else sorted_flat
+  scale = None if gates is None else gates.reshape(-1)[sorted_flat]
+  out = _s2s(x, w, group_sizes, src, dst, scale, m=m, transpose_w=transpose_w, backend=backend,
+             out_dtype=out_dtype, config=config)
+  if gates is None:
+    return out
+  t, k = gates.shape
+  # The gated rows are already scaled by the kernel; XLA fuses this reduce over the k choices.
+  return out.reshape(t, k, -1).sum(axis=1, dtype=jnp.float32).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _scatter_matmul(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                    backend, out_dtype, config):
+  return _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                  backend, out_dtype, config)
+
+
+def _fwd(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
+         out_dtype, config):
+  out = _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                 backend, out_dtype, config)
+  return out, (x, w, gates, sorted_flat, group_sizes)
+
+
+def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy):
+  x, w, gates, sorted_flat, group_sizes = res
+  m = sorted_flat.shape[0]
+  dy = dy.astype(x.dtype)
+  # Where sorted row p's output gradient lives in dy.
+  if y_grouped:
+    dy_src = None
+  elif gates is None:
+    dy_src = sorted_flat                      # dy is (M, N) in flat order
+  else:
+    dy_src = sorted_flat // gates.shape[1]    # dy is (T, N): every choice of token t reads dy[t]
+  r = 1 if x_grouped else m // x.shape[0]     # copies of each x row among the M sorted rows
+  # Data gradient: the same kernel with W transposed, written to x's layout. Rows are written in
+  # flat order (then summed over the r copies) or in sorted order when x was grouped. With gates
+  # the rows stay unscaled: the gate gradient needs them.
+  dx_dst = None if x_grouped else sorted_flat
+  dx_scale = None if gates is None else gates.reshape(-1)[sorted_flat]
+  u = _s2s(dy, w, group_sizes, dy_src, dx_dst, None, m=m, transpose_w=not transpose_w,
+           backend=backend, out_dtype=x.dtype, config=config)
+  dgates = None
+  if gates is not None:
+    if x_grouped:
+      d_sorted = jnp.sum(u.astype(jnp.float32) * x.astype(jnp.float32), axis=-1)
+      dgates = jnp.zeros((m,), jnp.float32).at[sorted_flat].set(d_sorted, unique_indices=True)
+      u = u.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]
+    else:
+      u3 = u.reshape(x.shape[0], r, -1).astype(jnp.float32)
+      dgates = jnp.sum(u3 * x.astype(jnp.float32)[:, None, :], axis=-1).reshape(-1)
+      u = (u3 * gates.reshape(x.shape[0], r, 1).astype(jnp.float32)).reshape(m, -1)
+    dgates = dgates.reshape(gates.shape).astype(gates.dtype)
+  dx = u if r == 1 else u.reshape(x.shape[0], r, -1).sum(axis=1, dtype=jnp.float32)
+  dx = dx.astype(x.dtype)
+  # Weight gradient over grouped rows: gather x and (scaled) dy into sorted order.
+  xg = x if x_grouped else jnp.take(x, sorted_flat // r, axis=0)
+  dyg = dy if dy_src is None else jnp.take(dy, dy_src, axis=0)
+  if gates is not None:
+    dyg = (dyg.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]).astype(x.dtype)
+  # The same backend name: group_xty resolves "pallas" to the best kernel for the shape.
+  if transpose_w:
+    dw = group_xty(dyg, xg, group_sizes, backend=backend, out_dtype=w.dtype)
+  else:
+    dw = group_xty(xg, dyg, group_sizes, backend=backend, out_dtype=w.dtype)
+  return dx, dw, dgates, None, None
+
+
+_scatter_matmul.defvjp(_fwd, _bwd)
+
+
+def scatter_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    routing: ScatterRouting,
+    *,
+    gates: jax.Array | None = None,
+    x_grouped: bool = False,
+    y_grouped: bool = False,
+    transpose_w: bool = False,
+    backend: str | None = None,
+    out_dtype: Any = None,
+    config: Any = None,
+) -> jax.Array:
+  """Differentiable ScatterMoE ParallelLinear; see the module docstring for the layouts.
+
+  Args:
+    x: (T, K) token order (or (M, K) flat order) unless x_grouped, then (M, K) sorted order.
+    w: (E, K, N) expert weights of x's dtype, or (E, N, K) with transpose_w.
+    routing: ScatterRouting from make_routing (sorted_flat (M,), group_sizes (E,), int32).
+    gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
+    x_grouped, y_grouped: input / output already in expert-sorted order.
+    backend: "xla" (plain XLA; CPU default), "triton", "triton_interpret", "pallas" or None.
+    out_dtype: defaults to x.dtype; accumulation is float32.
+    config: optional kernels.scatter_triton.TritonScatterConfig (tile sizes, warps, stages).
+
+  Returns:
+    (M, N) sorted (y_grouped), (M, N) flat order, or (T, N) with gates.
+  """
+  backend = backends.resolve_backend(backend)
+  if backend not in ("xla", "triton", "triton_interpret", "pallas"):
+    raise ValueError(
+        f"backend: scatter_matmul supports 'xla', 'triton', 'triton_interpret', 'pallas' or None, "
+        f"got {backend!r}"
+    )
+  validation.check_float_operand("x", x, 2)
+  validation.check_float_operand("w", w, 3)
+  validation.check_same_dtype(x=x, w=w)
+  if not isinstance(routing, ScatterRouting):
+    raise ValueError(f"routing must be a ScatterRouting (see make_routing), got "
+                     f"{type(routing).__name__}")
+  sorted_flat, group_sizes = routing
+  validation.check_group_sizes(group_sizes, w.shape[0])
+  if sorted_flat.ndim != 1 or jnp.dtype(sorted_flat.dtype) != jnp.dtype(jnp.int32):
+    raise ValueError(f"routing.sorted_flat must be a 1-D int32 array, got shape "
+                     f"{tuple(sorted_flat.shape)} dtype {sorted_flat.dtype}")
+  m = sorted_flat.shape[0]
+  k_w = w.shape[2] if transpose_w else w.shape[1]
+  if x.shape[1] != k_w:
+    raise ValueError(f"w: contracting dimension must match x.shape[1]={x.shape[1]}, got w.shape="
+                     f"{tuple(w.shape)} with transpose_w={transpose_w}")
+  if x_grouped and x.shape[0] != m:
+    raise ValueError(f"x: with x_grouped=True must have M={m} rows, got shape {tuple(x.shape)}")
+  if not x_grouped and (x.shape[0] == 0 or m % x.shape[0]):
+    raise ValueError(f"x: in token order must have T rows with M={m} a multiple of T, got shape "
+                     f"{tuple(x.shape)}")
+  if gates is not None:
+    if y_grouped:
+      raise ValueError("gates: the combine writes token order; it needs y_grouped=False")
+    validation.check_float_operand("gates", gates, 2)
+    if gates.shape[0] * gates.shape[1] != m:
+      raise ValueError(f"gates: must be (T, k) with T * k = M = {m}, got shape "
+                       f"{tuple(gates.shape)}")
+    if not x_grouped and x.shape[0] not in (gates.shape[0], m):
+      raise ValueError(f"gates: T={gates.shape[0]} does not match x.shape[0]={x.shape[0]}")
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  return _scatter_matmul(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                         backend, out_dtype, config)

@@ -1,0 +1,194 @@
+"""scatter_matmul (ScatterMoE ParallelLinear): every layout against the reference, forward and
+gradients, xla and the Triton kernel in interpret mode, fp32 and bf16, awkward routings."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from kernels import scatter_triton
+from kernels.reference import row_group_ids
+from kernels.scatter_matmul import ScatterRouting, make_routing, scatter_matmul
+from kernels.scatter_reference import scatter_matmul_reference
+
+# Small tiles so a few dozen rows span several tiles and tiles shared by two experts.
+SMALL = scatter_triton.TritonScatterConfig(block_m=16, block_n=16, block_k=16, group_m=2)
+
+
+def expert_choices(rng, t: int, k: int, e: int, kind: str) -> np.ndarray:
+  """(T, k) distinct experts per token. "empty": experts 0, 2 and the last get no rows;
+  "one": every token's choices are experts 0..k-1 (expert 0 takes all first choices)."""
+  if kind == "one":
+    return np.tile(np.arange(k, dtype=np.int32), (t, 1))
+  pool = np.array([i for i in range(e) if i not in (0, 2, e - 1)]) if kind == "empty" else np.arange(e)
+  return np.stack([rng.choice(pool, k, replace=False) for _ in range(t)]).astype(np.int32)
+
+
+def make_inputs(rng, *, t=21, k=2, e=6, kin=24, n=40, kind="empty", dtype=jnp.float32,
+                transpose_w=False):
+  choices = expert_choices(rng, t, k, e, kind)
+  routing = make_routing(jnp.asarray(choices), e)
+  x = jnp.asarray(rng.standard_normal((t, kin)), dtype)
+  wshape = (e, n, kin) if transpose_w else (e, kin, n)
+  w = jnp.asarray(rng.standard_normal(wshape) / np.sqrt(kin), dtype)
+  gates = jnp.asarray(rng.random((t, k)) + 0.1, jnp.float32)
+  return choices, routing, x, w, gates
+
+
+def test_make_routing_is_a_stable_sort(rng):
+  choices = expert_choices(rng, 13, 3, 7, "empty")
+  sorted_flat, group_sizes = make_routing(jnp.asarray(choices), 7)
+  flat = choices.reshape(-1)
+  np.testing.assert_array_equal(np.asarray(sorted_flat), np.argsort(flat, kind="stable"))
+  np.testing.assert_array_equal(np.asarray(group_sizes), np.bincount(flat, minlength=7))
+  assert int(group_sizes[0]) == 0 and int(group_sizes[2]) == 0
+
+
+# (x_grouped, y_grouped, use_gates, transpose_w): every layout the op supports.
+LAYOUTS = [
+    (False, True, False, False),   # token order -> grouped (first MLP layer)
+    (False, False, False, True),   # token order -> flat order, (E, N, K) weights
+    (False, False, True, False),   # token order -> combined (T, N)
+    (True, True, False, True),     # grouped -> grouped
+    (True, False, True, False),    # grouped -> combined (last MLP layer)
+]
+
+
+def _call(x, w, routing, gates, layout, backend, config=None):
+  x_grouped, y_grouped, use_gates, transpose_w = layout
+  return scatter_matmul(x, w, routing, gates=gates if use_gates else None, x_grouped=x_grouped,
+                        y_grouped=y_grouped, transpose_w=transpose_w, backend=backend,
+                        config=config)
+
+
+def _ref(x, w, routing, gates, layout):
+  x_grouped, y_grouped, use_gates, transpose_w = layout
+  return scatter_matmul_reference(x, w, routing.sorted_flat, routing.group_sizes,
+                                  gates=gates if use_gates else None, x_grouped=x_grouped,
+                                  y_grouped=y_grouped, transpose_w=transpose_w)
+
+
+def _layout_inputs(rng, layout, kind="empty", dtype=jnp.float32):
+  choices, routing, x, w, gates = make_inputs(rng, kind=kind, dtype=dtype, transpose_w=layout[3])
+  if layout[0]:  # grouped input: M rows
+    x = jnp.asarray(rng.standard_normal((routing.sorted_flat.shape[0], x.shape[1])), dtype)
+  return routing, x, w, gates
+
+
+def _check_grads(x, w, gates, routing, layout, backend, dtype, factor):
+  """jax.grad through the custom_vjp against jax.grad of the float32 reference."""
+  use_gates = layout[2]
+  out_shape = jax.eval_shape(lambda: _ref(x, w, routing, gates, layout)).shape
+  probe = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape), jnp.float32)
+
+  def loss(fn, x, w, g):
+    return jnp.sum(fn(x, w, g).astype(jnp.float32) * probe)
+
+  got = jax.grad(lambda *a: loss(lambda x, w, g: _call(x, w, routing, g, layout, backend, SMALL),
+                                 *a), argnums=(0, 1, 2))(x, w, gates)
+  want = jax.grad(lambda *a: loss(lambda x, w, g: _ref(x, w, routing, g, layout), *a),
+                  argnums=(0, 1, 2))(x.astype(jnp.float32), w.astype(jnp.float32), gates)
+  assert_close(got[0], want[0], dtype, factor=factor, name="dx")
+  assert_close(got[1], want[1], dtype, factor=factor, name="dw")
+  if use_gates:
+    assert_close(got[2], want[2], dtype, factor=factor, name="dgates")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_xla_forward_and_grads(rng, layout):
+  routing, x, w, gates = _layout_inputs(rng, layout)
+  got = _call(x, w, routing, gates, layout, "xla")
+  assert_close(got, _ref(x, w, routing, gates, layout), jnp.float32, name="out")
+  _check_grads(x, w, gates, routing, layout, "xla", jnp.float32, 1.0)
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[4]])
+def test_triton_interpret_forward_and_grads(rng, layout):
+  routing, x, w, gates = _layout_inputs(rng, layout)
+  # Interpret mode leaves unwritten output rows NaN: finite output = every row was written.
+  got = _call(x, w, routing, gates, layout, "triton_interpret", SMALL)
+  chex.assert_tree_all_finite(got)
+  assert_close(got, _ref(x, w, routing, gates, layout), jnp.float32, name="out")
+  _check_grads(x, w, gates, routing, layout, "triton_interpret", jnp.float32, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["one"])
+@pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[3]])
+def test_triton_interpret_one_expert_takes_all(rng, layout, kind):
+  routing, x, w, gates = _layout_inputs(rng, layout, kind=kind)
+  got = _call(x, w, routing, gates, layout, "triton_interpret", SMALL)
+  chex.assert_tree_all_finite(got)
+  assert_close(got, _ref(x, w, routing, gates, layout), jnp.float32, name="out")
+
+
+def test_bf16_triton_interpret_forward_and_grads(rng):
+  layout = LAYOUTS[2]
+  routing, x, w, gates = _layout_inputs(rng, layout, dtype=jnp.bfloat16)
+  got = _call(x, w, routing, gates, layout, "triton_interpret", SMALL)
+  assert got.dtype == jnp.bfloat16
+  want = _ref(x.astype(jnp.float32), w.astype(jnp.float32), routing, gates, layout)
+  assert_close(got, want, jnp.bfloat16, name="out")
+  _check_grads(x, w, gates, routing, layout, "triton_interpret", jnp.bfloat16, 1.0)
+
+
+def test_bf16_xla_grads(rng):
+  layout = LAYOUTS[4]
+  routing, x, w, gates = _layout_inputs(rng, layout, dtype=jnp.bfloat16)
+  _check_grads(x, w, gates, routing, layout, "xla", jnp.bfloat16, 1.0)
+
+
+def test_kernel_rows_past_the_groups_are_zero(rng):
+  """Sorted rows at or past sum(group_sizes) must be written as zeros at their scattered rows;
+  the output starts NaN in interpret mode, so a missed row shows up too."""
+  m, kin, n, e = 37, 24, 20, 3
+  group_sizes = jnp.asarray([9, 0, 17], jnp.int32)       # 26 of 37 rows routed
+  perm = jnp.asarray(rng.permutation(m), jnp.int32)
+  x = jnp.asarray(rng.standard_normal((m, kin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((e, kin, n)), jnp.float32)
+  out = scatter_triton.scatter2scatter(x, w, group_sizes, perm, perm, None, m=m,
+                                       transpose_w=False, out_dtype=jnp.float32, config=SMALL,
+                                       interpret=True)
+  chex.assert_tree_all_finite(out)
+  gid = np.asarray(row_group_ids(group_sizes, m))
+  want = np.zeros((m, n), np.float32)
+  for p in range(m):
+    if gid[p] < e:
+      want[int(perm[p])] = np.asarray(x)[int(perm[p])] @ np.asarray(w)[gid[p]]
+  tail = np.asarray(perm)[gid == e]
+  assert tail.size == 11 and np.all(np.asarray(out)[tail] == 0.0)
+  assert_close(out, want, jnp.float32, name="out")
+
+
+def test_jit_and_shapes(rng):
+  routing, x, w, gates = _layout_inputs(rng, LAYOUTS[2])
+  fn = jax.jit(lambda x, w, r, g: scatter_matmul(x, w, r, gates=g))
+  out = fn(x, w, routing, gates)
+  chex.assert_shape(out, (x.shape[0], w.shape[2]))
+
+
+def test_validation_names_the_argument(rng):
+  routing, x, w, gates = _layout_inputs(rng, LAYOUTS[0])
+  with pytest.raises(ValueError, match="backend"):
+    scatter_matmul(x, w, routing, backend="mosaic")
+  with pytest.raises(ValueError, match="w: contracting"):
+    scatter_matmul(x, w[:, :-1], routing)
+  with pytest.raises(ValueError, match="operands must share one dtype"):
+    scatter_matmul(x.astype(jnp.bfloat16), w, routing)
+  with pytest.raises(ValueError, match="routing"):
+    scatter_matmul(x, w, tuple(routing))
+  with pytest.raises(ValueError, match="x: with x_grouped"):
+    scatter_matmul(x, w, routing, x_grouped=True)
+  with pytest.raises(ValueError, match="gates"):
+    scatter_matmul(x, w, routing, gates=gates, y_grouped=True)
+  with pytest.raises(ValueError, match="gates"):
+    scatter_matmul(x, w, routing, gates=gates[:, :1])
+  with pytest.raises(ValueError, match="group_sizes"):
+    scatter_matmul(x, w, ScatterRouting(routing.sorted_flat, routing.group_sizes[:-1]))
+  with pytest.raises(ValueError, match="block_m"):
+    scatter_triton.TritonScatterConfig(block_m=48)
+  with pytest.raises(ValueError, match="expert_idx"):
+    make_routing(jnp.zeros((4,), jnp.int32), 3)
