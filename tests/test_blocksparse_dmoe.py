@@ -67,14 +67,16 @@ def test_glu_matches_grouped_and_per_token_f32(backend, rng):
       x, idx, cw, w1, w2, w3, activation=act, block_size=B, backend=backend, config=CFG)
   y = jax.jit(fn)(x, cw, w1, w2, w3)
   assert y.shape == x.shape and y.dtype == x.dtype
-  assert_close(y, per_token(x, idx, cw, w1, w2, w3, act), jnp.float32, name="vs per-token")
-  assert_close(y, grouped_path(x, idx, cw, w1, w2, w3, act), jnp.float32, name="vs grouped")
+  ref = jax.jit(lambda *a: per_token(x, idx, *a, act))(cw, w1, w2, w3)
+  assert_close(y, ref, jnp.float32, name="vs per-token")
+  assert_close(y, jax.jit(lambda *a: grouped_path(x, idx, *a, act))(cw, w1, w2, w3), jnp.float32,
+               name="vs grouped")
 
   ct = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   loss = lambda f: lambda *a: jnp.sum(f(*a) * ct)
   grouped = lambda x, cw, w1, w2, w3: grouped_path(x, idx, cw, w1, w2, w3, act)
   got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3, 4)))(x, cw, w1, w2, w3)
-  want = jax.grad(loss(grouped), argnums=(0, 1, 2, 3, 4))(x, cw, w1, w2, w3)
+  want = jax.jit(jax.grad(loss(grouped), argnums=(0, 1, 2, 3, 4)))(x, cw, w1, w2, w3)
   for g, w, name in zip(got, want, ("dx", "dcw", "dw1", "dw2", "dw3")):
     assert_close(g, w, jnp.float32, factor=3, name=name)
   assert np.all(np.asarray(got[2])[1] == 0)  # the empty expert gets no gradient
@@ -86,16 +88,18 @@ def test_mlp_one_expert_takes_all_bf16(backend, rng):
   idx = np.full((t, k), 2)
   x, idx, cw, w1, w2, _ = _problem(rng, t=t, k=k, d=32, f=48, e=e, dtype=jnp.bfloat16, idx=idx, glu=False)
   act = jax.nn.gelu
-  y = dmoe_mlp(x, idx, cw, w1, w2, activation=act, block_size=B, backend=backend, config=CFG)
+  fn = lambda x, w1, w2: dmoe_mlp(
+      x, idx, cw, w1, w2, activation=act, block_size=B, backend=backend, config=CFG)
+  y = jax.jit(fn)(x, w1, w2)
   assert y.dtype == jnp.bfloat16
-  assert_close(y, per_token(x, idx, cw, w1, w2, None, act), jnp.bfloat16, factor=2, name="vs per-token")
-  assert_close(y, grouped_path(x, idx, cw, w1, w2, None, act), jnp.bfloat16, factor=2, name="vs grouped")
+  ref = jax.jit(lambda x, w1, w2: per_token(x, idx, cw, w1, w2, None, act))
+  assert_close(y, ref(x, w1, w2), jnp.bfloat16, factor=2, name="vs per-token")
+  assert_close(y, jax.jit(lambda x, w1, w2: grouped_path(x, idx, cw, w1, w2, None, act))(x, w1, w2),
+               jnp.bfloat16, factor=2, name="vs grouped")
   ct = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  got = jax.grad(lambda x, w1, w2: jnp.sum(dmoe_mlp(
-      x, idx, cw, w1, w2, activation=act, block_size=B, backend=backend,
-      config=CFG).astype(jnp.float32) * ct), (0, 1, 2))(x, w1, w2)
-  want = jax.grad(lambda x, w1, w2: jnp.sum(per_token(x, idx, cw, w1, w2, None, act) * ct),
-                  (0, 1, 2))(*(a.astype(jnp.float32) for a in (x, w1, w2)))
+  got = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct), (0, 1, 2)))(x, w1, w2)
+  want = jax.jit(jax.grad(lambda *a: jnp.sum(ref(*a) * ct), (0, 1, 2)))(
+      *(a.astype(jnp.float32) for a in (x, w1, w2)))
   for g, w, name in zip(got, want, ("dx", "dw1", "dw2")):
     assert g.dtype == jnp.bfloat16
     assert_close(g, w, jnp.bfloat16, factor=3, name=name)
@@ -103,7 +107,7 @@ def test_mlp_one_expert_takes_all_bf16(backend, rng):
 
 def test_route_covers_every_slot(rng):
   idx = jnp.asarray(rng.integers(0, 5, (13, 3)), jnp.int32)
-  r = route(idx, 5, ffn_size=32, block_size=B)
+  r = jax.jit(lambda i: route(i, 5, ffn_size=32, block_size=B))(idx)
   rows = np.asarray(r.slot_padded_row)
   assert len(set(rows.tolist())) == rows.size and rows.max() < r.topo.padded_rows
   src = np.asarray(r.source_token)

@@ -1,6 +1,7 @@
 """Dropless MoE expert computation (MegaBlocks dMoE) from the block-sparse ops, as pure functions.
 
-  x (T, d) tokens, expert_indices (T, k) int32 in [0, E), combine_weights (T, k)
+  x (T, d) tokens, expert_indices (T, k) int32 in [0, E) (not checked: values are traced),
+  combine_weights (T, k) any float dtype (the combine runs in float32)
   w1 (E, d, f) input (gate) projection, w3 (E, d, f) up projection (GLU only), w2 (E, f, d) output
   MLP:  y[t] = sum_j c[t, j] * act(x[t] w1[e]) w2[e]                 with e = expert_indices[t, j]
   GLU:  y[t] = sum_j c[t, j] * (act(x[t] w1[e]) * (x[t] w3[e])) w2[e]
@@ -96,6 +97,8 @@ def dmoe_mlp(
     validation.check_same_dtype(x=x, w1=w1, w2=w2)
   if expert_indices.ndim != 2 or expert_indices.shape[0] != t:
     raise ValueError(f"expert_indices must have shape ({t}, k), got {tuple(expert_indices.shape)}")
+  if not jnp.issubdtype(combine_weights.dtype, jnp.floating):
+    raise ValueError(f"combine_weights must be a float array, got dtype {combine_weights.dtype}")
   if combine_weights.shape != expert_indices.shape:
     raise ValueError(
         f"combine_weights must have shape {tuple(expert_indices.shape)}, got {tuple(combine_weights.shape)}")
