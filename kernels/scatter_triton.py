@@ -54,7 +54,7 @@ def _kernel(*refs, m: int, k: int, n: int, num_groups: int, num_n: int, num_tile
   src_ref = rest.pop(0) if has_src else None
   dst_ref = rest.pop(0) if has_dst else None
   scale_ref = rest.pop(0) if has_scale else None
-  x_ref, w_ref, out_ref = rest
+  x_ref, w_ref, *_, out_ref = rest   # (a poison buffer aliased to out_ref may sit between)
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
 
   # Swizzled 1-D grid: bands of group_m row tiles, column tiles inside a band, so the programs
@@ -130,6 +130,7 @@ def scatter2scatter(
     out_dtype,
     config: TritonScatterConfig | None = None,
     interpret: bool = False,
+    poison: jax.Array | None = None,
 ) -> jax.Array:
   """Gather-matmul-scatter over M expert-sorted rows; see the module docstring.
 
@@ -140,6 +141,8 @@ def scatter2scatter(
     src, dst: (M,) int32 gather / scatter indices or None. dst must be a permutation of [0, M).
     scale: (M,) per-sorted-row multiplier of the output (router gates) or None.
     m: the number of sorted rows M (= rows of the output).
+    poison: optional (M, N) array of out_dtype the output buffer starts as (aliased): checks pass
+      NaNs to prove every row is written.
   Returns:
     (M, N) array of out_dtype.
   Inputs are validated by the public op (kernels.scatter_matmul).
@@ -157,11 +160,20 @@ def scatter2scatter(
       has_scale=scale is not None,
   )
   extra = [a for a in (src, dst, scale) if a is not None]
+  operands = [meta.tile_group, meta.tile_block, meta.offsets, meta.num_active, *extra, x, w]
+  aliases = {}
+  if poison is not None:
+    if poison.shape != (m, n) or poison.dtype != jnp.dtype(out_dtype):
+      raise ValueError(f"poison must be ({m}, {n}) {jnp.dtype(out_dtype)}, got {poison.shape} "
+                       f"{poison.dtype}")
+    aliases = {len(operands): 0}
+    operands.append(poison)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(num_tiles * num_n,),
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
+      input_output_aliases=aliases,
       name="jaxmoe_scatter2scatter",
-  )(meta.tile_group, meta.tile_block, meta.offsets, meta.num_active, *extra, x, w)
+  )(*operands)

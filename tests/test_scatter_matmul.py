@@ -143,7 +143,7 @@ def test_bf16_xla_grads(rng):
 
 def test_kernel_rows_past_the_groups_are_zero(rng):
   """Sorted rows at or past sum(group_sizes) must be written as zeros at their scattered rows;
-  the output starts NaN in interpret mode, so a missed row shows up too."""
+  the output starts as NaN (the poison buffer), so a missed row shows up too."""
   m, kin, n, e = 37, 24, 20, 3
   group_sizes = jnp.asarray([9, 0, 17], jnp.int32)       # 26 of 37 rows routed
   perm = jnp.asarray(rng.permutation(m), jnp.int32)
@@ -151,7 +151,8 @@ def test_kernel_rows_past_the_groups_are_zero(rng):
   w = jnp.asarray(rng.standard_normal((e, kin, n)), jnp.float32)
   out = scatter_triton.scatter2scatter(x, w, group_sizes, perm, perm, None, m=m,
                                        transpose_w=False, out_dtype=jnp.float32, config=SMALL,
-                                       interpret=True)
+                                       interpret=True,
+                                       poison=jnp.full((m, n), jnp.nan, jnp.float32))
   chex.assert_tree_all_finite(out)
   gid = np.asarray(row_group_ids(group_sizes, m))
   want = np.zeros((m, n), np.float32)
