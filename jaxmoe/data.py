@@ -45,7 +45,7 @@ def _concat_files(paths: list[str], max_bytes: int) -> np.ndarray:
   for path in paths:
     try:
       with open(path, "rb") as f:
-        data = f.read(max_bytes - total)
+        data = f.read(min(max_bytes - total, os.fstat(f.fileno()).st_size))
     except OSError:
       continue
     if b"\0" in data[:4096]:
@@ -54,7 +54,8 @@ def _concat_files(paths: list[str], max_bytes: int) -> np.ndarray:
     total += len(data)
     if total >= max_bytes:
       break
-  return np.frombuffer(b"\n".join(chunks), dtype=np.uint8)
+  # Files are joined by a newline; the cut at max_bytes may fall anywhere.
+  return np.frombuffer(b"\n".join(chunks)[:max_bytes], dtype=np.uint8)
 
 
 def text_tokens(path: str, max_bytes: int = 1 << 40) -> np.ndarray:

@@ -17,6 +17,7 @@ SIGTERM/SIGINT finish the current step, save a checkpoint and return.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -179,13 +180,29 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
     metrics = {"loss": ce, "aux_loss": stats["aux_loss"], "z_loss": stats["z_loss"],
                "dropped_fraction": stats["dropped_fraction"],
                "tokens_per_expert": stats["tokens_per_expert"],
-               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+               "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
 
   def eval_step(state, x, y):
     return loss_fn(state["params"], state["rest"], x, y, True)[1][0]
 
   return train_step, eval_step
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_steps(model_cfg: ModelConfig, train_json: str, mesh: Mesh):
+  """jit-wrapped (train_step, eval_step), cached per (model, train config, mesh) so that several
+  runs in one process (stop and resume, tests) compile once."""
+  train = TrainConfig(**json.loads(train_json))
+  tx, schedule = make_optimizer(train)
+  graphdef = nnx.split(nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0))),
+                       nnx.Param, ...)[0]
+  train_step, eval_step = make_steps(graphdef, model_cfg, train, tx, schedule)
+  repl, bs = replicated(mesh), batch_sharding(mesh)
+  jit_train = jax.jit(train_step, in_shardings=(repl, bs, bs), out_shardings=(repl, repl),
+                      donate_argnums=0)
+  jit_eval = jax.jit(eval_step, in_shardings=(repl, bs, bs), out_shardings=repl)
+  return jit_train, jit_eval
 
 
 class _StopFlag:
@@ -268,8 +285,6 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   tx, schedule = make_optimizer(train)
   repl = replicated(mesh)
   if True:  # explicit shardings on every jit; no ambient mesh needed
-    graphdef = nnx.split(nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0))),
-                         nnx.Param, ...)[0]
     abstract = jax.eval_shape(lambda: init_state(model_cfg, train, tx)[1])
     if latest is not None:
       state, meta = ckpt.restore(abstract_like(abstract, repl), latest)
@@ -279,11 +294,7 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
     step = int(state["step"])
     batches.position = step
 
-    train_step, eval_step = make_steps(graphdef, model_cfg, train, tx, schedule)
-    bs = batch_sharding(mesh)
-    jit_train = jax.jit(train_step, in_shardings=(repl, bs, bs), out_shardings=(repl, repl),
-                        donate_argnums=0)
-    jit_eval = jax.jit(eval_step, in_shardings=(repl, bs, bs), out_shardings=repl)
+    jit_train, jit_eval = _jitted_steps(model_cfg, json.dumps(dataclasses.asdict(train)), mesh)
 
     end = train.steps if stop_at is None else min(stop_at, train.steps)
     counts = param_counts(model_cfg)

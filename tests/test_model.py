@@ -1,0 +1,112 @@
+"""The transformer LM: shapes, causality, rotary embeddings, GQA, remat, parameter counts, config checks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import assert_close
+from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, param_counts, rope
+
+SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
+             num_experts=4, top_k=2, dtype="float32")
+
+
+def _loss_and_grads(model, tokens):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    logits, stats = nnx.merge(graphdef, params, rest)(tokens)
+    return cross_entropy(logits[:, :-1], tokens[:, 1:]) + stats["moe_loss"]
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("ffn,moe_every", [("moe", 1), ("moe", 2), ("dense", 1)])
+def test_shapes_stats_and_param_count(ffn, moe_every, rng):
+  cfg = ModelConfig(**SMALL, ffn=ffn, moe_every=moe_every)
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(rng.integers(0, 64, (3, 16)), jnp.int32)
+  logits, stats = model(tokens)
+  chex.assert_shape(logits, (3, 16, 64))
+  assert logits.dtype == jnp.float32
+  chex.assert_tree_all_finite((logits, stats))
+  n_moe = {"moe": 2 // moe_every, "dense": 0}[ffn]
+  chex.assert_shape(stats["tokens_per_expert"], (n_moe, 4))
+  # Each MoE layer routes every token to top_k experts.
+  np.testing.assert_allclose(np.asarray(stats["tokens_per_expert"]).sum(-1), 3 * 16 * 2)
+  actual = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert param_counts(cfg)["total"] == actual
+
+
+def test_causal(rng):
+  model = TransformerLM(ModelConfig(**SMALL), rngs=nnx.Rngs(1))
+  a = rng.integers(0, 64, (2, 16))
+  b = a.copy()
+  b[:, 10:] = rng.integers(0, 64, (2, 6))
+  la, _ = model(jnp.asarray(a, jnp.int32))
+  lb, _ = model(jnp.asarray(b, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(la[:, :10]), np.asarray(lb[:, :10]))
+  assert not np.allclose(np.asarray(la[:, 10:]), np.asarray(lb[:, 10:]))
+
+
+def test_rope_is_relative(rng):
+  """<rope(q, m), rope(k, n)> depends on m - n only, and rope preserves norms."""
+  q = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+  def dot(m, n):
+    return float(jnp.sum(rope(q, jnp.array([m]), 100.0) * rope(k, jnp.array([n]), 100.0)))
+  assert dot(5, 2) == pytest.approx(dot(13, 10), rel=1e-5)
+  assert dot(5, 2) != pytest.approx(dot(5, 4), rel=1e-3)
+  np.testing.assert_allclose(np.linalg.norm(rope(q, jnp.array([7]), 100.0)), np.linalg.norm(q),
+                             rtol=1e-6)
+
+
+def test_gqa_matches_repeated_kv_heads(rng):
+  """Grouped-query attention equals full multi-head attention with each K/V head repeated."""
+  cfg = ModelConfig(**SMALL, ffn="dense")
+  model = TransformerLM(cfg, rngs=nnx.Rngs(2))
+  attn = model.blocks[0].attn
+  x = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+  got = attn(x)
+  h = cfg.head_dim
+  q = attn.q(x).reshape(2, 16, 4, h)
+  k, v = jnp.split(attn.kv(x).reshape(2, 16, 4, h), 2, axis=2)
+  pos = jnp.arange(16)
+  q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
+  k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+  s = jnp.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(h)
+  s = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), s, -jnp.inf)
+  want = attn.o(jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(s, -1), v).reshape(2, 16, 32))
+  assert_close(got, want, jnp.float32, factor=10, name="gqa")
+
+
+def test_remat_same_loss_and_grads(rng):
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+  l0, g0 = _loss_and_grads(TransformerLM(ModelConfig(**SMALL), rngs=nnx.Rngs(3)), tokens)
+  l1, g1 = _loss_and_grads(TransformerLM(ModelConfig(**SMALL, remat=True), rngs=nnx.Rngs(3)), tokens)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_float32_params(rng):
+  model = TransformerLM(ModelConfig(**{**SMALL, "dtype": "bfloat16"}), rngs=nnx.Rngs(4))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  ref = TransformerLM(ModelConfig(**SMALL), rngs=nnx.Rngs(4))
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+  assert_close(model(tokens)[0], ref(tokens)[0], jnp.bfloat16, factor=5, name="bf16 logits")
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"n_heads": 3}, "divisible by n_heads"),
+    ({"n_kv_heads": 3}, "divisible by n_kv_heads"),
+    ({"ffn": "sparse"}, "ffn must be one of"),
+    ({"moe_impl": "magic"}, "moe_impl must be one of"),
+    ({"top_k": 5}, "top_k"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+])
+def test_config_errors(override, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**{**SMALL, **override})
