@@ -88,6 +88,11 @@ class Checkpointer:
     except Exception as e:
       raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable or does not match "
                             f"the model: {type(e).__name__}: {e}") from None
+    missing = [jax.tree_util.keystr(path) for path, leaf in
+               jax.tree_util.tree_flatten_with_path(out.state)[0] if not isinstance(leaf, jax.Array)]
+    if missing:  # orbax hands back the abstract leaf where the checkpoint has no such array
+      raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the model: no "
+                            f"arrays for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     return out.state, meta
 
   def _resolve(self, step: int | None) -> int:
