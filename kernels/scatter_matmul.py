@@ -225,6 +225,12 @@ def scatter_matmul(
                        f"{tuple(gates.shape)}")
     if not x_grouped and x.shape[0] not in (gates.shape[0], m):
       raise ValueError(f"gates: T={gates.shape[0]} does not match x.shape[0]={x.shape[0]}")
+  if config is not None:
+    from kernels.scatter_triton import TritonScatterConfig
+
+    if not isinstance(config, TritonScatterConfig):
+      raise ValueError(f"config must be a kernels.scatter_triton.TritonScatterConfig or None, got "
+                       f"{type(config).__name__}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   return _scatter_matmul(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
                          backend, out_dtype, config)

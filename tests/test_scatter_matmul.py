@@ -189,7 +189,32 @@ def test_validation_names_the_argument(rng):
     scatter_matmul(x, w, routing, gates=gates[:, :1])
   with pytest.raises(ValueError, match="group_sizes"):
     scatter_matmul(x, w, ScatterRouting(routing.sorted_flat, routing.group_sizes[:-1]))
+  with pytest.raises(ValueError, match="config"):
+    scatter_matmul(x, w, routing, config={"block_m": 64})
   with pytest.raises(ValueError, match="block_m"):
     scatter_triton.TritonScatterConfig(block_m=48)
   with pytest.raises(ValueError, match="expert_idx"):
     make_routing(jnp.zeros((4,), jnp.int32), 3)
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[2], LAYOUTS[4]])
+def test_gradient_lowers_for_h100(layout):
+  """The Triton kernels (gathers, scatters, gate epilogue) lower for an H100 at the default
+  128x128x64 tiles, forward and backward; no GPU needed (kernels.gpu_lowering)."""
+  from kernels.gpu_lowering import lower_for_gpu
+
+  s = jax.ShapeDtypeStruct
+  t, k, e, kin, n = 300, 2, 4, 256, 384
+  x_grouped, _, use_gates, transpose_w = layout
+
+  def loss(x, w, g, choices):
+    routing = make_routing(choices, e)
+    out = _call(x, w, routing, g, layout, "triton")
+    return jnp.sum(out.astype(jnp.float32))
+
+  x = s((t * k if x_grouped else t, kin), jnp.bfloat16)
+  w = s((e, n, kin) if transpose_w else (e, kin, n), jnp.bfloat16)
+  text = lower_for_gpu(jax.grad(loss, argnums=(0, 1, 2) if use_gates else (0, 1)), x, w,
+                       s((t, k), jnp.float32), s((t, k), jnp.int32))
+  assert text.count("jaxmoe_scatter2scatter") >= 2   # forward and data gradient
+  assert "jaxmoe_group_xty" in text                  # weight gradient
