@@ -49,6 +49,7 @@ class ModelConfig:
   z_loss_weight: float = 0.001
   bias_balancing: bool = False
   backend: str | None = None  # kernels backend for impl="grouped"
+  block_size: int = 128      # MegaBlocks block size for moe_impl="blocksparse"
   dtype: str = "bfloat16"    # compute dtype; parameters are always float32
   remat: bool = False
   tie_embeddings: bool = True
@@ -76,6 +77,8 @@ class ModelConfig:
       raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     if self.top_k > self.num_experts:
       raise ValueError(f"model.top_k={self.top_k} must be <= num_experts={self.num_experts}")
+    if self.ffn == "moe":
+      self.moe_config()  # MoEConfig's own checks (e.g. blocksparse: d_ff a multiple of block_size)
     if self.expert_d_ff is not None and (not isinstance(self.expert_d_ff, int) or self.expert_d_ff < 1):
       raise ValueError(f"model.expert_d_ff must be a positive int or None, got {self.expert_d_ff!r}")
 
@@ -95,7 +98,8 @@ class ModelConfig:
                      num_experts=self.num_experts, top_k=self.top_k, impl=self.moe_impl,
                      activation="swiglu", capacity_factor=self.capacity_factor,
                      aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
-                     bias_balancing=self.bias_balancing, backend=self.backend)
+                     bias_balancing=self.bias_balancing, backend=self.backend,
+                     block_size=self.block_size)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
