@@ -10,8 +10,7 @@ import dataclasses
 import math
 
 # Dropless implementations compute the same function; "capacity" is the token-dropping baseline.
-# "scatter" joins this tuple once its kernels (kernels/scatter_*) are wired in jaxmoe/moe.py.
-DROPLESS_IMPLS = ("grouped", "ragged_dot", "blocksparse")
+DROPLESS_IMPLS = ("grouped", "ragged_dot", "scatter", "blocksparse")
 IMPLS = DROPLESS_IMPLS + ("capacity",)
 
 # name -> is it a gated linear unit (two input projections)?
@@ -45,7 +44,8 @@ class MoEConfig:
     num_experts: number of routed experts E.
     top_k: experts per token, 1..num_experts.
     impl: "grouped" (sort + kernels.grouped_matmul), "ragged_dot" (sort + jax.lax.ragged_dot),
-      "blocksparse" (MegaBlocks dMoE, kernels.blocksparse.dmoe_mlp: needs use_bias=False and d_ff a
+      "scatter" (ScatterMoE, kernels.scatter_experts: gather/scatter inside the kernel; needs
+      use_bias=False), "blocksparse" (MegaBlocks dMoE, kernels.blocksparse.dmoe_mlp: needs use_bias=False and d_ff a
       multiple of block_size), or "capacity" (token dropping with a per-expert capacity, the
       Switch/GShard baseline).
     activation: one of ACTIVATIONS; the GLU ones ("swiglu", "geglu", ...) use gate and up projections.
@@ -63,7 +63,8 @@ class MoEConfig:
     bias_balancing: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the
       scores for expert selection only, updated outside the gradient by MoE.update_router_bias.
     routed_scale: factor on the routed experts' combined output (DeepSeek-V3 uses 2.5).
-    backend: kernels backend for impl="grouped" and "blocksparse" (None: platform default).
+    backend: kernels backend for impl="grouped", "scatter" and "blocksparse" (None: platform
+      default; scatter and blocksparse run "mosaic" as their Triton kernels).
     block_size: block size of impl="blocksparse" (MegaBlocks uses 128).
   """
 
@@ -122,10 +123,10 @@ class MoEConfig:
     call's impl override)."""
     if impl not in IMPLS:
       raise ValueError(f"MoEConfig.impl must be one of {IMPLS}, got {impl!r}")
+    if impl in ("blocksparse", "scatter") and self.use_bias:
+      raise ValueError(f"MoEConfig.use_bias must be False with impl={impl!r} (its kernels have "
+                       "no expert biases), got True")
     if impl == "blocksparse":
-      if self.use_bias:
-        raise ValueError("MoEConfig.use_bias must be False with impl='blocksparse' (the "
-                         "block-sparse dMoE has no expert biases), got True")
       if self.d_ff % self.block_size:
         raise ValueError(f"MoEConfig.d_ff must be a multiple of block_size={self.block_size} with "
                          f"impl='blocksparse', got {self.d_ff}")

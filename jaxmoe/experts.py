@@ -43,6 +43,11 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   return _ACT_FNS[name]
 
 
+def scatter_backend(backend: str | None) -> str | None:
+  """The scatter kernels are Triton only: "mosaic" backends run as their Triton counterparts."""
+  return {"mosaic": "triton", "mosaic_interpret": "triton_interpret"}.get(backend, backend)
+
+
 def _weight_init(fan_in_axis: int):
   # Fan-in scaling per expert: the leading expert axis is a batch axis, not a fan.
   return nnx.initializers.variance_scaling(
@@ -106,6 +111,24 @@ class RoutedExperts(nnx.Module):
     up = proj(self.w_up, self.b_up, x) if cfg.is_glu else None
     h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
     return proj(self.w_out, self.b_out, h)
+
+  def apply_scatter(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+    """x (T, d), indices/weights (T, k) -> (T, d) combined outputs via ScatterMoE.
+
+    No biases (MoEConfig.check_impl refuses use_bias with this impl).
+    """
+    from kernels import scatter_experts, scatter_matmul  # imported here: only this impl needs it
+
+    cfg = self.config
+    routing = scatter_matmul.make_routing(indices, cfg.num_experts)
+    x = x.astype(self.dtype)
+    gates = weights.astype(jnp.float32)  # combine weights stay float32, as in the other impls
+    kw = dict(activation=activation_fn(cfg.activation), backend=scatter_backend(cfg.backend))
+    if cfg.is_glu:
+      return scatter_experts.scatter_glu(x, self._w(self.w_gate), self._w(self.w_up),
+                                         self._w(self.w_out), routing, gates, **kw)
+    return scatter_experts.scatter_mlp(x, self._w(self.w_gate), self._w(self.w_out), routing, gates,
+                                       **kw)
 
   def apply_blocksparse(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
     """x (T, d), indices/weights (T, k) -> (T, d) combined outputs via MegaBlocks dMoE.

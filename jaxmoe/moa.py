@@ -8,10 +8,11 @@ chosen experts e_1..e_k with gate weights g:
   y_t     = sum_j g_{t,j} o_{t,j} W_o[e_j]
 So each token runs k*h query heads against h shared key/value heads (grouped-query style).
 
-The expert projections use the same expert-sorted dispatch as the MoE layer: rows grouped by expert
-through a grouped matmul (impl "grouped": kernels.grouped_matmul; "ragged_dot": jax.lax.ragged_dot).
-ScatterMoE fuses the gather/scatter into the matmul (kernels/scatter_*); that impl plugs in here as
-another `matmul` once it lands.
+impl "scatter" is ScatterMoE's dataflow (kernels.scatter_matmul): the query projection gathers token
+rows inside the kernel and writes queries straight in (token, slot) order, and the output projection
+reads those rows, scales by the gates and scatters back to tokens inside the kernel: no permuted
+copy of x or of the attention output. impls "grouped" (kernels.grouped_matmul) and "ragged_dot"
+(jax.lax.ragged_dot) run the same math with explicit sort/gather/unsort (jaxmoe.dispatch).
 
   MoA(cfg, rngs=...)(x (B, S, d_model)) -> (y (B, S, d_model), MoEStats)
 """
@@ -27,10 +28,10 @@ from flax import nnx
 from jaxmoe import dispatch
 from jaxmoe import router as router_lib
 from jaxmoe.config import MoEConfig
-from jaxmoe.experts import _param, _weight_init
+from jaxmoe.experts import _param, _weight_init, scatter_backend
 from jaxmoe.moe import MoEStats, _grouped_matmul_fn, _ragged_dot
 
-MOA_IMPLS = ("grouped", "ragged_dot")
+MOA_IMPLS = ("scatter", "grouped", "ragged_dot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class MoAConfig:
   head_dim: int
   num_experts: int
   top_k: int = 2
-  impl: str = "grouped"
+  impl: str = "scatter"
   router: str = "softmax_topk"
   renormalize: bool = True
   causal: bool = True
@@ -120,23 +121,36 @@ class MoA(nnx.Module):
       raise ValueError(f"x must have shape (B, S, d_model={cfg.d_model}), got {tuple(x.shape)}")
     b, s, _ = x.shape
     h, dh, k, e = cfg.num_heads, cfg.head_dim, cfg.top_k, cfg.num_experts
-    matmul = _ragged_dot if impl == "ragged_dot" else _grouped_matmul_fn(cfg.backend)
     tokens = x.reshape(b * s, cfg.d_model)
     routing = self.router(tokens, deterministic=deterministic)
-    disp = dispatch.sort_by_expert(routing.indices, e)
     xc = tokens.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
-
-    # Expert query projections on expert-sorted rows, back to (token, slot) order for attention.
-    q_sorted = matmul(dispatch.gather_sorted(xc, disp), w(self.w_q), disp.group_sizes)
-    q = dispatch.unsort(q_sorted, disp, k).reshape(b, s, k, h, dh)
     keys = jnp.dot(xc, w(self.w_k), preferred_element_type=jnp.float32).astype(self.dtype)
     vals = jnp.dot(xc, w(self.w_v), preferred_element_type=jnp.float32).astype(self.dtype)
-    o = attention(q, keys.reshape(b, s, h, dh), vals.reshape(b, s, h, dh), causal=cfg.causal)
-    # Flat (t*k + j) order -> expert-sorted rows for the expert output projections.
-    o_sorted = jnp.take(o.reshape(b * s * k, h * dh), disp.order, axis=0)
-    y_sorted = matmul(o_sorted, w(self.w_o), disp.group_sizes)
-    y = dispatch.combine_sorted(y_sorted, disp, routing.weights)
+    keys, vals = keys.reshape(b, s, h, dh), vals.reshape(b, s, h, dh)
+
+    if impl == "scatter":
+      from kernels import scatter_matmul as sm  # imported here: only this impl needs it
+
+      route = sm.make_routing(routing.indices, e)
+      kw = dict(backend=scatter_backend(cfg.backend))
+      # Token rows gathered in the kernel; queries written in flat (t * k + j) order.
+      q = sm.scatter_matmul(xc, w(self.w_q), route, **kw)                      # (T*k, h*dh)
+      o = attention(q.reshape(b, s, k, h, dh), keys, vals, causal=cfg.causal)
+      # Flat rows in, gate-scaled and summed per token on the way out.
+      y = sm.scatter_matmul(o.reshape(b * s * k, h * dh), w(self.w_o), route,
+                            gates=routing.weights.astype(jnp.float32), **kw)
+    else:
+      matmul = _ragged_dot if impl == "ragged_dot" else _grouped_matmul_fn(cfg.backend)
+      disp = dispatch.sort_by_expert(routing.indices, e)
+      # Expert query projections on expert-sorted rows, back to (token, slot) order for attention.
+      q_sorted = matmul(dispatch.gather_sorted(xc, disp), w(self.w_q), disp.group_sizes)
+      q = dispatch.unsort(q_sorted, disp, k).reshape(b, s, k, h, dh)
+      o = attention(q, keys, vals, causal=cfg.causal)
+      # Flat (t*k + j) order -> expert-sorted rows for the expert output projections.
+      o_sorted = jnp.take(o.reshape(b * s * k, h * dh), disp.order, axis=0)
+      y_sorted = matmul(o_sorted, w(self.w_o), disp.group_sizes)
+      y = dispatch.combine_sorted(y_sorted, disp, routing.weights)
 
     aux = router_lib.load_balancing_loss(routing.probs, routing.indices, e)
     z = router_lib.router_z_loss(routing.logits)

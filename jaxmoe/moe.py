@@ -6,6 +6,8 @@
 impl (MoEConfig.impl, or the `impl=` call argument to run the same parameters another way):
   "grouped":    sort assignments by expert, gather, kernels.grouped_matmul MLP/GLU, unsort, combine.
   "ragged_dot": the same pipeline with jax.lax.ragged_dot (XLA's own grouped matmul).
+  "scatter":    ScatterMoE (kernels.scatter_experts.scatter_glu/scatter_mlp): the first product
+                gathers token rows and the last scatters + gate-combines inside the kernel.
   "blocksparse": MegaBlocks dMoE (kernels.blocksparse.dmoe_mlp): pad each expert to block_size,
                 block-sparse sdd/dsd products over a topology built from the routing.
   "capacity":   token dropping with capacity ceil(k * T * capacity_factor / E) (jaxmoe/capacity.py).
@@ -105,6 +107,8 @@ class MoE(nnx.Module):
     if impl == "capacity":
       y, _, dropped = capacity_lib.capacity_experts(
           self.experts, tokens, routing.indices, routing.weights, cfg.capacity(tokens.shape[0]))
+    elif impl == "scatter":
+      y = self.experts.apply_scatter(tokens, routing.indices, routing.weights)
     elif impl == "blocksparse":
       y = self.experts.apply_blocksparse(tokens, routing.indices, routing.weights)
     else:
