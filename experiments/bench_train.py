@@ -114,6 +114,9 @@ def main() -> int:
   ap.add_argument("--batch-size", type=int, default=None)
   ap.add_argument("--seq-len", type=int, default=None)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--num-experts", type=int, default=None,
+                  help="override the preset's 64 experts (Small with 64: 3.7B params, ~60 GB of "
+                       "float32 weights + Adam state + grads on one GPU)")
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help=f"per-device peak for MFU (default {H100_PEAK_TFLOPS} on GPU)")
   args = ap.parse_args()
@@ -129,6 +132,8 @@ def main() -> int:
   if args.seq_len:
     train_base["seq_len"] = args.seq_len
   model_base["remat"] = args.remat or model_base.get("remat", False)
+  if args.num_experts:
+    model_base["num_experts"] = args.num_experts
   on_gpu = jax.default_backend() == "gpu"
   peak_tflops = args.peak_tflops or (H100_PEAK_TFLOPS if on_gpu else None)
   train_cfg = TrainConfig(**{**train_base, "mesh_data": 1 if not on_gpu else -1})

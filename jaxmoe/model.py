@@ -23,6 +23,8 @@ from jaxmoe.config import IMPLS, MoEConfig
 from jaxmoe.moe import MoE, MoEStats
 
 FFN_KINDS = ("moe", "dense")
+# Feed-forward activations (dense MLP and experts): GLU (three matrices) or plain MLP (two).
+ACTIVATIONS = {"swiglu": True, "gelu": False}
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
@@ -36,6 +38,7 @@ class ModelConfig:
   n_heads: int = 4
   n_kv_heads: int = 2
   d_ff: int = 256            # dense MLP width (and expert width unless expert_d_ff is set)
+  activation: str = "swiglu"  # "swiglu" (GLU) or "gelu" (plain 2-matrix MLP, as in MegaBlocks)
   max_seq_len: int = 256
   rope_theta: float = 10000.0
   ffn: str = "moe"           # "moe" or "dense"
@@ -69,6 +72,9 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} must be divisible by "
                        f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"model.activation must be one of {tuple(ACTIVATIONS)}, "
+                       f"got {self.activation!r}")
     if self.ffn not in FFN_KINDS:
       raise ValueError(f"model.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
     if self.moe_impl not in IMPLS:
@@ -96,7 +102,7 @@ class ModelConfig:
   def moe_config(self) -> MoEConfig:
     return MoEConfig(d_model=self.d_model, d_ff=self.expert_d_ff or self.d_ff,
                      num_experts=self.num_experts, top_k=self.top_k, impl=self.moe_impl,
-                     activation="swiglu", capacity_factor=self.capacity_factor,
+                     activation=self.activation, capacity_factor=self.capacity_factor,
                      aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
                      block_size=self.block_size)
@@ -155,15 +161,20 @@ class Attention(nnx.Module):
 
 
 class DenseMLP(nnx.Module):
-  """SwiGLU MLP d_model -> d_ff -> d_model (the dense baseline's feed-forward)."""
+  """MLP d_model -> d_ff -> d_model (the dense baseline's feed-forward): SwiGLU or GELU."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
-    self.gate_up = _dense(rngs, cfg.d_model, 2 * cfg.d_ff, dtype)
+    self.glu = ACTIVATIONS[cfg.activation]
+    self.gate_up = _dense(rngs, cfg.d_model, (2 if self.glu else 1) * cfg.d_ff, dtype)
     self.down = _dense(rngs, cfg.d_ff, cfg.d_model, dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
-    hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+    h = self.gate_up(x).astype(jnp.float32)
+    if self.glu:
+      gate, up = jnp.split(h, 2, axis=-1)
+      hidden = jax.nn.silu(gate) * up
+    else:
+      hidden = jax.nn.gelu(h, approximate=False)
     return self.down(hidden.astype(x.dtype))
 
 
@@ -282,9 +293,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   d, h = cfg.d_model, cfg.head_dim
   attn = d * cfg.n_heads * h + d * 2 * cfg.n_kv_heads * h + cfg.n_heads * h * d
   norms = 2 * d
-  dense_ffn = 3 * d * cfg.d_ff
+  mats = 3 if ACTIVATIONS[cfg.activation] else 2
+  dense_ffn = mats * d * cfg.d_ff
   e_ff = cfg.expert_d_ff or cfg.d_ff
-  expert = 3 * d * e_ff
+  expert = mats * d * e_ff
   router = d * cfg.num_experts
   total = active = 0
   for i in range(cfg.n_layers):

@@ -2,8 +2,8 @@
 
 Each preset is {"model": ModelConfig fields, "train": TrainConfig fields}; command-line flags and a
 config file override them. The GPU sizes follow MegaBlocks (Gale et al., 2022, Table 1): XS 46M,
-Small 125M, Medium 356M dense base models (d_ff = 4 d_model, seq 1024, GPT-2 vocabulary padded to
-50304), with 64 experts, top-1, in every layer for the MoE variants ("-dense" gives the base).
+Small 125M, Medium 356M dense base models (GELU MLP with d_ff = 4 d_model, seq 1024, GPT-2
+vocabulary padded to 50304; ours adds RoPE/RMSNorm/no biases, so counts differ slightly), with 64 experts, top-1, in every layer for the MoE variants ("-dense" gives the base).
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from typing import Any
 _TINY_MODEL = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
                    max_seq_len=128, ffn="moe", num_experts=8, top_k=2, moe_impl="grouped",
                    dtype="bfloat16")
-_TINY_TRAIN = dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
-                   eval_every=100, eval_batches=4, ckpt_every=100, log_every=10)
+_TINY_TRAIN = dict(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20,
+                   eval_every=50, eval_batches=4, ckpt_every=50, log_every=10)
 
 
 def _megablocks(d_model: int, n_layers: int, n_heads: int) -> dict[str, Any]:
   return {
       "model": dict(vocab_size=50304, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                    n_kv_heads=n_heads, d_ff=4 * d_model, max_seq_len=1024, ffn="moe",
+                    n_kv_heads=n_heads, d_ff=4 * d_model, activation="gelu", max_seq_len=1024,
+                    ffn="moe",
                     num_experts=64, top_k=1, moe_impl="grouped", dtype="bfloat16", remat=False,
                     capacity_factor=1.0),
       "train": dict(steps=20000, batch_size=64, seq_len=1024, lr=6e-4, warmup_steps=2000,

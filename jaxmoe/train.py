@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class TrainConfig:
-  steps: int = 300
+  steps: int = 200
   batch_size: int = 16        # global batch (sequences)
   seq_len: int = 128
   lr: float = 3e-3

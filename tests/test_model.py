@@ -24,9 +24,10 @@ def _loss_and_grads(model, tokens):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("ffn,moe_every", [("moe", 1), ("moe", 2), ("dense", 1)])
-def test_shapes_stats_and_param_count(ffn, moe_every, rng):
-  cfg = ModelConfig(**SMALL, ffn=ffn, moe_every=moe_every)
+@pytest.mark.parametrize("ffn,moe_every,act", [("moe", 1, "swiglu"), ("moe", 2, "gelu"),
+                                               ("dense", 1, "swiglu"), ("dense", 1, "gelu")])
+def test_shapes_stats_and_param_count(ffn, moe_every, act, rng):
+  cfg = ModelConfig(**SMALL, ffn=ffn, moe_every=moe_every, activation=act)
   model = TransformerLM(cfg, rngs=nnx.Rngs(0))
   tokens = jnp.asarray(rng.integers(0, 64, (3, 16)), jnp.int32)
   logits, stats = model(tokens)
@@ -106,6 +107,8 @@ def test_bf16_compute_float32_params(rng):
     ({"moe_impl": "magic"}, "moe_impl must be one of"),
     ({"top_k": 5}, "top_k"),
     ({"dtype": "int8"}, "dtype must be one of"),
+    ({"activation": "tanh"}, "activation must be one of"),
+    ({"moe_impl": "blocksparse", "block_size": 32}, "multiple of block_size"),
 ])
 def test_config_errors(override, match):
   with pytest.raises(ValueError, match=match):
