@@ -275,9 +275,10 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   latest = ckpt.latest_step()
   if latest is not None:
     _, meta = ckpt.read_meta(latest)
-    if meta.get("model") != model_cfg.to_dict():
-      raise ConfigError(f"{out_dir} holds a checkpoint of a different model; use another --out "
-                        f"(saved model config: {meta.get('model')})")
+    diff = _model_diff(meta.get("model"), model_cfg)
+    if diff:
+      raise ConfigError(f"{out_dir} holds a checkpoint of a different model ({diff}); use another "
+                        f"--out, or the saved settings to resume")
   os.makedirs(out_dir, exist_ok=True)
   _write_json(os.path.join(out_dir, "config.json"),
               {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train)})
@@ -358,6 +359,18 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
     log(f"stopped by signal {interrupted} at step {step}; checkpoint saved in {ckpt.directory}")
   return RunResult(step=step, state=state, interrupted_by=interrupted, out_dir=out_dir,
                    last_metrics=last)
+
+
+def _model_diff(saved: Any, model_cfg: ModelConfig) -> str:
+  """'' if the saved model config equals model_cfg (fields missing from an older save count as
+  their defaults), else 'field: saved X, requested Y; ...'."""
+  if not isinstance(saved, dict):
+    return "no model config saved"
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  current = model_cfg.to_dict()
+  keys = sorted(set(saved) | set(current))
+  return "; ".join(f"{k}: saved {saved.get(k, defaults.get(k))!r}, requested {current.get(k)!r}"
+                   for k in keys if saved.get(k, defaults.get(k)) != current.get(k))
 
 
 def _meta(step: int, model_cfg: ModelConfig, train: TrainConfig) -> dict[str, Any]:
