@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe import data as data_lib
-from jaxmoe.checkpointing import Checkpointer, CheckpointError, abstract_like
+from jaxmoe.checkpointing import Checkpointer, abstract_like
 from jaxmoe.metrics import MetricsLogger, ProgressBar
 from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, flops_per_token, \
     param_counts, update_router_biases
@@ -285,76 +285,76 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
 
   tx, schedule = make_optimizer(train)
   repl = replicated(mesh)
-  if True:  # explicit shardings on every jit; no ambient mesh needed
-    abstract = jax.eval_shape(lambda: init_state(model_cfg, train, tx)[1])
-    if latest is not None:
-      state, meta = ckpt.restore(abstract_like(abstract, repl), latest)
-      log(f"resuming from {ckpt.directory}/{latest}")
-    else:
-      state = jax.jit(lambda: init_state(model_cfg, train, tx)[1], out_shardings=repl)()
-    step = int(state["step"])
-    batches.position = step
+  # Every jit below carries explicit shardings: no ambient mesh is needed.
+  abstract = jax.eval_shape(lambda: init_state(model_cfg, train, tx)[1])
+  if latest is not None:
+    state, meta = ckpt.restore(abstract_like(abstract, repl), latest)
+    log(f"resuming from {ckpt.directory}/{latest}")
+  else:
+    state = jax.jit(lambda: init_state(model_cfg, train, tx)[1], out_shardings=repl)()
+  step = int(state["step"])
+  batches.position = step
 
-    jit_train, jit_eval = _jitted_steps(model_cfg, json.dumps(dataclasses.asdict(train)), mesh)
+  jit_train, jit_eval = _jitted_steps(model_cfg, json.dumps(dataclasses.asdict(train)), mesh)
 
-    end = train.steps if stop_at is None else min(stop_at, train.steps)
-    counts = param_counts(model_cfg)
-    fpt = flops_per_token(model_cfg, train.seq_len)
-    peak = _peak_flops(train, mesh.size)
-    tokens_per_step = train.batch_size * train.seq_len
-    logger = MetricsLogger(out_dir, tensorboard=train.tensorboard)
-    if latest is None:
-      log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
-          f"mesh {dict(mesh.shape)}; {train_tokens.size:,} train / {val_tokens.size:,} val tokens")
-    bar = ProgressBar(train.steps, start=step) if progress else None
-    last: dict[str, Any] = {}
-    interrupted = None
-    t_last, step_last = time.perf_counter(), step
+  end = train.steps if stop_at is None else min(stop_at, train.steps)
+  counts = param_counts(model_cfg)
+  fpt = flops_per_token(model_cfg, train.seq_len)
+  peak = _peak_flops(train, mesh.size)
+  tokens_per_step = train.batch_size * train.seq_len
+  logger = MetricsLogger(out_dir, tensorboard=train.tensorboard)
+  if latest is None:
+    log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
+        f"mesh {dict(mesh.shape)}; {train_tokens.size:,} train / {val_tokens.size:,} val tokens")
+  bar = ProgressBar(train.steps, start=step) if progress else None
+  last: dict[str, Any] = {}
+  interrupted = None
+  t_last, step_last = time.perf_counter(), step
 
-    def evaluate():
-      if val_batches is None:
-        return None
-      losses = [jit_eval(state, *val_batches.batch(i)) for i in range(train.eval_batches)]
-      return float(np.mean([float(v) for v in losses]))
+  def evaluate():
+    if val_batches is None:
+      return None
+    losses = [jit_eval(state, *val_batches.batch(i)) for i in range(train.eval_batches)]
+    return float(np.mean([float(v) for v in losses]))
 
-    try:
-      with _StopFlag() as stop:
-        while step < end and stop.signum is None:
-          x, y = next(batches)
-          state, m = jit_train(state, x, y)
-          step += 1
-          at_end = step == end
-          if step % train.log_every == 0 or at_end or stop.signum is not None:
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, step
-            tpe = np.asarray(m["tokens_per_expert"])
-            record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                      "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
-                      "mfu": fpt * tps / peak if peak else None,
-                      "tokens": step * tokens_per_step}
-            if model_cfg.ffn == "moe":
-              load = tpe.sum(0) / max(tpe.sum(), 1.0)
-              record.update(aux_loss=float(m["aux_loss"]), z_loss=float(m["z_loss"]),
-                            dropped_fraction=float(m["dropped_fraction"]),
-                            expert_load_max=float(load.max() * load.size),
-                            tokens_per_expert=[float(v) for v in tpe.sum(0)])
-            if (train.eval_every and step % train.eval_every == 0) or at_end:
-              record["val_loss"] = evaluate()
-            logger.log(record)
-            last = record
-            if bar is not None:
-              bar.update(step, record["loss"], tps)
-          if train.ckpt_every and step % train.ckpt_every == 0 and not at_end:
-            ckpt.save(step, state, _meta(step, model_cfg, train))
-        interrupted = stop.signum
-      ckpt.save(step, state, _meta(step, model_cfg, train))
-    finally:
-      if bar is not None:
-        bar.close()
-      logger.close()
-      ckpt.close()
+  try:
+    with _StopFlag() as stop:
+      while step < end and stop.signum is None:
+        x, y = next(batches)
+        state, m = jit_train(state, x, y)
+        step += 1
+        at_end = step == end
+        if step % train.log_every == 0 or at_end or stop.signum is not None:
+          m = jax.device_get(m)
+          now = time.perf_counter()
+          tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          tpe = np.asarray(m["tokens_per_expert"])
+          record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
+                    "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
+                    "mfu": fpt * tps / peak if peak else None,
+                    "tokens": step * tokens_per_step}
+          if model_cfg.ffn == "moe":
+            load = tpe.sum(0) / max(tpe.sum(), 1.0)
+            record.update(aux_loss=float(m["aux_loss"]), z_loss=float(m["z_loss"]),
+                          dropped_fraction=float(m["dropped_fraction"]),
+                          expert_load_max=float(load.max() * load.size),
+                          tokens_per_expert=[float(v) for v in tpe.sum(0)])
+          if (train.eval_every and step % train.eval_every == 0) or at_end:
+            record["val_loss"] = evaluate()
+          logger.log(record)
+          last = record
+          if bar is not None:
+            bar.update(step, record["loss"], tps)
+        if train.ckpt_every and step % train.ckpt_every == 0 and not at_end:
+          ckpt.save(step, state, _meta(step, model_cfg, train))
+      interrupted = stop.signum
+    ckpt.save(step, state, _meta(step, model_cfg, train))
+  finally:
+    if bar is not None:
+      bar.close()
+    logger.close()
+    ckpt.close()
   if interrupted is not None:
     log(f"stopped by signal {interrupted} at step {step}; checkpoint saved in {ckpt.directory}")
   return RunResult(step=step, state=state, interrupted_by=interrupted, out_dir=out_dir,
