@@ -57,9 +57,10 @@ def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, interpret):
               interpret=interpret)
 
 
-def _pick_pallas(m: int, k: int, n: int) -> str:
-  """The Pallas backend for a shape on this GPU: Mosaic GPU on Hopper where it applies."""
-  if backends.is_hopper():
+def _pick_pallas(m: int, k: int, n: int, dtype) -> str:
+  """The Pallas backend for a shape on this GPU: Mosaic GPU on Hopper for 16-bit operands where
+  the shape fits its tiles (its float32 tiles exceed shared memory), Triton otherwise."""
+  if backends.is_hopper() and jnp.dtype(dtype).itemsize == 2:
     from kernels import gmm_mosaic
 
     if gmm_mosaic.supports(m, k, n):
@@ -70,14 +71,14 @@ def _pick_pallas(m: int, k: int, n: int) -> str:
 def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype):
   if backend == "pallas":
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    backend = _pick_pallas(lhs.shape[0], lhs.shape[1], n)
+    backend = _pick_pallas(lhs.shape[0], lhs.shape[1], n, lhs.dtype)
   gmm, _ = _impl(backend)
   return gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
 
 
 def _xty(x, dy, group_sizes, backend, out_dtype):
   if backend == "pallas":
-    backend = _pick_pallas(x.shape[1], x.shape[0], dy.shape[1])
+    backend = _pick_pallas(x.shape[1], x.shape[0], dy.shape[1], x.dtype)
   _, xty = _impl(backend)
   return xty(x, dy, group_sizes, out_dtype=out_dtype)
 
