@@ -1,0 +1,372 @@
+"""grouped_matmul / group_xty against the references: XLA, Triton and Mosaic GPU (interpret mode),
+gradients through the custom_vjp, jit/checkpoint/vmap, GPU lowering on CPU, argument checks."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, rel_err
+
+import kernels
+from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_triton
+from kernels.gpu_lowering import lower_for_gpu
+from kernels.reference import gmm_reference, group_xty_reference
+
+TRITON_GMM = gmm_triton.TritonGmmConfig(
+    block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=2
+)
+TRITON_XTY = gmm_triton.TritonXtyConfig(block_m=16, block_k=16, block_n=16, num_warps=4, num_stages=2)
+MOSAIC_GMM = gmm_mosaic.MosaicGmmConfig(
+    block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1
+)
+MOSAIC_WS = gmm_mosaic_ws.MosaicWsGmmConfig(
+    block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1
+)
+MOSAIC_XTY = gmm_mosaic.MosaicXtyConfig(
+    block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1
+)
+
+# (M, sizes): zeros, one group taking all rows, M not a tile multiple, sum < M, sum > M.
+CASES = {
+    "empty_groups": (40, [10, 0, 25, 5]),
+    "one_group_all": (37, [0, 37, 0, 0]),
+    "ragged_tail": (45, [7, 0, 20, 3]),    # sum 30 < M: rows 30..44 must be zero
+    "overflow": (33, [20, 10, 9, 4]),      # sum 43 > M: boundaries clipped to M
+    "all_empty": (17, [0, 0, 0, 0]),
+}
+
+
+def _inputs(rng, m, k, n, sizes, dtype, transpose_rhs=False):
+  lhs = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  shape = (len(sizes), n, k) if transpose_rhs else (len(sizes), k, n)
+  rhs = jnp.asarray(rng.standard_normal(shape) / np.sqrt(k), dtype)
+  return lhs, rhs, jnp.asarray(sizes, jnp.int32)
+
+
+def _check_gmm(out, lhs, rhs, gs, sizes, dtype, transpose_rhs=False, factor=1.0):
+  m = lhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  chex.assert_shape(out, (m, n))
+  chex.assert_type(out, dtype)
+  out = np.asarray(out.astype(jnp.float32))
+  assert np.all(np.isfinite(out)), "unwritten (poisoned) or non-finite output rows"
+  want = gmm_reference(
+      lhs.astype(jnp.float32), rhs.astype(jnp.float32), gs, transpose_rhs=transpose_rhs
+  )
+  assert_close(out, want, dtype, factor=factor, name="gmm")
+  used = min(sum(sizes), m)
+  np.testing.assert_array_equal(out[used:], 0.0)
+
+
+def _check_xty(out, x, dy, gs, sizes, dtype, factor=1.0):
+  chex.assert_shape(out, (len(sizes), x.shape[1], dy.shape[1]))
+  chex.assert_type(out, dtype)
+  out = np.asarray(out.astype(jnp.float32))
+  assert np.all(np.isfinite(out)), "unwritten (poisoned) or non-finite output"
+  want = group_xty_reference(x.astype(jnp.float32), dy.astype(jnp.float32), gs)
+  assert_close(out, want, dtype, factor=factor, name="group_xty")
+  offsets = np.minimum(np.concatenate([[0], np.cumsum(sizes)]), x.shape[0])
+  for g in range(len(sizes)):
+    if offsets[g + 1] == offsets[g]:
+      np.testing.assert_array_equal(out[g], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_xla(rng, case, dtype):
+  m, sizes = CASES[case]
+  lhs, rhs, gs = _inputs(rng, m, 24, 20, sizes, dtype)
+  out = kernels.grouped_matmul(lhs, rhs, gs, backend="xla")
+  _check_gmm(out, lhs, rhs, gs, sizes, dtype)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_triton_small_tiles(rng, case, dtype, transpose_rhs):
+  # K=24, N=20 are not multiples of the 16-wide tiles either.
+  m, sizes = CASES[case]
+  lhs, rhs, gs = _inputs(rng, m, 24, 20, sizes, dtype, transpose_rhs)
+  out = gmm_triton.gmm(
+      lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=dtype, config=TRITON_GMM, interpret=True
+  )
+  _check_gmm(out, lhs, rhs, gs, sizes, dtype, transpose_rhs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_triton_public_op(rng, dtype):
+  sizes = [30, 0, 50, 10]
+  lhs, rhs, gs = _inputs(rng, 100, 32, 24, sizes, dtype)
+  out = kernels.grouped_matmul(lhs, rhs, gs, backend="triton_interpret")
+  _check_gmm(out, lhs, rhs, gs, sizes, dtype)
+
+
+def test_out_dtype(rng):
+  sizes = [5, 0, 9]
+  lhs, rhs, gs = _inputs(rng, 16, 8, 8, sizes, jnp.bfloat16)
+  for backend in ("xla", "triton_interpret"):
+    out = kernels.grouped_matmul(lhs, rhs, gs, backend=backend, out_dtype=jnp.float32)
+    _check_gmm(out, lhs, rhs, gs, sizes, jnp.float32, factor=1e3)  # bf16 operands, f32 output
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients through the custom_vjp.
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("backend", ["xla", "triton_interpret"])
+def test_gradients(rng, backend, transpose_rhs):
+  sizes = [9, 0, 14, 3]
+  m, k, n = 30, 12, 10
+  lhs, rhs, gs = _inputs(rng, m, k, n, sizes, jnp.float32, transpose_rhs)
+  ct = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+
+  def loss(f, a, b):
+    return jnp.sum(f(a, b, gs, transpose_rhs=transpose_rhs) * ct)
+
+  op = functools.partial(kernels.grouped_matmul, backend=backend)
+  out = op(lhs, rhs, gs, transpose_rhs=transpose_rhs)
+  _check_gmm(out, lhs, rhs, gs, sizes, jnp.float32, transpose_rhs)
+  got = jax.grad(functools.partial(loss, op), argnums=(0, 1))(lhs, rhs)
+  want = jax.grad(functools.partial(loss, gmm_reference), argnums=(0, 1))(lhs, rhs)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  assert_close(got[0], want[0], jnp.float32, name="d(lhs)")
+  assert_close(got[1], want[1], jnp.float32, name="d(rhs)")
+  # Rows past sum(sizes) do not touch the output: zero gradient. Empty group 1: zero weight grad.
+  np.testing.assert_array_equal(np.asarray(got[0])[sum(sizes):], 0.0)
+  np.testing.assert_array_equal(np.asarray(got[1])[1], 0.0)
+
+
+def test_gradients_bf16_triton(rng):
+  sizes = [9, 0, 14, 3]
+  lhs, rhs, gs = _inputs(rng, 30, 16, 16, sizes, jnp.bfloat16)
+  ct = jnp.asarray(rng.standard_normal((30, 16)), jnp.bfloat16)
+
+  def loss(f, a, b):
+    return jnp.sum((f(a, b, gs) * ct).astype(jnp.float32))
+
+  op = functools.partial(kernels.grouped_matmul, backend="triton_interpret")
+  got = jax.grad(functools.partial(loss, op), argnums=(0, 1))(lhs, rhs)
+  f32 = lambda a, b, g: gmm_reference(a.astype(jnp.float32), b.astype(jnp.float32), g)
+  want = jax.grad(functools.partial(loss, f32), argnums=(0, 1))(lhs, rhs)
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
+  assert_close(got[0], want[0], jnp.bfloat16, factor=2, name="d(lhs)")
+  assert_close(got[1], want[1], jnp.bfloat16, factor=2, name="d(rhs)")
+
+
+# ---------------------------------------------------------------------------------------------
+# group_xty.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", ["empty_groups", "ragged_tail", "overflow", "all_empty"])
+def test_group_xty_xla(rng, case, dtype):
+  m, sizes = CASES[case]
+  x = jnp.asarray(rng.standard_normal((m, 12)), dtype)
+  dy = jnp.asarray(rng.standard_normal((m, 10)), dtype)
+  gs = jnp.asarray(sizes, jnp.int32)
+  _check_xty(kernels.group_xty(x, dy, gs, backend="xla"), x, dy, gs, sizes, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", ["empty_groups", "ragged_tail", "overflow", "all_empty"])
+def test_group_xty_triton_small_tiles(rng, case, dtype):
+  m, sizes = CASES[case]
+  x = jnp.asarray(rng.standard_normal((m, 20)), dtype)
+  dy = jnp.asarray(rng.standard_normal((m, 18)), dtype)
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = gmm_triton.group_xty(x, dy, gs, out_dtype=dtype, config=TRITON_XTY, interpret=True)
+  _check_xty(out, x, dy, gs, sizes, dtype)
+
+
+def test_group_xty_triton_public_op(rng):
+  sizes = [30, 0, 50, 10]
+  x = jnp.asarray(rng.standard_normal((100, 16)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((100, 8)), jnp.float32)
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = kernels.group_xty(x, dy, gs, backend="triton_interpret")
+  _check_xty(out, x, dy, gs, sizes, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic GPU kernels in interpret mode (slow: a few seconds per call).
+
+MOSAIC_SIZES = [30, 0, 50, 10]  # sum 90 < M=100: tail rows must be zero
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_mosaic_gmm_interpret(rng, transpose_rhs):
+  lhs, rhs, gs = _inputs(rng, 100, 128, 128, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
+  out = gmm_mosaic.gmm(
+      lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=jnp.bfloat16, config=MOSAIC_GMM,
+      interpret=True,
+  )
+  _check_gmm(out, lhs, rhs, gs, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_mosaic_ws_gmm_interpret(rng, transpose_rhs):
+  lhs, rhs, gs = _inputs(rng, 100, 128, 256, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
+  out = gmm_mosaic_ws.gmm(
+      lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=jnp.bfloat16, config=MOSAIC_WS,
+      interpret=True,
+  )
+  _check_gmm(out, lhs, rhs, gs, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
+
+
+def test_mosaic_group_xty_interpret(rng):
+  x = jnp.asarray(rng.standard_normal((100, 128)), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((100, 128)), jnp.bfloat16)
+  gs = jnp.asarray(MOSAIC_SIZES, jnp.int32)
+  out = gmm_mosaic.group_xty(
+      x, dy, gs, out_dtype=jnp.bfloat16, config=MOSAIC_XTY, interpret=True
+  )
+  _check_xty(out, x, dy, gs, MOSAIC_SIZES, jnp.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition with jit, checkpoint and vmap.
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton_interpret"])
+def test_jit_and_checkpoint(rng, backend):
+  sizes = [6, 0, 10]
+  lhs, rhs, gs = _inputs(rng, 20, 8, 8, sizes, jnp.float32)
+
+  def loss(a, b, g):
+    h = kernels.grouped_matmul(a, b, g, backend=backend)
+    return jnp.sum(jnp.sin(h))
+
+  def ref_loss(a, b, g):
+    return jnp.sum(jnp.sin(gmm_reference(a, b, g)))
+
+  want = jax.grad(ref_loss, argnums=(0, 1))(lhs, rhs, gs)
+  got_jit = jax.jit(jax.grad(loss, argnums=(0, 1)))(lhs, rhs, gs)
+  got_ckpt = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1)))(lhs, rhs, gs)
+  for got in (got_jit, got_ckpt):
+    assert_close(got[0], want[0], jnp.float32, name="d(lhs)")
+    assert_close(got[1], want[1], jnp.float32, name="d(rhs)")
+  out = jax.jit(functools.partial(kernels.grouped_matmul, backend=backend))(lhs, rhs, gs)
+  _check_gmm(out, lhs, rhs, gs, sizes, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("xla", marks=pytest.mark.xfail(
+        raises=NotImplementedError, strict=True,
+        reason="jax.lax.ragged_dot has no vmap rule for batched group_sizes (found by this test)")),
+    "triton_interpret",
+])
+def test_vmap(rng, backend):
+  batch_sizes = [[6, 0, 10], [0, 16, 0], [3, 3, 3]]
+  m, k, n = 16, 8, 8
+  lhs = jnp.asarray(rng.standard_normal((3, m, k)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((3, k, n)), jnp.float32)
+  gs = jnp.asarray(batch_sizes, jnp.int32)
+  op = functools.partial(kernels.grouped_matmul, backend=backend)
+  out = jax.vmap(op, in_axes=(0, None, 0))(lhs, rhs, gs)
+  chex.assert_shape(out, (3, m, n))
+  for b, sizes in enumerate(batch_sizes):
+    _check_gmm(out[b], lhs[b], rhs, gs[b], sizes, jnp.float32)
+  # Gradients of the batched op.
+  ct = jnp.asarray(rng.standard_normal((3, m, n)), jnp.float32)
+  loss = lambda f: (lambda a, w: jnp.sum(jax.vmap(f, in_axes=(0, None, 0))(a, w, gs) * ct))
+  got = jax.grad(loss(op), argnums=(0, 1))(lhs, rhs)
+  want = jax.grad(loss(gmm_reference), argnums=(0, 1))(lhs, rhs)
+  assert_close(got[0], want[0], jnp.float32, name="d(lhs)")
+  assert_close(got[1], want[1], jnp.float32, name="d(rhs)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering for an H100 from CPU.
+
+M, K, N, G = 4096, 512, 1024, 8
+_BF16 = jnp.bfloat16
+
+
+def _sds(*shape, dtype=_BF16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("kernel", ["triton", "mosaic", "mosaic_ws"])
+def test_gmm_lowers_for_gpu(kernel, transpose_rhs):
+  impl = {"triton": gmm_triton.gmm, "mosaic": gmm_mosaic.gmm, "mosaic_ws": gmm_mosaic_ws.gmm}
+  fn = functools.partial(impl[kernel], transpose_rhs=transpose_rhs, out_dtype=_BF16)
+  rhs = _sds(G, N, K) if transpose_rhs else _sds(G, K, N)
+  text = lower_for_gpu(fn, _sds(M, K), rhs, _sds(G, dtype=jnp.int32))
+  assert isinstance(text, str) and text
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_group_xty_lowers_for_gpu(kernel):
+  impl = {"triton": gmm_triton.group_xty, "mosaic": gmm_mosaic.group_xty}[kernel]
+  fn = functools.partial(impl, out_dtype=_BF16)
+  text = lower_for_gpu(fn, _sds(M, K), _sds(M, N), _sds(G, dtype=jnp.int32))
+  assert isinstance(text, str) and text
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument validation.
+
+
+def _ok():
+  lhs = jnp.ones((8, 4), jnp.float32)
+  rhs = jnp.ones((3, 4, 5), jnp.float32)
+  gs = jnp.array([2, 3, 3], jnp.int32)
+  return lhs, rhs, gs
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda l, r, g: (l, jnp.ones((3, 6, 5), jnp.float32), g), "rhs"),           # K mismatch
+        (lambda l, r, g: (l, r, jnp.array([2, 3], jnp.int32)), "group_sizes"),        # G mismatch
+        (lambda l, r, g: (l, r, jnp.ones((3, 1), jnp.int32)), "group_sizes"),         # 2-D
+        (lambda l, r, g: (l, r, g.astype(jnp.float32)), "group_sizes"),               # float
+        (lambda l, r, g: (l, r, np.array([2, 3, 3], np.int64)), "group_sizes"),       # int64
+        (lambda l, r, g: (l.astype(jnp.int32), r, g), "lhs"),                         # int lhs
+        (lambda l, r, g: (l, r.astype(jnp.bfloat16), g), "lhs: float32, rhs: bfloat16"),
+        (lambda l, r, g: (l[None], r, g), "lhs"),                                     # ndim
+        (lambda l, r, g: (l, r[0], g), "rhs"),                                        # ndim
+    ],
+)
+def test_grouped_matmul_validation(change, match):
+  lhs, rhs, gs = change(*_ok())
+  with pytest.raises(ValueError, match=match):
+    kernels.grouped_matmul(lhs, rhs, gs, backend="xla")
+
+
+def test_transpose_rhs_k_mismatch():
+  lhs, rhs, gs = _ok()
+  with pytest.raises(ValueError, match="rhs.*transpose_rhs=True"):
+    kernels.grouped_matmul(lhs, rhs, gs, transpose_rhs=True, backend="xla")
+
+
+def test_unknown_backend():
+  with pytest.raises(ValueError, match="backend"):
+    kernels.grouped_matmul(*_ok(), backend="cuda")
+  with pytest.raises(ValueError, match="backend"):
+    kernels.group_xty(jnp.ones((4, 2)), jnp.ones((4, 3)), jnp.array([4], jnp.int32), backend="tpu")
+
+
+@pytest.mark.parametrize(
+    "x, dy, gs, match",
+    [
+        (jnp.ones((4, 2)), jnp.ones((5, 3)), jnp.array([4], jnp.int32), "dy"),
+        (jnp.ones((4, 2), jnp.int32), jnp.ones((4, 3)), jnp.array([4], jnp.int32), "x"),
+        (jnp.ones((4, 2)), jnp.ones((4, 3), jnp.bfloat16), jnp.array([4], jnp.int32), "x: float32"),
+        (jnp.ones((4, 2)), jnp.ones((4, 3)), jnp.array([4.0]), "group_sizes"),
+        (jnp.ones((4, 2)), jnp.ones((4,)), jnp.array([4], jnp.int32), "dy"),
+    ],
+)
+def test_group_xty_validation(x, dy, gs, match):
+  with pytest.raises(ValueError, match=match):
+    kernels.group_xty(x, dy, gs, backend="xla")
