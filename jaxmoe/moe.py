@@ -73,10 +73,12 @@ class MoE(nnx.Module):
       the default stream).
     dtype: compute dtype of the experts (router logits are always float32).
     param_dtype: storage dtype of the expert parameters (router weights are always float32).
+    parallel: a jaxmoe.expert_parallel.ParallelConfig: run the routed experts expert- and
+      tensor-parallel on its mesh (None: on one device; see also expert_parallel.set_parallel).
   """
 
   def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, parallel=None):
     if not isinstance(config, MoEConfig):
       raise ValueError(f"config must be a MoEConfig, got {type(config).__name__}")
     self.config = config
@@ -85,6 +87,9 @@ class MoE(nnx.Module):
     self.experts = RoutedExperts(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.shared = SharedExperts(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype) \
         if config.num_shared_experts > 0 else None
+    self.parallel = parallel
+    if parallel is not None:
+      parallel.check(config.num_experts, config.d_ff)
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
                impl: str | None = None) -> tuple[jax.Array, MoEStats]:
@@ -100,11 +105,19 @@ class MoE(nnx.Module):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"x must be a float array, got dtype {x.dtype}")
     tokens = x.reshape(-1, cfg.d_model)
-    routing = self.router(tokens, deterministic=deterministic)
+    parallel = getattr(self, "parallel", None)
+    if parallel is not None:
+      from jaxmoe import expert_parallel  # here: it imports jaxmoe.experts/dispatch, not moe
+      routing = expert_parallel.route(self.router, tokens, parallel, deterministic)
+    else:
+      routing = self.router(tokens, deterministic=deterministic)
     e = cfg.num_experts
 
     dropped = jnp.zeros((), jnp.float32)
-    if impl == "capacity":
+    if parallel is not None:
+      y, dropped = expert_parallel.routed_experts(self.experts, tokens, routing.indices,
+                                                  routing.weights, self.parallel, impl=impl)
+    elif impl == "capacity":
       y, _, dropped = capacity_lib.capacity_experts(
           self.experts, tokens, routing.indices, routing.weights, cfg.capacity(tokens.shape[0]))
     elif impl == "scatter":

@@ -1,0 +1,484 @@
+"""Expert- and tensor-parallel routed experts (DeepSpeed-TED, arXiv 2303.06318) in a `shard_map`.
+
+Layout (mesh axes of jaxmoe.sharding): tokens are split over every mesh axis except "tensor"
+("data", "expert"); tensor ranks hold the same tokens. Expert weights (E, d, f) are split over
+"expert" on E and over "tensor" on d_ff; the router stays replicated and runs outside, in the
+ordinary (GSPMD) program, so the layer's statistics are computed exactly as on one device.
+
+Per device (T_l local tokens, k slots, E experts, EP expert ranks of E_l = E / EP experts, TP tensor
+ranks), `routed_experts` runs:
+
+  1. [duplicate token dropping, TP > 1] keep only this tensor rank's 1/TP of the tokens;
+  2. sort the T_s * k (token, slot) pairs by expert (jaxmoe.dispatch), gather their rows;
+  3. exchange the per-expert counts (all-gather over "expert": (EP, E) int32, tiny);
+  4. all-to-all the rows to the ranks that own their experts:
+       padded: a (EP, C, d) buffer, C rows per (source, destination) pair. The default C is
+         T_s * min(k, E_l), the most rows a source can send one destination (top-k experts are
+         distinct): nothing is ever dropped. A smaller `capacity_factor` drops overflow rows
+         (counted in dropped_fraction), like the capacity baseline.
+       ragged: jax.lax.ragged_all_to_all of the exact rows into a buffer of EP * T_s * min(k, E_l)
+         rows (the same dropless bound); only real rows travel. Not implemented on XLA:CPU
+         (jax 0.11): GPU only.
+  5. [duplicate token dropping] all-gather the received rows over "tensor";
+  6. sort the received rows by local expert and run the local experts with the project's grouped
+     matmul (kernels.grouped_matmul: Pallas on GPU) or jax.lax.ragged_dot; the hidden width is the
+     tensor rank's d_ff / TP slice (first matmul column-split, second row-split), so the output is a
+     partial sum: one psum over "tensor" (a psum_scatter with duplicate token dropping, which also
+     hands each tensor rank back its own rows);
+  7. all-to-all the outputs back, un-sort and combine with the gate weights;
+  8. [duplicate token dropping] all-gather the combined tokens over "tensor".
+
+Communication-aware activation checkpointing (remat="comm_aware") wraps steps 2-8 in
+jax.checkpoint with a policy that saves only the named communication results
+(`COMM_NAMES`): the backward pass recomputes the expert matmuls but not the all-to-alls.
+remat="full" recomputes everything (communication included); remat="none" saves everything.
+
+  pcfg = ParallelConfig(mesh, a2a="padded", duplicate_token_dropping=True, remat="comm_aware")
+  set_parallel(model, pcfg)           # every MoE layer in `model` now runs expert-parallel
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh, PartitionSpec as P
+
+import kernels
+from jaxmoe import dispatch
+from jaxmoe.experts import RoutedExperts, activation_fn
+from jaxmoe.router import RouterOutput
+
+try:  # Varying -> invariant all-gather (transposes to a slice); not exported by jax.lax in 0.11.
+  from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
+except ImportError:  # pragma: no cover - older/newer jax: emulate with a psum of a padded buffer
+  _all_gather_invariant = None
+
+A2A_MODES = ("padded", "ragged")
+REMAT_MODES = ("none", "comm_aware", "full")
+EP_IMPLS = ("grouped", "ragged_dot")
+
+# checkpoint_name()s of the communication results kept by remat="comm_aware".
+COMM_NAMES = ("moe_counts", "moe_dispatch", "moe_dispatch_gathered", "moe_combine")
+
+
+def comm_aware_policy() -> Callable[..., Any]:
+  """The named checkpoint policy of communication-aware activation checkpointing: save the
+  all-to-all / all-gather results (COMM_NAMES), recompute everything else."""
+  return jax.checkpoint_policies.save_only_these_names(*COMM_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """How the MoE layer runs on a mesh (hashable: it is a static attribute of the layer).
+
+  Attributes:
+    mesh: a Mesh with axes among ("data", "expert", "tensor") (jaxmoe.sharding.make_mesh); a
+      missing axis counts as size 1. Tokens are split over all axes but "tensor".
+    a2a: "padded" (jax.lax.all_to_all of a padded buffer; runs everywhere) or "ragged"
+      (jax.lax.ragged_all_to_all; GPU/TPU only, XLA:CPU lacks it).
+    capacity_factor: None (default): dropless. A number > 0 ("padded" only): rows per
+      (source, destination) C = ceil(T_s * k / EP * capacity_factor), capped at the dropless bound;
+      overflow rows are dropped and counted in MoEStats.dropped_fraction.
+    duplicate_token_dropping: with tensor > 1, each tensor rank sends only its 1/TP of the tokens
+      through the all-to-all; they are all-gathered after (TED). Changes no numbers.
+    remat: "none", "comm_aware" (recompute expert compute, keep the communication results) or
+      "full" (jax.checkpoint of everything, communication included).
+    skip_expert_compute: benchmark hook: replace the expert matmuls by the identity, so a timing
+      measures the communication and bookkeeping alone. Wrong numbers by design.
+  """
+
+  mesh: Mesh
+  a2a: str = "padded"
+  capacity_factor: float | None = None
+  duplicate_token_dropping: bool = True
+  remat: str = "none"
+  skip_expert_compute: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.mesh, Mesh):
+      raise ValueError(f"ParallelConfig.mesh must be a jax.sharding.Mesh, got "
+                       f"{type(self.mesh).__name__}")
+    unknown = [a for a in self.mesh.axis_names if a not in ("data", "expert", "tensor")]
+    if unknown:
+      raise ValueError(f"ParallelConfig.mesh axes must be among ('data', 'expert', 'tensor'), got "
+                       f"{tuple(self.mesh.axis_names)}")
+    if self.a2a not in A2A_MODES:
+      raise ValueError(f"ParallelConfig.a2a must be one of {A2A_MODES}, got {self.a2a!r}")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"ParallelConfig.remat must be one of {REMAT_MODES}, got {self.remat!r}")
+    if self.capacity_factor is not None:
+      cf = self.capacity_factor
+      if not isinstance(cf, (int, float)) or isinstance(cf, bool) or not math.isfinite(cf) or cf <= 0:
+        raise ValueError(f"ParallelConfig.capacity_factor must be None (dropless) or a finite "
+                         f"number > 0, got {cf!r}")
+      if self.a2a != "padded":
+        raise ValueError(f"ParallelConfig.capacity_factor needs a2a='padded' (the ragged path is "
+                         f"dropless only), got a2a={self.a2a!r}")
+    for name in ("duplicate_token_dropping", "skip_expert_compute"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+  def axis_size(self, name: str) -> int:
+    return int(self.mesh.shape.get(name, 1))
+
+  @property
+  def ep(self) -> int:
+    return self.axis_size("expert")
+
+  @property
+  def tp(self) -> int:
+    return self.axis_size("tensor")
+
+  @property
+  def token_axes(self) -> tuple[str, ...]:
+    """Mesh axes the tokens are split over (all but "tensor", in mesh order)."""
+    return tuple(a for a in self.mesh.axis_names if a != "tensor")
+
+  @property
+  def token_shards(self) -> int:
+    return int(np.prod([self.mesh.shape[a] for a in self.token_axes]))
+
+  def check(self, num_experts: int, d_ff: int, num_tokens: int | None = None) -> None:
+    """ValueError unless the layer fits the mesh: E divisible by expert, d_ff by tensor, tokens by
+    the token shards (and by tensor too with duplicate token dropping)."""
+    if num_experts % self.ep:
+      raise ValueError(f"MoEConfig.num_experts={num_experts} must be divisible by the mesh's "
+                       f"expert axis ({self.ep})")
+    if d_ff % self.tp:
+      raise ValueError(f"MoEConfig.d_ff={d_ff} must be divisible by the mesh's tensor axis "
+                       f"({self.tp})")
+    if num_tokens is not None:
+      if num_tokens % self.token_shards:
+        raise ValueError(f"number of tokens {num_tokens} must be divisible by the token shards "
+                         f"{dict((a, self.mesh.shape[a]) for a in self.token_axes)} = "
+                         f"{self.token_shards}")
+      local = num_tokens // self.token_shards
+      if self.duplicate_token_dropping and self.tp > 1 and local % self.tp:
+        raise ValueError(f"duplicate_token_dropping: tokens per device {local} must be divisible "
+                         f"by the tensor axis ({self.tp}); got {num_tokens} tokens over "
+                         f"{self.token_shards} shards (set duplicate_token_dropping=False)")
+
+  def capacity(self, tokens_sent: int, top_k: int, experts_per_rank: int) -> int:
+    """Rows per (source, destination) of the padded all-to-all for T_s = tokens_sent tokens."""
+    bound = tokens_sent * min(top_k, experts_per_rank)   # dropless: no source can send more
+    if self.capacity_factor is None:
+      return max(bound, 1)
+    c = math.ceil(tokens_sent * top_k / self.ep * self.capacity_factor)
+    return max(1, min(c, bound))
+
+
+def set_parallel(module: nnx.Module, pcfg: ParallelConfig | None) -> int:
+  """Sets `parallel` on every jaxmoe.MoE inside `module` (itself included): those layers run
+  expert-parallel on pcfg.mesh (None: back to the single-device path). Returns how many."""
+  from jaxmoe.moe import MoE  # here: jaxmoe.moe imports this module
+
+  if pcfg is not None and not isinstance(pcfg, ParallelConfig):
+    raise ValueError(f"pcfg must be a ParallelConfig or None, got {type(pcfg).__name__}")
+  n = 0
+  for _, m in nnx.iter_graph(module):
+    if isinstance(m, MoE):
+      if pcfg is not None:
+        pcfg.check(m.config.num_experts, m.config.d_ff)
+      m.parallel = pcfg
+      n += 1
+  return n
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-device program.
+
+
+def _vma(x: jax.Array) -> frozenset:
+  """The mesh axes x varies over inside shard_map (its "varying manual axes")."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", frozenset()))
+
+
+def _vary(x: jax.Array, axes) -> jax.Array:
+  """Marks x as varying over `axes` (inside shard_map with check_vma): its gradient is then
+  psum'd over them by the transpose, as a replicated operand's must be."""
+  vma = _vma(x)
+  missing = tuple(a for a in axes if a not in vma)
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _gather_invariant(x: jax.Array, axis: str, size: int) -> jax.Array:
+  """Tiled all-gather over `axis` whose result is invariant over it (dim 0 grows size-fold)."""
+  if _all_gather_invariant is not None:
+    return _all_gather_invariant(x, axis, axis=0, tiled=True)
+  i = jax.lax.axis_index(axis)
+  buf = jnp.zeros((size,) + x.shape, x.dtype).at[i].set(x)
+  return jax.lax.psum(buf, axis).reshape((size * x.shape[0],) + x.shape[1:])
+
+
+def _matmul_fn(impl: str, backend):
+  """(lhs (M, K), rhs (G, K, N), sizes (G,), out_dtype) -> (M, N), operands first made to vary
+  over the same mesh axes (a custom_vjp's cotangents must match its inputs' types)."""
+  def align(lhs, rhs):
+    axes = tuple(sorted(_vma(lhs) | _vma(rhs)))
+    return _vary(lhs, axes), _vary(rhs, axes)
+
+  if impl == "ragged_dot":
+    def mm(lhs, rhs, sizes, out_dtype):
+      lhs, rhs = align(lhs, rhs)
+      return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32).astype(out_dtype)
+  else:
+    def mm(lhs, rhs, sizes, out_dtype):
+      lhs, rhs = align(lhs, rhs)
+      return kernels.grouped_matmul(lhs, rhs, sizes, backend=backend, out_dtype=out_dtype)
+  return mm
+
+
+def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip):
+  """rows (M, d) in any order with local expert ids eid (M,) in [0, num_local] (num_local =
+  padding) -> (M, d) float32 partial outputs (this tensor rank's d_ff slice, no output bias).
+
+  Rows are sorted by expert for the grouped matmul (padding last: the kernels leave rows past
+  sum(group_sizes) zero) and put back in their original order.
+  """
+  if skip:
+    return rows.astype(jnp.float32)
+  order = jnp.argsort(eid, stable=True)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  sizes = jnp.bincount(eid, length=num_local + 1)[:num_local].astype(jnp.int32)
+  x = jnp.take(rows, order, axis=0).astype(dtype)
+  e_sorted = jnp.take(eid, order)
+
+  def w(name):
+    p = params.get(name)
+    return None if p is None else p.astype(dtype)
+
+  def proj(wname, bname, lhs, out_dtype):
+    y = mm(lhs, w(wname), sizes, out_dtype)
+    b = w(bname)
+    if b is not None:
+      y = y + jnp.take(b, e_sorted, axis=0, mode="fill", fill_value=0).astype(out_dtype)
+    return y
+
+  act = activation_fn(cfg.activation)
+  gate = proj("w_gate", "b_gate", x, dtype)
+  h = act(gate.astype(jnp.float32))
+  if cfg.is_glu:
+    h = h * proj("w_up", "b_up", x, dtype).astype(jnp.float32)
+  y = proj("w_out", None, h.astype(dtype), jnp.float32)
+  return jnp.take(y, inverse, axis=0)
+
+
+def _expert_ids(ends: jax.Array, pos: jax.Array, total: jax.Array, num_local: int) -> jax.Array:
+  """Local expert of received rows: ends (..., n) cumulative counts of the blocks in the row
+  layout, pos (..., M) positions -> (..., M) int32 block index mod num_local, num_local where
+  pos >= total (padding)."""
+  block = jnp.sum(pos[..., :, None] >= ends[..., None, :], axis=-1).astype(jnp.int32)
+  return jnp.where(pos < total, block % num_local, num_local).astype(jnp.int32)
+
+
+def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: int):
+  """The shard_map body: (x (T_l, d), indices (T_l, k), weights (T_l, k), params) ->
+  (y (T_l, d) in dtype, dropped assignments (), float32)."""
+  e_total, k = cfg.num_experts, cfg.top_k
+  ep, tp = pcfg.ep, pcfg.tp
+  e_local = e_total // ep
+  dtd = pcfg.duplicate_token_dropping and tp > 1
+  t_send = num_tokens_local // tp if dtd else num_tokens_local
+  a_send = t_send * k
+  has_expert, has_tensor = "expert" in pcfg.mesh.axis_names, "tensor" in pcfg.mesh.axis_names
+  mm = _matmul_fn(impl, cfg.backend)
+
+  def a2a(x):
+    return jax.lax.all_to_all(x, "expert", 0, 0, tiled=False) if has_expert else x
+
+  def body(x, indices, weights, params):
+    params = {n: _vary(p, pcfg.token_axes) for n, p in params.items()}
+    me = jax.lax.axis_index("expert") if has_expert else 0
+    if dtd:
+      r = jax.lax.axis_index("tensor")
+      x = jax.lax.dynamic_slice_in_dim(x, r * t_send, t_send, 0)
+      indices = jax.lax.dynamic_slice_in_dim(indices, r * t_send, t_send, 0)
+      weights = jax.lax.dynamic_slice_in_dim(weights, r * t_send, t_send, 0)
+    disp = dispatch.sort_by_expert(indices, e_total)
+    rows = dispatch.gather_sorted(x.astype(dtype), disp)                        # (A, d)
+    counts = disp.group_sizes                                                    # (E,)
+    if has_expert:
+      counts_all = jax.lax.all_gather(counts, "expert")                          # (EP, E) [src, e]
+    else:
+      counts_all = counts[None]
+    counts_all = checkpoint_name(counts_all, "moe_counts")
+    per_pair = counts_all.reshape(ep, ep, e_local).sum(-1)                      # [src, dest]
+    send = per_pair[me]                                                          # (EP,) to dest
+    send_start = jnp.cumsum(send) - send
+    mine = jax.lax.dynamic_slice_in_dim(counts_all, me * e_local, e_local, 1)  # (EP, E_l)
+    dropped = jnp.zeros((), jnp.float32)
+
+    if pcfg.a2a == "padded":
+      cap = pcfg.capacity(t_send, k, e_local)
+      c = jnp.arange(cap, dtype=jnp.int32)
+      src = jnp.clip(send_start[:, None] + c[None, :], 0, a_send - 1)           # (EP, C)
+      valid = c[None, :] < send[:, None]
+      buf = jnp.where(valid[..., None], jnp.take(rows, src, axis=0), 0).astype(dtype)
+      recv = checkpoint_name(a2a(buf), "moe_dispatch")                           # (EP, C, d)
+      got = jnp.minimum(jnp.sum(mine, axis=1), cap)                              # (EP,)
+      eid = _expert_ids(jnp.cumsum(mine, axis=1), c[None, :].repeat(ep, 0), got[:, None], e_local)
+      recv, eid = recv.reshape(ep * cap, -1), eid.reshape(-1)
+      dropped = jnp.sum(jnp.maximum(send - cap, 0)).astype(jnp.float32)
+    else:
+      rbuf = ep * t_send * min(k, e_local)
+      recv_sizes = per_pair[:, me]                                               # (EP,) from src
+      out_offsets = (jnp.cumsum(per_pair, axis=0) - per_pair)[me]                # at each dest
+      recv = jax.lax.ragged_all_to_all(
+          rows, jnp.zeros((rbuf, rows.shape[1]), dtype), send_start.astype(jnp.int32),
+          send.astype(jnp.int32), out_offsets.astype(jnp.int32), recv_sizes.astype(jnp.int32),
+          axis_name="expert")
+      recv = checkpoint_name(recv, "moe_dispatch")                               # (R, d)
+      pos = jnp.arange(rbuf, dtype=jnp.int32)
+      eid = _expert_ids(jnp.cumsum(mine.reshape(-1)), pos, jnp.sum(recv_sizes), e_local)
+
+    m_local = recv.shape[0]
+    if dtd:
+      recv_all = checkpoint_name(jax.lax.all_gather(recv, "tensor", tiled=True),
+                                 "moe_dispatch_gathered")
+      eid_all = jax.lax.all_gather(eid, "tensor", tiled=True)
+    else:
+      recv_all, eid_all = recv, eid
+    y = _local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm, num_local=e_local,
+                       skip=pcfg.skip_expert_compute)                          # (M, d) f32 partial
+    if dtd:
+      y = jax.lax.psum_scatter(y, "tensor", scatter_dimension=0, tiled=True)     # my rows, summed
+    elif has_tensor and tp > 1:
+      y = jax.lax.psum(y, "tensor")
+    elif has_tensor:
+      y = jax.lax.psum(y, "tensor")  # size 1: only makes y invariant over "tensor"
+    if "b_out" in params:
+      y = y + jnp.take(params["b_out"].astype(jnp.float32), eid, axis=0, mode="fill", fill_value=0)
+    y = y.astype(dtype)
+    assert y.shape[0] == m_local
+
+    if pcfg.a2a == "padded":
+      back = checkpoint_name(a2a(y.reshape(ep, cap, -1)), "moe_combine")         # (EP, C, d)
+      dest = disp.expert // e_local                                              # (A,)
+      slot = jnp.arange(a_send, dtype=jnp.int32) - send_start[dest]
+      y_sorted = back[dest, jnp.minimum(slot, cap - 1)]
+      y_sorted = jnp.where((slot < cap)[:, None], y_sorted, 0)
+    else:
+      recv_sizes = per_pair[:, me]
+      recv_start = jnp.cumsum(recv_sizes) - recv_sizes
+      back_offsets = (jnp.cumsum(per_pair, axis=1) - per_pair)[:, me]           # on each source
+      y_sorted = jax.lax.ragged_all_to_all(
+          y, jnp.zeros((a_send, y.shape[1]), dtype), recv_start.astype(jnp.int32),
+          recv_sizes.astype(jnp.int32), back_offsets.astype(jnp.int32), send.astype(jnp.int32),
+          axis_name="expert")
+      y_sorted = checkpoint_name(y_sorted, "moe_combine")                        # (A, d)
+
+    out = dispatch.combine_sorted(y_sorted, disp, weights)                       # (T_s, d)
+    if dtd:
+      out = _gather_invariant(out, "tensor", tp)                                 # (T_l, d)
+      dropped = jax.lax.psum(dropped, "tensor")
+    dropped = jax.lax.psum(dropped, pcfg.token_axes) if pcfg.token_axes else dropped
+    return out, dropped
+
+  if pcfg.remat == "comm_aware":
+    body = jax.checkpoint(body, policy=comm_aware_policy())
+  elif pcfg.remat == "full":
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+  return body
+
+
+def expert_params(experts: RoutedExperts) -> dict[str, jax.Array]:
+  """The routed experts' arrays by name (w_gate, w_up, w_out, b_gate, b_up, b_out; absent ones
+  left out): w_* (E, d, f) / (E, f, d), b_* (E, f) / (E, d)."""
+  out = {}
+  for name in ("w_gate", "w_up", "w_out", "b_gate", "b_up", "b_out"):
+    p = getattr(experts, name, None)
+    if p is not None:
+      out[name] = p[...]
+  return out
+
+
+def param_specs(names) -> dict[str, P]:
+  """shard_map in_specs of the expert arrays: E over "expert", d_ff over "tensor"."""
+  specs = {"w_gate": P("expert", None, "tensor"), "w_up": P("expert", None, "tensor"),
+           "w_out": P("expert", "tensor", None), "b_gate": P("expert", "tensor"),
+           "b_up": P("expert", "tensor"), "b_out": P("expert", None)}
+  return {n: specs[n] for n in names}
+
+
+def _filter_spec(spec: P, mesh: Mesh) -> P:
+  out = []
+  for a in spec:
+    if a is None:
+      out.append(None)
+      continue
+    axes = tuple(x for x in ((a,) if isinstance(a, str) else a) if x in mesh.axis_names)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def route(router: nnx.Module, tokens: jax.Array, pcfg: ParallelConfig,
+          deterministic: bool = True):
+  """The router (jaxmoe.router.Router) on tokens (T, d_model) -> RouterOutput of (T, ...) arrays,
+  run per device in a shard_map over the token axes (router replicated).
+
+  Routing is per token, but XLA's SPMD partitioner does not split the TopK custom call: under plain
+  jit the (T, E) scores of all T tokens would be all-gathered to every device. With router jitter
+  active (jitter > 0 and not deterministic) the router mutates its RNG state, which a shard_map body
+  cannot: it then runs in the ordinary jit program (same noise as on one device).
+  """
+  if not deterministic and getattr(router, "jitter_rngs", None) is not None:
+    return router(tokens, deterministic=deterministic)
+  mesh = pcfg.mesh
+  tok = _filter_spec(P(pcfg.token_axes if pcfg.token_axes else None, None), mesh)
+  graphdef, state = nnx.split(router)
+
+  def body(state, x):
+    return nnx.merge(graphdef, state)(x, deterministic=True)
+
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), tok),
+                     out_specs=RouterOutput(tok, tok, tok, tok), check_vma=True)
+  return fn(state, tokens)
+
+
+def routed_experts(experts: RoutedExperts, tokens: jax.Array, indices: jax.Array,
+                   weights: jax.Array, pcfg: ParallelConfig, impl: str = "grouped"
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Expert-parallel (and tensor-parallel) dropless routed experts.
+
+  Args:
+    experts: the layer's RoutedExperts (stacked (E, ...) parameters, any sharding: jit moves them
+      to E over "expert", d_ff over "tensor"; shard them that way, jaxmoe.sharding.shard_model,
+      to avoid any weight movement).
+    tokens: (T, d_model) float; T divisible by the token shards (mesh size / tensor).
+    indices: (T, k) int32 router choices; weights: (T, k) float combine weights.
+    pcfg: the ParallelConfig.
+    impl: local expert compute, "grouped" (kernels.grouped_matmul, backend from the MoEConfig)
+      or "ragged_dot".
+
+  Returns:
+    (y (T, d_model) in the experts' compute dtype, dropped_fraction float32 scalar: 0 unless a
+    capacity_factor made the padded all-to-all drop rows).
+  """
+  cfg = experts.config
+  if impl not in EP_IMPLS:
+    raise ValueError(f"impl must be one of {EP_IMPLS} for expert-parallel MoE (mesh given), got "
+                     f"{impl!r}")
+  if tokens.ndim != 2 or indices.shape != (tokens.shape[0], cfg.top_k) \
+      or weights.shape != indices.shape:
+    raise ValueError(f"tokens (T, d), indices and weights (T, k={cfg.top_k}) expected, got "
+                     f"{tokens.shape}, {indices.shape}, {weights.shape}")
+  t = tokens.shape[0]
+  pcfg.check(cfg.num_experts, cfg.d_ff, t)
+  params = expert_params(experts)
+  mesh = pcfg.mesh
+  tok = _filter_spec(P(pcfg.token_axes if pcfg.token_axes else None, None), mesh)
+  specs = {n: _filter_spec(s, mesh) for n, s in param_specs(params).items()}
+  body = _device_fn(pcfg, cfg, jnp.dtype(experts.dtype), impl, t // pcfg.token_shards)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, specs), out_specs=(tok, P()),
+                     check_vma=True)
+  y, dropped = fn(tokens, indices.astype(jnp.int32), weights.astype(jnp.float32), params)
+  return y, dropped / (t * cfg.top_k)
