@@ -18,7 +18,8 @@ ranks), `routed_experts` runs:
          (counted in dropped_fraction), like the capacity baseline.
        ragged: jax.lax.ragged_all_to_all of the exact rows into a buffer of EP * T_s * min(k, E_l)
          rows (the same dropless bound); only real rows travel. Not implemented on XLA:CPU
-         (jax 0.11): GPU only.
+         (jax 0.11): GPU only. "ragged_emulated" runs the same offsets through
+         `ragged_all_to_all_emulated` (padded all_to_all + scatter) so CPU tests check them.
   5. [duplicate token dropping] all-gather the received rows over "tensor";
   6. sort the received rows by local expert and run the local experts with the project's grouped
      matmul (kernels.grouped_matmul: Pallas on GPU) or jax.lax.ragged_dot; the hidden width is the
@@ -40,6 +41,7 @@ remat="full" recomputes everything (communication included); remat="none" saves 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -60,7 +62,7 @@ try:  # Varying -> invariant all-gather (transposes to a slice); not exported by
 except ImportError:  # pragma: no cover - older/newer jax: emulate with a psum of a padded buffer
   _all_gather_invariant = None
 
-A2A_MODES = ("padded", "ragged")
+A2A_MODES = ("padded", "ragged", "ragged_emulated")
 REMAT_MODES = ("none", "comm_aware", "full")
 EP_IMPLS = ("grouped", "ragged_dot")
 
@@ -82,7 +84,9 @@ class ParallelConfig:
     mesh: a Mesh with axes among ("data", "expert", "tensor") (jaxmoe.sharding.make_mesh); a
       missing axis counts as size 1. Tokens are split over all axes but "tensor".
     a2a: "padded" (jax.lax.all_to_all of a padded buffer; runs everywhere) or "ragged"
-      (jax.lax.ragged_all_to_all; GPU/TPU only, XLA:CPU lacks it).
+      (jax.lax.ragged_all_to_all; GPU/TPU only, XLA:CPU lacks it), or "ragged_emulated": the
+      ragged path's bookkeeping with the collective emulated by a padded all_to_all
+      (`ragged_all_to_all_emulated`): runs everywhere; how CPU tests check the ragged path.
     capacity_factor: None (default): dropless. A number > 0 ("padded" only): rows per
       (source, destination) C = ceil(T_s * k / EP * capacity_factor), capped at the dropless bound;
       overflow rows are dropped and counted in MoEStats.dropped_fraction.
@@ -237,6 +241,32 @@ def _matmul_fn(impl: str, backend):
   return mm
 
 
+def ragged_all_to_all_emulated(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
+                               send_sizes: jax.Array, output_offsets: jax.Array,
+                               recv_sizes: jax.Array, *, axis_name: str | None) -> jax.Array:
+  """jax.lax.ragged_all_to_all's semantics (same arguments, one slice per device of the axis)
+  from a padded all_to_all and a scatter; runs on every backend, differentiable.
+
+  operand (N, ...), output (M, ...), the four (P,) int32 arrays for an axis of size P. Sends
+  operand[input_offsets[j] : + send_sizes[j]] to device j, which writes it at
+  output[output_offsets[j] : + recv_sizes[...]] (output_offsets are the sender's view, as in
+  ragged_all_to_all). Moves P * N rows per device: a reference, not a fast path.
+  """
+  n = operand.shape[0]
+  r = jnp.arange(n, dtype=jnp.int32)
+  src = jnp.clip(input_offsets[:, None] + r[None, :], 0, n - 1)                   # (P, N)
+  buf = jnp.where((r[None, :] < send_sizes[:, None]).reshape((-1, n) + (1,) * (operand.ndim - 1)),
+                  jnp.take(operand, src, axis=0), 0)
+  if axis_name is None:  # an axis of size 1: no communication
+    recv, offsets = buf, output_offsets
+  else:
+    recv = jax.lax.all_to_all(buf, axis_name, 0, 0, tiled=False)                 # [src, row]
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)    # where mine land
+  dst = offsets[:, None] + r[None, :]
+  dst = jnp.where(r[None, :] < recv_sizes[:, None], dst, output.shape[0])         # drop padding
+  return output.at[dst.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
 def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip):
   """rows (M, d) in any order with local expert ids eid (M,) in [0, num_local] (num_local =
   padding) -> (M, d) float32 partial outputs (this tensor rank's d_ff slice, no output bias).
@@ -295,6 +325,16 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
   def a2a(x):
     return jax.lax.all_to_all(x, "expert", 0, 0, tiled=False) if has_expert else x
 
+  if not has_expert:
+    ragged = functools.partial(ragged_all_to_all_emulated, axis_name=None)
+  elif pcfg.a2a == "ragged_emulated":
+    ragged = functools.partial(ragged_all_to_all_emulated, axis_name="expert")
+  else:
+    def ragged(operand, output, *offsets_and_sizes):
+      # The primitive types its result like `output`: make the zeros vary like the rows they get.
+      output = _vary(output, tuple(sorted(_vma(operand))))
+      return jax.lax.ragged_all_to_all(operand, output, *offsets_and_sizes, axis_name="expert")
+
   def body(x, indices, weights, params):
     params = {n: _vary(p, pcfg.token_axes) for n, p in params.items()}
     me = jax.lax.axis_index("expert") if has_expert else 0
@@ -332,10 +372,9 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
       rbuf = ep * t_send * min(k, e_local)
       recv_sizes = per_pair[:, me]                                               # (EP,) from src
       out_offsets = (jnp.cumsum(per_pair, axis=0) - per_pair)[me]                # at each dest
-      recv = jax.lax.ragged_all_to_all(
+      recv = ragged(
           rows, jnp.zeros((rbuf, rows.shape[1]), dtype), send_start.astype(jnp.int32),
-          send.astype(jnp.int32), out_offsets.astype(jnp.int32), recv_sizes.astype(jnp.int32),
-          axis_name="expert")
+          send.astype(jnp.int32), out_offsets.astype(jnp.int32), recv_sizes.astype(jnp.int32))
       recv = checkpoint_name(recv, "moe_dispatch")                               # (R, d)
       pos = jnp.arange(rbuf, dtype=jnp.int32)
       eid = _expert_ids(jnp.cumsum(mine.reshape(-1)), pos, jnp.sum(recv_sizes), e_local)
@@ -351,10 +390,8 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
                        skip=pcfg.skip_expert_compute)                          # (M, d) f32 partial
     if dtd:
       y = jax.lax.psum_scatter(y, "tensor", scatter_dimension=0, tiled=True)     # my rows, summed
-    elif has_tensor and tp > 1:
-      y = jax.lax.psum(y, "tensor")
     elif has_tensor:
-      y = jax.lax.psum(y, "tensor")  # size 1: only makes y invariant over "tensor"
+      y = jax.lax.psum(y, "tensor")  # (with tensor size 1 it only makes y invariant over it)
     if "b_out" in params:
       y = y + jnp.take(params["b_out"].astype(jnp.float32), eid, axis=0, mode="fill", fill_value=0)
     y = y.astype(dtype)
@@ -370,10 +407,9 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
       recv_sizes = per_pair[:, me]
       recv_start = jnp.cumsum(recv_sizes) - recv_sizes
       back_offsets = (jnp.cumsum(per_pair, axis=1) - per_pair)[:, me]           # on each source
-      y_sorted = jax.lax.ragged_all_to_all(
+      y_sorted = ragged(
           y, jnp.zeros((a_send, y.shape[1]), dtype), recv_start.astype(jnp.int32),
-          recv_sizes.astype(jnp.int32), back_offsets.astype(jnp.int32), send.astype(jnp.int32),
-          axis_name="expert")
+          recv_sizes.astype(jnp.int32), back_offsets.astype(jnp.int32), send.astype(jnp.int32))
       y_sorted = checkpoint_name(y_sorted, "moe_combine")                        # (A, d)
 
     out = dispatch.combine_sorted(y_sorted, disp, weights)                       # (T_s, d)
