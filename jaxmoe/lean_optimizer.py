@@ -19,7 +19,8 @@ gradients, and the clip itself is applied inside each chunk. That matters: `opta
 optax.clip_by_global_norm(c), optax.adamw(...))` on the whole tree materializes the clipped
 gradient tree, a temporary as large as the parameters, which is exactly what this avoids.
 The result equals `optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)` on the whole tree
-(bit for bit for elementwise optimizers; same clip formula as optax).
+(same clip formula as optax; equal up to float32 rounding, as XLA may fuse a chunk's elementwise
+math differently).
 """
 
 from __future__ import annotations

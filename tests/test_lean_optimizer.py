@@ -50,14 +50,15 @@ def test_lean_step_equals_plain_update(num_chunks, clip):
     g = _grads(params, seed=step, scale=0.5 if step else 50.0)  # the first one is clipped
     p1, s1 = plain_step(p1, g, s1)
     p2, s2 = lean_step(p2, g, s2)
+  # Equal to float32 rounding: XLA may fuse the elementwise math of a chunk differently.
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   assert jax.tree.structure(p1) == jax.tree.structure(p2)
   # The chunked transformation's own update (optax interface) agrees too.
   u, _ = jax.jit(lean.update)(g, s2, p2)
   u_ref, _ = jax.jit(plain.update)(g, s1, p1)
   for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def _temp_bytes(fn, *args) -> int:
