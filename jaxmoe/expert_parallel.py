@@ -67,7 +67,8 @@ REMAT_MODES = ("none", "comm_aware", "full")
 EP_IMPLS = ("grouped", "ragged_dot")
 
 # checkpoint_name()s of the communication results kept by remat="comm_aware".
-COMM_NAMES = ("moe_counts", "moe_dispatch", "moe_dispatch_gathered", "moe_combine")
+COMM_NAMES = ("moe_counts", "moe_dispatch", "moe_dispatch_gathered", "moe_expert_ids",
+              "moe_combine")
 
 
 def comm_aware_policy() -> Callable[..., Any]:
@@ -383,7 +384,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
     if dtd:
       recv_all = checkpoint_name(jax.lax.all_gather(recv, "tensor", tiled=True),
                                  "moe_dispatch_gathered")
-      eid_all = jax.lax.all_gather(eid, "tensor", tiled=True)
+      eid_all = checkpoint_name(jax.lax.all_gather(eid, "tensor", tiled=True), "moe_expert_ids")
     else:
       recv_all, eid_all = recv, eid
     y = _local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm, num_local=e_local,
@@ -466,6 +467,8 @@ def route(router: nnx.Module, tokens: jax.Array, pcfg: ParallelConfig,
   active (jitter > 0 and not deterministic) the router mutates its RNG state, which a shard_map body
   cannot: it then runs in the ordinary jit program (same noise as on one device).
   """
+  cfg = router.config
+  pcfg.check(cfg.num_experts, cfg.d_ff, tokens.shape[0])
   if not deterministic and getattr(router, "jitter_rngs", None) is not None:
     return router(tokens, deterministic=deterministic)
   mesh = pcfg.mesh
@@ -518,3 +521,48 @@ def routed_experts(experts: RoutedExperts, tokens: jax.Array, indices: jax.Array
                      check_vma=True)
   y, dropped = fn(tokens, indices.astype(jnp.int32), weights.astype(jnp.float32), params)
   return y, dropped / (t * cfg.top_k)
+
+
+# ------------------------------------------------------------------------------------------------
+# HLO accounting (tests and benchmarks).
+
+_COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
+                "collective-permute")
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "s32": 4, "u32": 4, "s16": 2,
+                "u16": 2, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
+  """Collective instructions of an HLO module's text (jax `.compile().as_text()`):
+  [{"op": "all-to-all" | "ragged-all-to-all" | "all-gather" | "all-reduce" | "reduce-scatter" |
+  "collective-permute", "shapes": [(dtype, dims), ...] of the result (async *-start ops: the output
+  half of their tuple), "bytes": result bytes, "line": the instruction}] (one per instruction;
+  *-done halves are skipped). For ragged-all-to-all the bytes are the static output buffer's,
+  not the rows actually moved.
+  """
+  import re
+
+  out = []
+  op_re = re.compile(r"=\s*(.*?)\s+(" + "|".join(map(re.escape, _COLLECTIVES)) + r")(-start)?\(")
+  shape_re = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+  for line in hlo_text.splitlines():
+    m = op_re.search(line)
+    if m is None:
+      continue
+    shapes = [(dt, tuple(int(v) for v in dims.split(",") if v))
+              for dt, dims in shape_re.findall(m.group(1)) if dt in _DTYPE_BYTES]
+    if m.group(3) and len(shapes) >= 2:   # async start: (operands..., outputs...)
+      shapes = shapes[len(shapes) // 2:]
+    nbytes = sum(_DTYPE_BYTES[dt] * int(np.prod(dims)) for dt, dims in shapes)
+    out.append({"op": m.group(2), "shapes": shapes, "bytes": nbytes, "line": line.strip()})
+  return out
+
+
+def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{op: {"count", "bytes"}} over hlo_collectives(hlo_text)."""
+  summary: dict[str, dict[str, int]] = {}
+  for c in hlo_collectives(hlo_text):
+    s = summary.setdefault(c["op"], {"count": 0, "bytes": 0})
+    s["count"] += 1
+    s["bytes"] += c["bytes"]
+  return summary
