@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 
 class ChunkedState(NamedTuple):
@@ -60,8 +61,9 @@ def chunk_groups(params: Any, num_chunks: int) -> tuple[tuple[int, ...], ...]:
   itself). Returns the leaf indices of each non-empty group, in order."""
   if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
     raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
-  leaves = jax.tree.leaves(params)
-  sizes = [int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves]
+  leaves = _slots(params)[0]
+  sizes = [sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(v))
+           for v in leaves]
   target = sum(sizes) / num_chunks if leaves else 0
   groups, cur, acc = [], [], 0
   for i, s in enumerate(sizes):
@@ -75,8 +77,18 @@ def chunk_groups(params: Any, num_chunks: int) -> tuple[tuple[int, ...], ...]:
   return tuple(groups)
 
 
+def _is_slot(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _slots(tree: Any):
+  """(slots, treedef): the leaves of `tree`, an nnx.Variable (Param) counting as one leaf so its
+  metadata (logical axis names: the sharding rules) survives into the chunks' optimizer state."""
+  return jax.tree.flatten(tree, is_leaf=_is_slot)
+
+
 def _select(tree: Any, group: Sequence[int]) -> list:
-  leaves = jax.tree.leaves(tree)
+  leaves = _slots(tree)[0]
   return [leaves[i] for i in group]
 
 
@@ -94,8 +106,10 @@ def chunked(tx: optax.GradientTransformation, params: Any, num_chunks: int = 4,
   """Wraps a leaf-separable `tx` to run chunk by chunk over the leaves of `params` (a template:
   arrays or ShapeDtypeStructs of the parameter tree the optimizer will see).
 
-  Each chunk is a list of leaves (so a callable mask, e.g. adamw's weight-decay mask, is applied
-  per chunk and must work on a list; a pytree mask must be a callable here). max_grad_norm: clip
+  Each chunk is a list of leaves (an nnx.Variable is one leaf, kept whole, so the optimizer state
+  of a chunk carries the parameters' logical names and jaxmoe.sharding.tree_shardings places it
+  like the parameters). A callable mask, e.g. adamw's weight-decay mask, is applied per chunk and
+  must work on a list; a pytree mask must be a callable here. max_grad_norm: clip
   the gradients to this global norm first, as optax.clip_by_global_norm (None: no clipping).
   update(grads, state, params) returns the full update tree, like any optax transformation;
   lean_step applies it chunk by chunk.
@@ -106,10 +120,10 @@ def chunked(tx: optax.GradientTransformation, params: Any, num_chunks: int = 4,
                                     or isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
     raise ValueError(f"max_grad_norm must be None or a number > 0, got {max_grad_norm!r}")
   groups = chunk_groups(params, num_chunks)
-  treedef = jax.tree.structure(params)
+  treedef = _slots(params)[1]
 
   def init(params):
-    if jax.tree.structure(params) != treedef:
+    if _slots(params)[1] != treedef:
       raise ValueError("chunked.init: params do not have the template's tree structure")
     return ChunkedState(tuple(tx.init(_select(params, g)) for g in groups))
 
@@ -119,7 +133,7 @@ def chunked(tx: optax.GradientTransformation, params: Any, num_chunks: int = 4,
     new_chunks = []
     for g, s in zip(groups, state.chunks):
       p = None if params is None else _select(params, g)
-      u, s = tx.update([clip(x) for x in _select(grads, g)], s, p)
+      u, s = tx.update(jax.tree.map(clip, _select(grads, g)), s, p)
       new_chunks.append(s)
       for i, leaf in zip(g, u):
         out[i] = leaf
@@ -139,9 +153,9 @@ def lean_step(tx: ChunkedTransformation, grads: Any, state: ChunkedState, params
   """
   if not isinstance(tx, ChunkedTransformation):
     raise ValueError(f"tx must come from lean_optimizer.chunked, got {type(tx).__name__}")
-  treedef = jax.tree.structure(params)
+  p_leaves, treedef = _slots(params)
   clip = _clipper(grads, tx.max_grad_norm)
-  g_leaves, p_leaves = jax.tree.leaves(grads), jax.tree.leaves(params)
+  g_leaves = _slots(grads)[0]
   new_p = list(p_leaves)
   new_chunks = []
   carry = ()
@@ -150,7 +164,7 @@ def lean_step(tx: ChunkedTransformation, grads: Any, state: ChunkedState, params
     p = [p_leaves[i] for i in gi]
     # The barrier makes this chunk's inputs depend on the previous chunk's outputs.
     (g, s, p), _ = jax.lax.optimization_barrier(((g, s, p), carry))
-    u, s = tx.inner.update([clip(x) for x in g], s, p)
+    u, s = tx.inner.update(jax.tree.map(clip, g), s, p)
     p = optax.apply_updates(p, u)
     new_chunks.append(s)
     for i, leaf in zip(gi, p):

@@ -104,3 +104,31 @@ def test_chunked_validation(kwargs, field):
     lo.chunked(optax.adam(1e-3), _params(1, (4, 4)), **kwargs)
   with pytest.raises(ValueError, match="tx must"):
     lo.lean_step(optax.adam(1e-3), {}, None, {})
+
+
+def test_chunked_state_of_nnx_params_keeps_logical_names():
+  """Params as an nnx.State: each Param is one leaf, so the chunks' moments keep the logical axis
+  names and the sharding rules place them like the parameters; lean_step runs on the State."""
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from jaxmoe import MoE, MoEConfig
+  from jaxmoe import sharding as sh
+
+  layer = MoE(MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2), rngs=nnx.Rngs(0))
+  params = nnx.state(layer, nnx.Param)
+  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
+  params = sh.shard_tree(params, mesh)
+  tx = lo.chunked(optax.adamw(1e-3, mask=_decay_mask), params, 2, max_grad_norm=1.0)
+  state = sh.shard_tree(tx.init(params), mesh)
+  specs = [s.spec for s in jax.tree.leaves(sh.tree_shardings(state, mesh))]
+  assert P("expert", None, "tensor") in specs and P("expert", "tensor") in specs
+  grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  new_params, _ = jax.jit(lambda p, g, s: lo.lean_step(tx, g, s, p))(params, grads, state)
+  ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, mask=_decay_mask))
+  u, _ = ref.update(grads, ref.init(params), params)
+  want = optax.apply_updates(params, u)
+  for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  w = new_params["experts"]["w_gate"].get_value()
+  assert w.sharding.is_equivalent_to(NamedSharding(mesh, P("expert", None, "tensor")), 3)
