@@ -172,7 +172,8 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = RUL
     if _is_var(leaf):
       names = logical_names(leaf)
       spec = logical_to_spec(names, mesh, rules)
-      shape = np.shape(leaf.get_value() if hasattr(leaf, "get_value") else leaf[...])
+      value = leaf.get_value() if hasattr(leaf, "get_value") else leaf[...]
+      shape = tuple(getattr(value, "shape", np.shape(value)))   # arrays or ShapeDtypeStructs
       _check_divisible(jax.tree_util.keystr(path), shape, spec, mesh)
       return jax.tree.map(lambda _: NamedSharding(mesh, spec), leaf)
     return NamedSharding(mesh, P())

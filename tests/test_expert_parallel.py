@@ -122,6 +122,21 @@ def test_options_change_no_numbers(mesh_shape, pkw, ckw):
   _assert_matches(_parallel(cfg, mesh_shape, **pkw), _reference(cfg))
 
 
+def test_pallas_kernels_inside_shard_map():
+  """The local experts run the project's Pallas grouped matmul (Triton kernel, interpret mode on
+  CPU) inside the shard_map, as on the GPU: same numbers as the single-device layer."""
+  cfg = _config(backend="triton_interpret")
+  _assert_matches(_parallel(cfg, (1, 4, 2)), _reference(_config()), factor=2.0)
+
+
+def test_checked_shard_map_gives_the_same_numbers(monkeypatch):
+  """The check_vma=True formulation (pvary'd weights, invariant all-gather) stays correct too."""
+  monkeypatch.setattr(ep, "CHECK_VMA", True)
+  cfg = _config(use_bias=True)
+  _assert_matches(_parallel(cfg, (2, 2, 2), remat="comm_aware"), _reference(cfg))
+  _assert_matches(_parallel(cfg, (1, 4, 2), duplicate_token_dropping=False), _reference(cfg))
+
+
 def test_bfloat16_matches_single_device():
   cfg = _config()
   _assert_matches(_parallel(cfg, (2, 2, 2), jnp.bfloat16), _reference(cfg, "bfloat16"),
