@@ -95,6 +95,12 @@ class ParallelConfig:
       through the all-to-all; they are all-gathered after (TED). Changes no numbers.
     remat: "none", "comm_aware" (recompute expert compute, keep the communication results) or
       "full" (jax.checkpoint of everything, communication included).
+    compute_capacity_factor: the local experts' fast path, never a drop. The received buffer has
+      the static worst-case size (every token of every source routed here), EP times the balanced
+      load T_s * k; computing on all of it would spend time on padding (the kernels zero-fill rows
+      past the real ones, the activation runs on every row). With a factor f, a lax.cond runs the
+      experts on the first ceil(f * balanced load) expert-sorted rows when all received rows fit
+      there, and on the whole buffer otherwise: exact either way. None: always the whole buffer.
     skip_expert_compute: benchmark hook: replace the expert matmuls by the identity, so a timing
       measures the communication and bookkeeping alone. Wrong numbers by design.
   """
@@ -104,6 +110,7 @@ class ParallelConfig:
   capacity_factor: float | None = None
   duplicate_token_dropping: bool = True
   remat: str = "none"
+  compute_capacity_factor: float | None = 2.0
   skip_expert_compute: bool = False
 
   def __post_init__(self):
@@ -126,6 +133,11 @@ class ParallelConfig:
       if self.a2a != "padded":
         raise ValueError(f"ParallelConfig.capacity_factor needs a2a='padded' (the ragged path is "
                          f"dropless only), got a2a={self.a2a!r}")
+    ccf = self.compute_capacity_factor
+    if ccf is not None and (not isinstance(ccf, (int, float)) or isinstance(ccf, bool)
+                            or not math.isfinite(ccf) or ccf <= 0):
+      raise ValueError(f"ParallelConfig.compute_capacity_factor must be None or a finite number "
+                       f"> 0, got {ccf!r}")
     for name in ("duplicate_token_dropping", "skip_expert_compute"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -289,39 +301,53 @@ def ragged_all_to_all_emulated(operand: jax.Array, output: jax.Array, input_offs
   return output.at[dst.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
-def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip):
+def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_rows=None):
   """rows (M, d) in any order with local expert ids eid (M,) in [0, num_local] (num_local =
-  padding) -> (M, d) float32 partial outputs (this tensor rank's d_ff slice, no output bias).
+  padding) -> (M, d) float32 partial outputs (this tensor rank's d_ff slice, no output bias);
+  padding rows give zeros.
 
   Rows are sorted by expert for the grouped matmul (padding last: the kernels leave rows past
-  sum(group_sizes) zero) and put back in their original order.
+  sum(group_sizes) zero) and put back in their original order. fast_rows (< M): a lax.cond runs
+  the experts on the first fast_rows sorted rows when the real rows fit there, else on all M.
   """
   if skip:
     return rows.astype(jnp.float32)
+  m = rows.shape[0]
   order = jnp.argsort(eid, stable=True)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))
   sizes = jnp.bincount(eid, length=num_local + 1)[:num_local].astype(jnp.int32)
-  x = jnp.take(rows, order, axis=0).astype(dtype)
-  e_sorted = jnp.take(eid, order)
+  act = activation_fn(cfg.activation)
 
   def w(name):
     p = params.get(name)
     return None if p is None else p.astype(dtype)
 
-  def proj(wname, bname, lhs, out_dtype):
-    y = mm(lhs, w(wname), sizes, out_dtype)
-    b = w(bname)
-    if b is not None:
-      y = y + jnp.take(b, e_sorted, axis=0, mode="fill", fill_value=0).astype(out_dtype)
-    return y
+  def mlp(n):
+    """The experts on the first n expert-sorted rows -> (n, d) float32."""
+    idx = order[:n]
+    x = jnp.take(rows, idx, axis=0).astype(dtype)
+    e_sorted = jnp.take(eid, idx)
 
-  act = activation_fn(cfg.activation)
-  gate = proj("w_gate", "b_gate", x, dtype)
-  h = act(gate.astype(jnp.float32))
-  if cfg.is_glu:
-    h = h * proj("w_up", "b_up", x, dtype).astype(jnp.float32)
-  y = proj("w_out", None, h.astype(dtype), jnp.float32)
-  return jnp.take(y, inverse, axis=0)
+    def proj(wname, bname, lhs, out_dtype):
+      y = mm(lhs, w(wname), sizes, out_dtype)
+      b = w(bname)
+      if b is not None:
+        y = y + jnp.take(b, e_sorted, axis=0, mode="fill", fill_value=0).astype(out_dtype)
+      return y
+
+    gate = proj("w_gate", "b_gate", x, dtype)
+    h = act(gate.astype(jnp.float32))
+    if cfg.is_glu:
+      h = h * proj("w_up", "b_up", x, dtype).astype(jnp.float32)
+    return proj("w_out", None, h.astype(dtype), jnp.float32)
+
+  def unsort(y_sorted):   # rows sorted past y_sorted's end are padding: zeros
+    return jnp.take(y_sorted, inverse, axis=0, mode="fill", fill_value=0)
+
+  if fast_rows is None or fast_rows >= m:
+    return unsort(mlp(m))
+  return jax.lax.cond(jnp.sum(sizes) <= fast_rows, lambda: unsort(mlp(fast_rows)),
+                      lambda: unsort(mlp(m)))
 
 
 def _expert_ids(ends: jax.Array, pos: jax.Array, total: jax.Array, num_local: int) -> jax.Array:
@@ -343,6 +369,9 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
   a_send = t_send * k
   has_expert, has_tensor = "expert" in pcfg.mesh.axis_names, "tensor" in pcfg.mesh.axis_names
   mm = _matmul_fn(impl, cfg.backend)
+  # Balanced load of the local experts: the rows all (gathered) sources send here on average.
+  fast_rows = None if pcfg.compute_capacity_factor is None else \
+      math.ceil(pcfg.compute_capacity_factor * a_send * (tp if dtd else 1))
 
   def a2a(x):
     return jax.lax.all_to_all(x, "expert", 0, 0, tiled=False) if has_expert else x
@@ -409,7 +438,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
     else:
       recv_all, eid_all = recv, eid
     y = _local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm, num_local=e_local,
-                       skip=pcfg.skip_expert_compute)                          # (M, d) f32 partial
+                       skip=pcfg.skip_expert_compute, fast_rows=fast_rows)     # (M, d) f32 partial
     if dtd:
       y = jax.lax.psum_scatter(y, "tensor", scatter_dimension=0, tiled=True)     # my rows, summed
     elif has_tensor:
@@ -476,6 +505,15 @@ def _filter_spec(spec: P, mesh: Mesh) -> P:
     axes = tuple(x for x in ((a,) if isinstance(a, str) else a) if x in mesh.axis_names)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*out)
+
+
+def check_call(pcfg: ParallelConfig, cfg, num_tokens: int, impl: str) -> None:
+  """ValueError unless MoE(config=cfg, impl=impl) can run on pcfg's mesh with num_tokens tokens
+  (before anything is traced or compiled)."""
+  if impl not in EP_IMPLS:
+    raise ValueError(f"impl must be one of {EP_IMPLS} for expert-parallel MoE (mesh given), got "
+                     f"{impl!r}")
+  pcfg.check(cfg.num_experts, cfg.d_ff, num_tokens)
 
 
 def route(router: nnx.Module, tokens: jax.Array, pcfg: ParallelConfig,

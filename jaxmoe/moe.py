@@ -108,6 +108,7 @@ class MoE(nnx.Module):
     parallel = getattr(self, "parallel", None)
     if parallel is not None:
       from jaxmoe import expert_parallel  # here: it imports jaxmoe.experts/dispatch, not moe
+      expert_parallel.check_call(parallel, cfg, tokens.shape[0], impl)
       routing = expert_parallel.route(self.router, tokens, parallel, deterministic)
     else:
       routing = self.router(tokens, deterministic=deterministic)

@@ -5,6 +5,7 @@ all-gather of expert weights; validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -63,8 +64,14 @@ def _value_and_grads(layer: MoE, x, g, mesh=None):
   return y, stats, grads
 
 
-@functools.lru_cache(maxsize=None)
 def _reference(cfg: MoEConfig, dtype_name: str = "float32"):
+  """The single-device layer's results; every dropless impl and backend computes the same
+  function, so the reference runs one ("grouped" on the XLA backend), computed once per config."""
+  return _reference_cached(dataclasses.replace(cfg, impl="grouped", backend=None), dtype_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_cached(cfg: MoEConfig, dtype_name: str):
   dtype = jnp.dtype(dtype_name)
   layer = MoE(cfg, rngs=nnx.Rngs(0), dtype=dtype)
   _randomize(layer)
@@ -111,7 +118,8 @@ OPTIONS = [
     ((2, 4, 1), dict(a2a="ragged_emulated"), {}),
     ((1, 4, 2), dict(a2a="ragged_emulated", remat="comm_aware"), dict(use_bias=True)),
     ((2, 2, 2), dict(capacity_factor=100.0), {}),     # capped at the dropless bound: no drop
-    ((1, 8, 1), {}, dict(num_experts=16, top_k=4, impl="ragged_dot")),
+    ((2, 2, 2), dict(compute_capacity_factor=0.1), {}),   # the full-buffer branch of the cond
+    ((1, 8, 1), dict(compute_capacity_factor=None), dict(impl="ragged_dot")),
 ]
 
 
@@ -126,7 +134,8 @@ def test_pallas_kernels_inside_shard_map():
   """The local experts run the project's Pallas grouped matmul (Triton kernel, interpret mode on
   CPU) inside the shard_map, as on the GPU: same numbers as the single-device layer."""
   cfg = _config(backend="triton_interpret")
-  _assert_matches(_parallel(cfg, (1, 4, 2)), _reference(_config()), factor=2.0)
+  _assert_matches(_parallel(cfg, (1, 4, 2), compute_capacity_factor=None), _reference(cfg),
+                  factor=2.0)
 
 
 def test_checked_shard_map_gives_the_same_numbers(monkeypatch):
@@ -134,13 +143,35 @@ def test_checked_shard_map_gives_the_same_numbers(monkeypatch):
   monkeypatch.setattr(ep, "CHECK_VMA", True)
   cfg = _config(use_bias=True)
   _assert_matches(_parallel(cfg, (2, 2, 2), remat="comm_aware"), _reference(cfg))
-  _assert_matches(_parallel(cfg, (1, 4, 2), duplicate_token_dropping=False), _reference(cfg))
 
 
 def test_bfloat16_matches_single_device():
   cfg = _config()
   _assert_matches(_parallel(cfg, (2, 2, 2), jnp.bfloat16), _reference(cfg, "bfloat16"),
                   jnp.bfloat16)
+
+
+@pytest.mark.parametrize("a2a", ["padded", "ragged_emulated"])
+def test_all_tokens_to_one_expert_rank(a2a):
+  """Every token picks experts 0 and 1, both on expert rank 0: that rank receives the worst case
+  the static buffers are sized for (dropless bound), the compute takes the full-buffer branch, and
+  the other ranks get nothing (empty experts). Still the single-device numbers."""
+  cfg = _config()
+  x = np.asarray(_inputs()[0]).copy()
+  x[:, 0] = 5.0 + 0.1 * x[:, 0]
+  g = _inputs()[1]
+  results = []
+  for parallel in (None, ep.ParallelConfig(_mesh(1, 4, 2), a2a=a2a)):
+    layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=parallel)
+    _randomize(layer)
+    kernel = np.zeros((D, E), np.float32)
+    kernel[0, 0], kernel[0, 1] = 10.0, 9.0
+    kernel[1:] = 0.01 * np.asarray(layer.router.kernel[...])[1:]
+    layer.router.kernel[...] = jnp.asarray(kernel)
+    results.append(jax.device_get(_value_and_grads(
+        layer, jnp.asarray(x), g, None if parallel is None else parallel.mesh)))
+  assert set(np.nonzero(np.asarray(results[0][1].tokens_per_expert))[0]) == {0, 1}
+  _assert_matches(results[1], results[0])
 
 
 def test_capacity_factor_drops_the_overflow_like_a_reference():
