@@ -42,9 +42,25 @@ class MosaicWsGmmConfig:
   memory_registers: int = 40
 
 
-def supports(k: int, n: int, config: MosaicWsGmmConfig | None = None) -> bool:
+# Shared memory a CTA may use on Hopper (227 KiB), less a margin for the pipeline's barriers.
+_SMEM_BUDGET = 227 * 1024 - 1024
+
+
+def smem_bytes(config: MosaicWsGmmConfig, in_dtype, out_dtype) -> int:
+  """Shared memory of the pipeline stages plus the output staging buffer."""
+  cfg = config
+  stage = (cfg.block_m * cfg.block_k + cfg.block_k * 2 * cfg.block_n) * jnp.dtype(in_dtype).itemsize
+  out = 2 * cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize
+  return cfg.max_concurrent_steps * stage + out
+
+
+def supports(k: int, n: int, config: MosaicWsGmmConfig | None = None, in_dtype=jnp.bfloat16,
+             out_dtype=jnp.bfloat16) -> bool:
+  """Whether the tiles divide the shape and fit in shared memory: a float32 output doubles the
+  staging buffer (128 KiB), which with 3 stages exceeds the H100's 227 KiB (seen on the GPU)."""
   cfg = config or MosaicWsGmmConfig()
-  return k % cfg.block_k == 0 and n % (2 * cfg.block_n) == 0
+  return (k % cfg.block_k == 0 and n % (2 * cfg.block_n) == 0
+          and smem_bytes(cfg, in_dtype, out_dtype) <= _SMEM_BUDGET)
 
 
 def gmm(
@@ -64,8 +80,11 @@ def gmm(
   m, k = lhs.shape
   num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  if not supports(k, n, cfg):
-    raise ValueError(f"mosaic ws gmm needs K % {bk} == 0 and N % {cta_n} == 0, got K={k}, N={n}")
+  if not supports(k, n, cfg, lhs.dtype, out_dtype):
+    raise ValueError(
+        f"mosaic ws gmm needs K % {bk} == 0, N % {cta_n} == 0 and at most {_SMEM_BUDGET} bytes of "
+        f"shared memory, got K={k}, N={n}, {smem_bytes(cfg, lhs.dtype, out_dtype)} bytes for "
+        f"{jnp.dtype(lhs.dtype).name} inputs and {jnp.dtype(out_dtype).name} output")
   meta = tiling.tile_metadata(group_sizes, m, bm)
   num_tiles = tiling.num_row_tiles(m, num_groups, bm)
   grid_n = n // cta_n

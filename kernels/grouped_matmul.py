@@ -52,7 +52,8 @@ def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, interpret):
   from kernels import gmm_mosaic, gmm_mosaic_ws
 
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  impl = gmm_mosaic_ws.gmm if gmm_mosaic_ws.supports(lhs.shape[1], n) else gmm_mosaic.gmm
+  ws_fits = gmm_mosaic_ws.supports(lhs.shape[1], n, in_dtype=lhs.dtype, out_dtype=out_dtype)
+  impl = gmm_mosaic_ws.gmm if ws_fits else gmm_mosaic.gmm
   return impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
               interpret=interpret)
 
