@@ -2,8 +2,9 @@
 
 Layout (mesh axes of jaxmoe.sharding): tokens are split over every mesh axis except "tensor"
 ("data", "expert"); tensor ranks hold the same tokens. Expert weights (E, d, f) are split over
-"expert" on E and over "tensor" on d_ff; the router stays replicated and runs outside, in the
-ordinary (GSPMD) program, so the layer's statistics are computed exactly as on one device.
+"expert" on E and over "tensor" on d_ff; the router stays replicated and runs per device in its
+own shard_map (`route`); its outputs are global arrays, so the layer's statistics are computed
+exactly as on one device.
 
 Per device (T_l local tokens, k slots, E experts, EP expert ranks of E_l = E / EP experts, TP tensor
 ranks), `routed_experts` runs:
@@ -25,7 +26,9 @@ ranks), `routed_experts` runs:
      matmul (kernels.grouped_matmul: Pallas on GPU) or jax.lax.ragged_dot; the hidden width is the
      tensor rank's d_ff / TP slice (first matmul column-split, second row-split), so the output is a
      partial sum: one psum over "tensor" (a psum_scatter with duplicate token dropping, which also
-     hands each tensor rank back its own rows);
+     hands each tensor rank back its own rows). The receive buffer is sized for the worst case; a
+     lax.cond computes on a smaller prefix of the sorted rows when the real ones fit
+     (compute_capacity_factor), on all of it otherwise: no drop either way;
   7. all-to-all the outputs back, un-sort and combine with the gate weights;
   8. [duplicate token dropping] all-gather the combined tokens over "tensor".
 
@@ -430,7 +433,6 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
       pos = jnp.arange(rbuf, dtype=jnp.int32)
       eid = _expert_ids(jnp.cumsum(mine.reshape(-1)), pos, jnp.sum(recv_sizes), e_local)
 
-    m_local = recv.shape[0]
     if dtd:
       recv_all = checkpoint_name(jax.lax.all_gather(recv, "tensor", tiled=True),
                                  "moe_dispatch_gathered")
@@ -446,7 +448,6 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
     if "b_out" in params:
       y = y + jnp.take(params["b_out"].astype(jnp.float32), eid, axis=0, mode="fill", fill_value=0)
     y = y.astype(dtype)
-    assert y.shape[0] == m_local
 
     if pcfg.a2a == "padded":
       back = checkpoint_name(a2a(y.reshape(ep, cap, -1)), "moe_combine")         # (EP, C, d)
