@@ -304,10 +304,13 @@ def ragged_all_to_all_emulated(operand: jax.Array, output: jax.Array, input_offs
   return output.at[dst.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
-def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_rows=None):
+def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_rows=None,
+                   partial_dtype=jnp.float32):
   """rows (M, d) in any order with local expert ids eid (M,) in [0, num_local] (num_local =
   padding) -> (M, d) float32 partial outputs (this tensor rank's d_ff slice, no output bias);
-  padding rows give zeros.
+  padding rows give zeros. partial_dtype: the output projection's dtype (float32 when the
+  partial sums are reduced over "tensor"; the compute dtype otherwise, as on one device, which
+  also keeps the fastest kernels for 16-bit outputs).
 
   Rows are sorted by expert for the grouped matmul (padding last: the kernels leave rows past
   sum(group_sizes) zero) and put back in their original order. fast_rows (< M): a lax.cond runs
@@ -342,7 +345,7 @@ def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_r
     h = act(gate.astype(jnp.float32))
     if cfg.is_glu:
       h = h * proj("w_up", "b_up", x, dtype).astype(jnp.float32)
-    return proj("w_out", None, h.astype(dtype), jnp.float32)
+    return proj("w_out", None, h.astype(dtype), partial_dtype).astype(jnp.float32)
 
   def unsort(y_sorted):   # rows sorted past y_sorted's end are padding: zeros
     return jnp.take(y_sorted, inverse, axis=0, mode="fill", fill_value=0)
@@ -440,7 +443,8 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
     else:
       recv_all, eid_all = recv, eid
     y = _local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm, num_local=e_local,
-                       skip=pcfg.skip_expert_compute, fast_rows=fast_rows)     # (M, d) f32 partial
+                       skip=pcfg.skip_expert_compute, fast_rows=fast_rows,
+                       partial_dtype=jnp.float32 if tp > 1 else dtype)        # (M, d) f32 partial
     if dtd:
       y = jax.lax.psum_scatter(y, "tensor", scatter_dimension=0, tiled=True)     # my rows, summed
     elif has_tensor:

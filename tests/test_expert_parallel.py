@@ -145,9 +145,11 @@ def test_checked_shard_map_gives_the_same_numbers(monkeypatch):
   _assert_matches(_parallel(cfg, (2, 2, 2), remat="comm_aware"), _reference(cfg))
 
 
-def test_bfloat16_matches_single_device():
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (2, 4, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_matches_single_device(mesh_shape):
+  """bf16 compute: tensor > 1 reduces float32 partial sums; tensor = 1 rounds like one device."""
   cfg = _config()
-  _assert_matches(_parallel(cfg, (2, 2, 2), jnp.bfloat16), _reference(cfg, "bfloat16"),
+  _assert_matches(_parallel(cfg, mesh_shape, jnp.bfloat16), _reference(cfg, "bfloat16"),
                   jnp.bfloat16)
 
 
