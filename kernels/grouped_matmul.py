@@ -11,6 +11,9 @@ past M); no error is raised because the sizes are only known on device.
 
 `grouped_matmul` is a `jax.custom_vjp`: its backward is the same kernel with transposed weights
 for d(lhs) and `group_xty` for d(rhs), so no (G, M, K) tensor is ever materialized.
+
+On a GPU the Pallas kernels take their block sizes from `kernels.tuning` (a per-device, per-shape
+table filled by experiments/autotune_gmm.py) where it has an entry, else their defaults.
 """
 
 from __future__ import annotations
@@ -47,10 +50,18 @@ def _impl(backend: str):
   raise AssertionError(backend)
 
 
-def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, interpret):
-  """The warp-specialized Mosaic kernel where its CTA tile fits N, else the simple one."""
+def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, interpret, config=None):
+  """The warp-specialized Mosaic kernel where its CTA tile fits N, else the simple one.
+
+  A tuned `config` (from `kernels.tuning`) picks the kernel by its type; `_tuned_config` has
+  already checked that it fits this call (ws: `gmm_mosaic_ws.supports` with these dtypes)."""
   from kernels import gmm_mosaic, gmm_mosaic_ws
 
+  if config is not None:
+    ws = isinstance(config, gmm_mosaic_ws.MosaicWsGmmConfig)
+    impl = gmm_mosaic_ws.gmm if ws else gmm_mosaic.gmm
+    return impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                config=config, interpret=interpret)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   ws_fits = gmm_mosaic_ws.supports(lhs.shape[1], n, in_dtype=lhs.dtype, out_dtype=out_dtype)
   impl = gmm_mosaic_ws.gmm if ws_fits else gmm_mosaic.gmm
@@ -69,19 +80,38 @@ def _pick_pallas(m: int, k: int, n: int, dtype) -> str:
   return "triton"
 
 
+def _tuned_config(op, backend, dtype, k, n, m, out_dtype) -> dict:
+  """{"config": tuned config} for a GPU backend when kernels/tuned_configs.json (or the table
+  named by $JAXMOE_TUNED_CONFIGS) has an entry for this device and shape and it fits this call;
+  else {} so the kernel keeps its default. Never on CPU or for the interpret/xla backends, which
+  keep the configs the tests pass."""
+  if backend not in ("mosaic", "triton") or not backends.on_gpu():
+    return {}
+  from kernels import tuning
+
+  config = tuning.lookup(op, backend, dtype, k, n, m)
+  if config is None or not tuning.fits(config, k, n, dtype, out_dtype):
+    return {}
+  return {"config": config}
+
+
 def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype):
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   if backend == "pallas":
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     backend = _pick_pallas(lhs.shape[0], lhs.shape[1], n, lhs.dtype)
   gmm, _ = _impl(backend)
-  return gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+  tuned = _tuned_config("gmm_t" if transpose_rhs else "gmm", backend, lhs.dtype, lhs.shape[1], n,
+                        lhs.shape[0], out_dtype)
+  return gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype, **tuned)
 
 
 def _xty(x, dy, group_sizes, backend, out_dtype):
   if backend == "pallas":
-    backend = _pick_pallas(x.shape[1], x.shape[0], dy.shape[1], x.dtype)
+    # The Mosaic group_xty tiles its (K, N) output: K = x.shape[1] must divide like gmm's K.
+    backend = _pick_pallas(x.shape[0], x.shape[1], dy.shape[1], x.dtype)
   _, xty = _impl(backend)
-  return xty(x, dy, group_sizes, out_dtype=out_dtype)
+  tuned = _tuned_config("xty", backend, x.dtype, x.shape[1], dy.shape[1], x.shape[0], out_dtype)
+  return xty(x, dy, group_sizes, out_dtype=out_dtype, **tuned)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

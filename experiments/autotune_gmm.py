@@ -1,0 +1,438 @@
+"""Autotune the grouped-matmul block sizes per shape; write the winners into the tuned table.
+
+For each shape (default: the three benchmark shapes of bench_grouped_matmul.SHAPES), op and
+backend, times a small candidate grid of kernel configs (at most 8, the kernel's default first):
+
+  op "gmm"    grouped_matmul forward     lhs (M, K) x rhs (G, K, N)        table key k=K, n=N
+  op "gmm_t"  its data gradient          dy (M, N) x rhs (G, K, N)^T       table key k=N, n=K
+  op "xty"    group_xty weight gradient  x (M, K), dy (M, N) -> (G, K, N)  table key k=K, n=N
+
+Every candidate is first checked against the float32 `kernels.reference` on the same random
+inputs (relative error below 1e-2 for bf16, no NaN); candidates that do not fit the shape, fail to
+compile or fail the check are skipped and recorded with the reason. The fastest passing candidate
+is kept, unless it beats the default by less than --min-gain (timing noise): then the default is.
+The winners are merged into the table (--write, default kernels/tuned_configs.json) that
+`kernels.tuning.lookup` reads, and every candidate's result goes to a JSON record (--record).
+Progress is printed as it goes, then a table of candidates with TFLOP/s. The table key has no
+group-size distribution (--dist): a later run of the same key replaces the earlier entry.
+
+Run on the GPU (one shape per command keeps each under the 10-minute limit):
+  python experiments/autotune_gmm.py --shapes mixtral
+  python experiments/autotune_gmm.py --shapes olmoe
+  python experiments/autotune_gmm.py --shapes finegrained
+CPU smoke test (tiny shape, interpret backends, 1 timing iteration, writes to a temp dir; about
+1.5-2.5 minutes, 20 s with --backends triton: the warp-specialized Mosaic kernel interprets slowly):
+  python experiments/autotune_gmm.py --smoke
+CPU pre-flight (lowers every GPU candidate for an H100, runs nothing; about 50 s):
+  python experiments/autotune_gmm.py --lower-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import bench_common as bc  # noqa: E402
+from experiments.bench_grouped_matmul import SHAPES, group_sizes_for  # noqa: E402
+from kernels import backends, gmm_mosaic, gmm_mosaic_ws, gmm_triton, reference, tuning  # noqa: E402
+
+SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile multiple
+OPS = tuning.OPS
+BACKENDS = tuning.TUNED_BACKENDS
+# Relative-error budget of a candidate's output against the float32 reference, by operand dtype.
+TOL = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 1e-4}
+MAX_CANDIDATES = 8
+
+_Ws, _Mg, _Mx = gmm_mosaic_ws.MosaicWsGmmConfig, gmm_mosaic.MosaicGmmConfig, gmm_mosaic.MosaicXtyConfig
+_Tg, _Tx = gmm_triton.TritonGmmConfig, gmm_triton.TritonXtyConfig
+
+
+def default_config(op: str, backend: str, k: int, n: int, dtype: Any) -> Any:
+  """The config `kernels.grouped_matmul` uses without a table entry (the timing baseline)."""
+  if backend == "triton":
+    return _Tx() if op == "xty" else _Tg()
+  if op == "xty":
+    return _Mx()
+  return _Ws() if gmm_mosaic_ws.supports(k, n, _Ws(), dtype, dtype) else _Mg()
+
+
+def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = False) -> list[Any]:
+  """The candidate grid (<= MAX_CANDIDATES, the default first, no duplicates).
+
+  Modest on purpose (GPU time is scarce): one or two knobs moved at a time around the default.
+  Smoke mode: two tiny configs per kernel, cheap enough for the interpreter."""
+  if smoke:
+    if backend == "triton":
+      if op == "xty":
+        grid = [_Tx(block_m=32, block_k=64, block_n=64, num_warps=4, num_stages=2),
+                _Tx(block_m=16, block_k=64, block_n=128, num_warps=4, num_stages=2)]
+      else:
+        grid = [_Tg(block_m=32, block_n=64, block_k=64, group_m=2, num_warps=4, num_stages=2),
+                _Tg(block_m=64, block_n=128, block_k=32, group_m=4, num_warps=4, num_stages=2)]
+    elif op == "xty":
+      grid = [_Mx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1),
+              _Mx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=3, grid_tile_width=2)]
+    else:
+      grid = [_Mg(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1),
+              _Ws(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1)]
+    return grid
+  if backend == "triton" and op == "xty":
+    grid = [_Tx(),                                                   # (64, 128, 128, w8, s3)
+            _Tx(block_m=32), _Tx(block_m=128), _Tx(num_warps=4), _Tx(num_stages=4),
+            _Tx(block_m=32, num_stages=4), _Tx(block_n=256), _Tx(block_k=64, num_warps=4)]
+  elif backend == "triton":
+    grid = [_Tg(),                                                   # (128, 128, 64, gm8, w8, s4)
+            _Tg(num_stages=3), _Tg(block_n=256, num_stages=3), _Tg(block_m=256, num_stages=3),
+            _Tg(block_k=32, num_warps=4), _Tg(block_m=64, num_warps=4),
+            _Tg(block_n=64, num_warps=4), _Tg(group_m=16)]
+  elif op == "xty":
+    grid = [_Mx(),                                                   # (steps 4, width 8, rows 64)
+            _Mx(max_concurrent_steps=3), _Mx(max_concurrent_steps=6),
+            _Mx(grid_tile_width=4), _Mx(grid_tile_width=16),
+            # block_rows=32 does not lower (the row mask's WGMMA layout needs 64-row blocks).
+            _Mx(block_rows=128, max_concurrent_steps=2), _Mx(block_rows=128, max_concurrent_steps=3),
+            _Mx(block_k=64, block_n=256)]
+  else:  # Mosaic gmm / gmm_t: the warp-specialized kernel, plus the simple one as a baseline.
+    grid = [default_config(op, backend, k, n, dtype),
+            _Ws(grid_tile_width=4), _Ws(grid_tile_width=16), _Ws(max_concurrent_steps=2),
+            _Ws(block_n=64), _Ws(block_n=64, max_concurrent_steps=4),
+            _Ws(block_n=64, grid_tile_width=16), _Mg()]
+  out: list[Any] = []
+  for c in grid:
+    if c not in out:
+      out.append(c)
+  return out[:MAX_CANDIDATES]
+
+
+_SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "block_rows": "br",
+          "max_concurrent_steps": "st", "grid_tile_width": "tw", "memory_registers": "mr",
+          "group_m": "gm", "num_warps": "nw", "num_stages": "ns"}
+_KIND = {"MosaicWsGmmConfig": "ws", "MosaicGmmConfig": "simple", "MosaicXtyConfig": "xty",
+         "TritonGmmConfig": "gmm", "TritonXtyConfig": "xty"}
+
+
+def short(cfg: Any) -> str:
+  """A compact config label for tables, e.g. ws(bm128,bn128,bk64,st3,tw8,mr40)."""
+  fields = ",".join(f"{_SHORT.get(f.name, f.name)}{getattr(cfg, f.name)}"
+                    for f in dataclasses.fields(cfg))
+  return f"{_KIND.get(type(cfg).__name__, type(cfg).__name__)}({fields})"
+
+
+def kernel_fn(op: str, cfg: Any, interpret: bool) -> Callable:
+  """jit of the kernel that `cfg` configures, for `op`'s operands."""
+  if op == "xty":
+    impl = gmm_mosaic.group_xty if isinstance(cfg, _Mx) else gmm_triton.group_xty
+    return jax.jit(lambda x, dy, s: impl(x, dy, s, out_dtype=x.dtype, config=cfg,
+                                         interpret=interpret))
+  impl = {_Ws: gmm_mosaic_ws.gmm, _Mg: gmm_mosaic.gmm, _Tg: gmm_triton.gmm}[type(cfg)]
+  tr = op == "gmm_t"
+  return jax.jit(lambda a, w, s: impl(a, w, s, transpose_rhs=tr, out_dtype=a.dtype, config=cfg,
+                                      interpret=interpret))
+
+
+def op_problem(op: str, m: int, k: int, n: int, g: int, dtype: Any, sizes: np.ndarray):
+  """(operands, key k, key n, FLOPs, float32 reference) of `op` at benchmark shape (M, K, N, G)."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  gs = jnp.asarray(sizes, jnp.int32)
+  rhs = (jax.random.normal(k2, (g, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+  if op == "gmm":
+    lhs = jax.random.normal(k1, (m, k), dtype)
+    ref = jax.jit(functools.partial(reference.gmm_reference, out_dtype=jnp.float32))(lhs, rhs, gs)
+    return (lhs, rhs, gs), k, n, ref
+  if op == "gmm_t":  # the data gradient: dy (M, N) times rhs[g]^T -> (M, K)
+    dy = jax.random.normal(k3, (m, n), dtype)
+    ref = jax.jit(functools.partial(reference.gmm_reference, transpose_rhs=True,
+                                    out_dtype=jnp.float32))(dy, rhs, gs)
+    return (dy, rhs, gs), n, k, ref
+  del rhs
+  x = jax.random.normal(k1, (m, k), dtype)
+  dy = jax.random.normal(k3, (m, n), dtype)
+  ref = jax.jit(functools.partial(reference.group_xty_reference, out_dtype=jnp.float32))(x, dy, gs)
+  return (x, dy, gs), k, n, ref
+
+
+def rel_err(got: jax.Array, want: jax.Array) -> float:
+  """||got - want|| / ||want|| in float32; inf when got has a NaN or inf."""
+  got = got.astype(jnp.float32)
+  if not bool(jnp.all(jnp.isfinite(got))):
+    return float("inf")
+  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+
+
+def _error_text(e: BaseException) -> str:
+  first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {first}"[:300]
+
+
+def tune(op: str, backend: str, shape_name: str, shape: tuple[int, int, int, int], dtype: Any,
+         dist: str, iters: int, warmup: int, interpret: bool, smoke: bool,
+         min_gain: float) -> dict[str, Any]:
+  """Checks and times the candidate grid of one (shape, op, backend); returns its record."""
+  m, k, n, g = shape
+  sizes = group_sizes_for(m, g, dist, seed=0)
+  args, kk, nn, ref = op_problem(op, m, k, n, g, dtype, sizes)
+  flops = 2.0 * m * k * n
+  dtype_name = jnp.dtype(dtype).name
+  tol = TOL[dtype_name]
+  grid = candidates(op, backend, kk, nn, dtype, smoke)
+  rows: list[dict[str, Any]] = []
+  for i, cfg in enumerate(grid):
+    row: dict[str, Any] = {"config_type": type(cfg).__name__, "config": dataclasses.asdict(cfg),
+                           "label": short(cfg), "baseline": i == 0}
+    tag = f"  [{i + 1}/{len(grid)}] {shape_name} {op}/{backend} {short(cfg)}"
+    if not tuning.fits(cfg, kk, nn, dtype, dtype):
+      row.update(status="unsupported", reason=f"tiles do not divide K={kk}, N={nn} or exceed "
+                                              "shared memory")
+      print(f"{tag}: skipped ({row['reason']})", flush=True)
+      rows.append(row)
+      continue
+    fn = kernel_fn(op, cfg, interpret)
+    t0 = time.perf_counter()
+    try:
+      out = jax.block_until_ready(fn(*args))
+    except Exception as e:  # non-compiling / failing candidate: skip and record
+      row.update(status="error", reason=_error_text(e))
+      print(f"{tag}: skipped ({row['reason']})", flush=True)
+      rows.append(row)
+      continue
+    row["first_call_s"] = time.perf_counter() - t0
+    err = rel_err(out, ref)
+    del out
+    row["rel_err"] = err
+    if not err < tol:
+      row.update(status="wrong", reason=f"relative error {err:.3g} >= {tol:g} (or NaN)")
+      print(f"{tag}: skipped ({row['reason']})", flush=True)
+      rows.append(row)
+      continue
+    try:
+      ms = bc.time_jax(fn, *args, warmup=warmup, iters=iters)
+    except Exception as e:
+      row.update(status="error", reason=_error_text(e))
+      print(f"{tag}: skipped ({row['reason']})", flush=True)
+      rows.append(row)
+      continue
+    row.update(status="ok", ms=ms, tflops=bc.tflops(flops, ms))
+    print(f"{tag}: {ms:.3f} ms  {row['tflops']:.4g} TFLOP/s  err {err:.2e}", flush=True)
+    rows.append(row)
+  del args, ref
+
+  ok = [r for r in rows if r["status"] == "ok"]
+  record: dict[str, Any] = {
+      "shape": shape_name, "M": m, "K": k, "N": n, "G": g, "dist": dist, "op": op,
+      "backend": backend, "dtype": dtype_name, "key_k": kk, "key_n": nn, "flops": flops,
+      "candidates": rows, "chosen": None,
+  }
+  if ok:
+    best = min(ok, key=lambda r: r["ms"])
+    base = rows[0] if rows[0]["status"] == "ok" else None
+    if base is not None and best is not base and best["ms"] > base["ms"] * (1.0 - min_gain):
+      best = base  # within noise of the default: keep the default
+    best["chosen"] = True
+    record["chosen"] = best["label"]
+    record["default_ms"] = base["ms"] if base else None
+    print(f"  -> {shape_name} {op}/{backend}: {best['label']} {best['tflops']:.4g} TFLOP/s"
+          + (f" ({base['ms'] / best['ms']:.3f}x the default)" if base else " (default failed)"),
+          flush=True)
+  else:
+    print(f"  -> {shape_name} {op}/{backend}: no candidate passed; no entry written", flush=True)
+  return record
+
+
+def table_entry(record: dict[str, Any], device_kind: str, env: dict[str, Any]) -> dict | None:
+  """The tuned-table entry of a record's chosen candidate (None when none passed)."""
+  best = next((r for r in record["candidates"] if r.get("chosen")), None)
+  if best is None:
+    return None
+  cfg = tuning.config_classes()[best["config_type"]](**best["config"])
+  key = tuning.make_key(record["op"], record["backend"], record["dtype"], record["key_k"],
+                        record["key_n"], record["M"], device_kind=device_kind)
+  meta = {
+      "ms": float(f"{best['ms']:.4g}"), "tflops": float(f"{best['tflops']:.4g}"),
+      "default_ms": float(f"{record['default_ms']:.4g}") if record.get("default_ms") else None,
+      "rel_err": float(f"{best['rel_err']:.3g}"), "shape": record["shape"], "M": record["M"],
+      "G": record["G"], "dist": record["dist"], "jax": env["jax"], "date": env["date"],
+      "source": "experiments/autotune_gmm.py",
+  }
+  return tuning.make_entry(key, cfg, meta)
+
+
+def lower_only(shapes: dict[str, tuple[int, int, int, int]], ops: list[str],
+               backend_names: list[str], dtype: Any) -> list[dict[str, Any]]:
+  """Lowers (does not run) every candidate for an abstract H100 on this machine, so candidates
+  that cannot lower are found on CPU before GPU time is spent on them (cheap pre-flight)."""
+  from kernels.gpu_lowering import lower_for_gpu
+
+  sds = jax.ShapeDtypeStruct
+  rows = []
+  for shape_name, (m, k, n, g) in shapes.items():
+    operands = {"gmm": (sds((m, k), dtype), sds((g, k, n), dtype)),
+                "gmm_t": (sds((m, n), dtype), sds((g, k, n), dtype)),
+                "xty": (sds((m, k), dtype), sds((m, n), dtype))}
+    for op in ops:
+      kk, nn = (n, k) if op == "gmm_t" else (k, n)
+      for backend in backend_names:
+        for cfg in candidates(op, backend, kk, nn, dtype):
+          row = {"shape": shape_name, "op": op, "backend": backend, "config": short(cfg)}
+          if not tuning.fits(cfg, kk, nn, dtype, dtype):
+            row["status"] = "unsupported"
+          else:
+            try:
+              lower_for_gpu(kernel_fn(op, cfg, False), *operands[op], sds((g,), jnp.int32))
+              row["status"] = "lowers"
+            except Exception as e:
+              row.update(status="fails", why=_error_text(e)[:80])
+          print(f"  {shape_name} {op}/{backend} {row['config']}: {row['status']} "
+                f"{row.get('why', '')}", flush=True)
+          rows.append(row)
+  print(bc.table(rows, ["shape", "op", "backend", "config", "status", "why"]))
+  return rows
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def _merge_record(path: str, env: dict[str, Any], records: list[dict[str, Any]]) -> None:
+  """Writes the candidate records, replacing earlier records of the same shape/op/backend."""
+  old: list[dict[str, Any]] = []
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f).get("results", [])
+  ident = lambda r: (r["shape"], r["M"], r["K"], r["N"], r["G"], r["dist"], r["op"], r["backend"],
+                     r["dtype"])
+  merged = {ident(r): r for r in old}
+  merged.update({ident(r): r for r in records})
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"env": env, "results": list(merged.values())}, f, indent=1, default=float)
+
+
+def _csv(value: str, allowed: tuple[str, ...] | list[str], name: str) -> list[str]:
+  items = [v for v in value.split(",") if v]
+  bad = [v for v in items if v not in allowed]
+  if bad or not items:
+    raise SystemExit(f"--{name} must be a comma-separated subset of {list(allowed)}, got {value!r}")
+  return items
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Runs the autotune; returns {"table": path, "record": path, "entries": [...], "records": [...]}."""
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--shapes", default=None,
+                  help=f"comma-separated subset of {list(SHAPES)} (default: all; smoke: 'smoke')")
+  ap.add_argument("--ops", default=",".join(OPS), help=f"subset of {list(OPS)}")
+  ap.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {list(BACKENDS)}")
+  ap.add_argument("--dtype", default="bfloat16", choices=list(TOL))
+  ap.add_argument("--dist", default="uniform", choices=["uniform", "skewed"],
+                  help="group sizes: uniform, or Dirichlet(0.5) skew")
+  ap.add_argument("--iters", type=int, default=10, help="timed runs per candidate (median)")
+  ap.add_argument("--min-gain", type=float, default=0.02,
+                  help="keep the default unless the best is at least this much faster")
+  ap.add_argument("--write", default=None,
+                  help="table to merge the winners into (default kernels/tuned_configs.json; "
+                       "smoke: a temp file)")
+  ap.add_argument("--record", default=None,
+                  help="JSON of every candidate (default experiments/results/"
+                       "autotune_gmm_<device>.json; smoke: next to --write)")
+  ap.add_argument("--smoke", action="store_true",
+                  help="CPU: tiny shape through the interpret backends, 1 timing iteration")
+  ap.add_argument("--lower-only", action="store_true",
+                  help="any machine: only lower every candidate for an H100 (no run, no table)")
+  args = ap.parse_args(argv)
+
+  env = bc.environment()
+  device_kind = tuning.current_device_kind()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if args.lower_only:
+    shapes = {s: SHAPES[s] for s in _csv(args.shapes or ",".join(SHAPES), list(SHAPES), "shapes")}
+    rows = lower_only(shapes, _csv(args.ops, OPS, "ops"),
+                      _csv(args.backends, BACKENDS, "backends"), jnp.dtype(args.dtype))
+    return {"lowered": rows}
+  if args.smoke:
+    shapes = {**SMOKE_SHAPES}
+    if args.shapes:
+      raise SystemExit("--shapes: --smoke uses its own tiny shape; leave --shapes out")
+    iters, warmup, interpret = 1, 1, True
+    write = args.write or os.path.join(tempfile.mkdtemp(prefix="autotune_gmm_"), "tuned.json")
+    record_path = args.record or os.path.join(os.path.dirname(os.path.abspath(write)),
+                                              "autotune_gmm_record.json")
+  else:
+    if not backends.on_gpu():
+      raise SystemExit("autotune_gmm.py times GPU kernels: run it on a GPU, or use --smoke on CPU")
+    shapes = {s: SHAPES[s] for s in _csv(args.shapes or ",".join(SHAPES), list(SHAPES), "shapes")}
+    iters, warmup, interpret = args.iters, 2, False
+    write = args.write or os.path.join(root, "kernels", "tuned_configs.json")
+    record_path = args.record or os.path.join(root, "experiments", "results",
+                                              f"autotune_gmm_{_slug(device_kind)}.json")
+  if args.iters < 1:
+    raise SystemExit(f"--iters must be >= 1, got {args.iters}")
+  ops = _csv(args.ops, OPS, "ops")
+  backend_names = _csv(args.backends, BACKENDS, "backends")
+  dtype = jnp.dtype(args.dtype)
+  if "mosaic" in backend_names and dtype.itemsize != 2:
+    print(f"note: Mosaic is used for 16-bit operands only; skipping it for {dtype.name}", flush=True)
+    backend_names = [b for b in backend_names if b != "mosaic"]
+  print("environment:", env, flush=True)
+  print(f"tuning {list(shapes)} x {ops} x {backend_names} ({dtype.name}, {args.dist}) on "
+        f"{device_kind!r}; table -> {write}", flush=True)
+
+  records, entries = [], []
+  t_start = time.perf_counter()
+  for shape_name, shape in shapes.items():
+    print(f"== {shape_name}: (M, K, N, G) = {shape}", flush=True)
+    for op in ops:
+      for backend in backend_names:
+        rec = tune(op, backend, shape_name, shape, dtype, args.dist, iters, warmup, interpret,
+                   args.smoke, args.min_gain)
+        records.append(rec)
+        entry = table_entry(rec, device_kind, env)
+        if entry is not None:
+          entries.append(entry)
+        # Written as it goes, so a run cut at its time limit keeps what it finished.
+        _merge_record(record_path, env, [rec])
+        if entry is not None:
+          tuning.write_table(write, [entry], comment=tuning.TABLE_COMMENT)
+        print(f"   ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
+
+  if not os.path.exists(write):  # nothing passed: still leave a valid (possibly empty) table
+    tuning.write_table(write, [], comment=tuning.TABLE_COMMENT)
+  table = tuning.load_table(write)
+  for e in entries:  # read back: lookup must now give each chosen config
+    key = tuning.TableKey(*(e[f] for f in tuning.TableKey._fields))
+    got = tuning.lookup(key.op, key.backend, key.dtype, key.k, key.n, key.m_bucket,
+                        device_kind=key.device_kind, path=write)
+    if got is None or dataclasses.asdict(got) != e["config"]:
+      raise RuntimeError(f"{write}: lookup of {key} gave {got}, not the config just written")
+
+  rows = []
+  for rec in records:
+    for c in rec["candidates"]:
+      rows.append({"shape": rec["shape"], "op": rec["op"], "backend": rec["backend"],
+                   "config": c["label"], "status": c["status"] + (" *" if c.get("chosen") else ""),
+                   "ms": c.get("ms"), "TFLOP/s": c.get("tflops"),
+                   "err": f"{c['rel_err']:.1e}" if "rel_err" in c else "",
+                   "why": c.get("reason", "")[:60]})
+  print(f"\nCandidates ({dtype.name}, {env['device']}, jax {env['jax']}; * = written to the table)")
+  print(bc.table(rows, ["shape", "op", "backend", "config", "status", "ms", "TFLOP/s", "err",
+                        "why"]))
+  print(f"\nwrote {len(entries)} entries to {write} ({len(table.entries)} in the table); "
+        f"candidate record {record_path}; {time.perf_counter() - t_start:.0f} s")
+  return {"table": write, "record": record_path, "entries": entries, "records": records}
+
+
+if __name__ == "__main__":
+  main()
