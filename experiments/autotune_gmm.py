@@ -165,12 +165,7 @@ def op_problem(op: str, m: int, k: int, n: int, g: int, dtype: Any, sizes: np.nd
   return (x, dy, gs), k, n, ref
 
 
-def rel_err(got: jax.Array, want: jax.Array) -> float:
-  """||got - want|| / ||want|| in float32; inf when got has a NaN or inf."""
-  got = got.astype(jnp.float32)
-  if not bool(jnp.all(jnp.isfinite(got))):
-    return float("inf")
-  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+rel_err = bc.rel_err  # ||got - want|| / ||want||; inf on NaN/inf
 
 
 def _error_text(e: BaseException) -> str:

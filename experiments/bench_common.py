@@ -48,6 +48,18 @@ def time_torch(fn: Callable, *, warmup: int = 3, iters: int = 20) -> float:
   return statistics.median(times)
 
 
+def rel_err(got, want) -> float:
+  """||got - want|| / ||want||, computed in float32 on the device (no host copy of large arrays);
+  inf when got has a NaN or inf, so an unwritten (poisoned) output can never pass."""
+  import jax.numpy as jnp
+
+  got = jnp.asarray(got, jnp.float32)
+  want = jnp.asarray(want, jnp.float32)
+  if not bool(jnp.all(jnp.isfinite(got))):
+    return float("inf")
+  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+
+
 def tflops(flops: float, ms: float) -> float:
   return flops / (ms * 1e-3) / 1e12
 

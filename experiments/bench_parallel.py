@@ -107,12 +107,7 @@ def layouts_for(n: int, num_experts: int, d_ff: int, requested: str | None) -> t
   return keep, notes
 
 
-def rel(got, want) -> float:
-  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-  want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
-  if not np.all(np.isfinite(got)):
-    return float("inf")
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+rel = bc.rel_err  # ||got - want|| / ||want||; inf on NaN/inf
 
 
 def report(checks: dict, name: str, ok: bool, detail: str) -> None:

@@ -70,11 +70,7 @@ LAYOUTS = {  # name: (x_grouped, y_grouped, gates, transpose_w)
 }
 
 
-def rel(got, want) -> float:
-  got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
-  if not bool(jnp.all(jnp.isfinite(got))):
-    return float("inf")
-  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+rel = bc.rel_err  # ||got - want|| / ||want||; inf on NaN/inf
 
 
 def report(checks: list, name: str, err: float, tol: float = 1e-2, extra: bool = True) -> None:
