@@ -23,13 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from kernels import tiling
-
-
-def _precision(dtype) -> jax.lax.Precision:
-  """float32 operands multiply in full float32 (Triton's default for them is TF32, ~3e-4
-  relative error); 16-bit operands use the tensor cores' native path either way."""
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
-
+from kernels.triton_dot import dot_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +96,7 @@ def _gmm_kernel(
               mask=k_ok[:, None] & (cols < n)[None, :], other=0.0,
           )
           dims = (((1,), (0,)), ((), ()))
-        return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                             precision=_precision(a.dtype))
+        return acc + dot_f32(a, b, dims)
 
       acc = jax.lax.fori_loop(0, tiling.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
       plt.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
@@ -157,9 +150,7 @@ def _xty_kernel(offsets_ref, x_ref, dy_ref, out_ref, *, k: int, n: int, cfg: Tri
     dy = plt.load(
         dy_ref.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)], mask=rows_ok & (nn < n)[None, :], other=0.0
     )
-    return acc + jax.lax.dot_general(
-        x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-        precision=_precision(x.dtype))
+    return acc + dot_f32(x, dy, (((0,), (0,)), ((), ())))
 
   num_steps = (end - start + bm - 1) // bm
   acc = jax.lax.fori_loop(0, num_steps, body, jnp.zeros((bk, bn), jnp.float32))

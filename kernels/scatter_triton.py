@@ -25,13 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from kernels import tiling
-
-
-def _precision(dtype) -> jax.lax.Precision:
-  """float32 operands multiply in full float32 (Triton's default for them is TF32, ~3e-4
-  relative error); 16-bit operands use the tensor cores' native path either way."""
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
-
+from kernels.triton_dot import dot_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +109,7 @@ def _kernel(*refs, m: int, k: int, n: int, num_groups: int, num_n: int, num_tile
           b = plt.load(w_ref.at[g, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)],
                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
           dims = (((1,), (0,)), ((), ()))
-        return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                             precision=_precision(a.dtype))
+        return acc + dot_f32(a, b, dims)
 
       acc = jax.lax.fori_loop(0, tiling.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
       if has_scale:

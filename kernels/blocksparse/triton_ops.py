@@ -25,13 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from kernels.blocksparse.topology import Topology, cdiv
-
-
-def _precision(dtype) -> jax.lax.Precision:
-  """float32 operands multiply in full float32 (Triton's default for them is TF32, ~3e-4
-  relative error); 16-bit operands use the tensor cores' native path either way."""
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
-
+from kernels.triton_dot import dot_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +69,7 @@ def _swizzle(num_lines: int, num_other: int, group: int):
 # Contract dim 1 of a with dim 0 of b, optionally with either operand stored transposed.
 def _mm(a, b, ta: bool, tb: bool):
   dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                             precision=_precision(a.dtype))
+  return dot_f32(a, b, dims)
 
 
 def _sdd_kernel(nnz_ref, row_ref, col_ref, lhs_ref, rhs_ref, out_ref, *, k, b, cfg, ta, tb,
