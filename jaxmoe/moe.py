@@ -105,7 +105,7 @@ class MoE(nnx.Module):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"x must be a float array, got dtype {x.dtype}")
     tokens = x.reshape(-1, cfg.d_model)
-    parallel = getattr(self, "parallel", None)
+    parallel = self.parallel
     if parallel is not None:
       from jaxmoe import expert_parallel  # here: it imports jaxmoe.experts/dispatch, not moe
       expert_parallel.check_call(parallel, cfg, tokens.shape[0], impl)
@@ -117,7 +117,7 @@ class MoE(nnx.Module):
     dropped = jnp.zeros((), jnp.float32)
     if parallel is not None:
       y, dropped = expert_parallel.routed_experts(self.experts, tokens, routing.indices,
-                                                  routing.weights, self.parallel, impl=impl)
+                                                  routing.weights, parallel, impl=impl)
     elif impl == "capacity":
       y, _, dropped = capacity_lib.capacity_experts(
           self.experts, tokens, routing.indices, routing.weights, cfg.capacity(tokens.shape[0]))

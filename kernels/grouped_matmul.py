@@ -59,14 +59,13 @@ def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, interpret, c
 
   if config is not None:
     ws = isinstance(config, gmm_mosaic_ws.MosaicWsGmmConfig)
-    impl = gmm_mosaic_ws.gmm if ws else gmm_mosaic.gmm
-    return impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                config=config, interpret=interpret)
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  ws_fits = gmm_mosaic_ws.supports(lhs.shape[1], n, in_dtype=lhs.dtype, out_dtype=out_dtype)
-  impl = gmm_mosaic_ws.gmm if ws_fits else gmm_mosaic.gmm
+  else:
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    ws = gmm_mosaic_ws.supports(lhs.shape[1], n, in_dtype=lhs.dtype, out_dtype=out_dtype)
+  impl = gmm_mosaic_ws.gmm if ws else gmm_mosaic.gmm
+  tuned = {} if config is None else {"config": config}  # as _tuned_config hands it on
   return impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-              interpret=interpret)
+              interpret=interpret, **tuned)
 
 
 def _pick_pallas(m: int, k: int, n: int, dtype) -> str:
