@@ -123,7 +123,6 @@ def main():
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--mosaic-sweep", action="store_true", help="also time a grid of Mosaic configs")
-  ap.add_argument("--xty-sweep", action="store_true", help="also time a grid of Mosaic group_xty configs")
   ap.add_argument("--no-torch", action="store_true")
   args = ap.parse_args()
 
@@ -224,21 +223,6 @@ def main():
             sweep[f"{cfg} transpose_rhs={tr}"] = ms if ms else err
             print(f"   {cfg} transpose_rhs={tr}: {ms if ms else err}", flush=True)
         row["mosaic_sweep_fwd_ms"] = sweep
-
-      if args.xty_sweep:
-        sweep = {}
-        for bk_, bn_, br_, steps, width in [(128, 128, 64, 4, 8), (128, 128, 64, 3, 8),
-                                            (128, 128, 64, 6, 8), (128, 128, 64, 4, 4),
-                                            (128, 128, 64, 4, 16), (128, 128, 32, 6, 8),
-                                            (64, 256, 64, 4, 8), (128, 128, 128, 2, 8)]:
-          cfg = gmm_mosaic.MosaicXtyConfig(block_k=bk_, block_n=bn_, block_rows=br_,
-                                           max_concurrent_steps=steps, grid_tile_width=width)
-          f = jax.jit(lambda x, d, s, cfg=cfg: gmm_mosaic.group_xty(x, d, s, out_dtype=x.dtype,
-                                                                    config=cfg))
-          ms, err = time_or_error(f, lhs, dy, gs, iters=iters)
-          sweep[str(cfg)] = ms if ms else err
-          print(f"   {cfg}: {f'{bc.tflops(flops, ms):.0f} TFLOP/s' if ms else err}", flush=True)
-        row["xty_sweep_ms"] = sweep
 
 
       dense_m = m
