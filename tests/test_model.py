@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 from conftest import assert_close
-from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, param_counts, rope
+from jaxmoe import model as model_lib
+from jaxmoe.model import (ModelConfig, TransformerLM, attention_impl, cross_entropy, embed_lookup,
+                          param_counts, rope)
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
              num_experts=4, top_k=2, dtype="float32")
@@ -109,7 +111,41 @@ def test_bf16_compute_float32_params(rng):
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"activation": "tanh"}, "activation must be one of"),
     ({"moe_impl": "blocksparse", "block_size": 32}, "multiple of block_size"),
+    ({"attention": "flash"}, "attention must be one of"),
+    ({"attention": "cudnn"}, "needs dtype bfloat16"),   # SMALL is float32
 ])
 def test_config_errors(override, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{**SMALL, **override})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("chunk", [8192, 5])   # one chunk; several with a padded tail (21 = 4*5+1)
+def test_embed_lookup_gradient_matches_take(rng, monkeypatch, dtype, chunk):
+  """The one-hot-matmul gradient equals the scatter-add gradient of jnp.take, repeated ids
+  included (one id taking most tokens), for float32 and bf16 cotangents."""
+  monkeypatch.setattr(model_lib, "_EMBED_GRAD_CHUNK", chunk)
+  table = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
+  ids = jnp.asarray(np.where(rng.random((3, 7)) < 0.6, 7, rng.integers(0, 50, (3, 7))), jnp.int32)
+  w = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+
+  def loss(lookup, t):
+    return jnp.sum((lookup(t, ids).astype(dtype) * w.astype(dtype)).astype(jnp.float32) ** 2)
+
+  got = jax.grad(lambda t: loss(embed_lookup, t))(table)
+  want = jax.grad(lambda t: loss(lambda t, i: jnp.take(t, i, axis=0), t))(table)
+  assert got.dtype == jnp.float32 and got.shape == table.shape
+  np.testing.assert_array_equal(np.asarray(embed_lookup(table, ids)), np.asarray(table[ids]))
+  # Same float32 sums in another order.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # Rows of ids that never occur get exactly zero gradient.
+  unused = np.setdiff1d(np.arange(50), np.asarray(ids))
+  assert np.all(np.asarray(got)[unused] == 0)
+
+
+def test_attention_impl_choice():
+  cfg = ModelConfig(**{**SMALL, "dtype": "bfloat16"})
+  # CPU tests: "auto" is XLA's attention; an explicit choice is passed through.
+  assert attention_impl(cfg, jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+  assert attention_impl(cfg, jnp.float32) == "xla"
+  assert attention_impl(ModelConfig(**{**SMALL, "attention": "xla"}), jnp.bfloat16) == "xla"

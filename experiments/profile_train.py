@@ -1,0 +1,233 @@
+"""Where a training step's time goes (issue 6): phase timings and a GPU kernel profile.
+
+For one preset and each variant (as in bench_train.py: dmoe, capacity, dense, ...), in one run:
+  1. times the jit-compiled forward (loss only), forward+backward (gradients, no optimizer) and the
+     full train step (gradients + clip + AdamW), each the median of `--iters` blocked calls, so
+     the optimizer's share is the difference of the last two;
+  2. traces `--trace-steps` full steps with jax.profiler and sums the GPU kernel time from the
+     trace JSON the profiler writes (no TensorBoard needed): total busy time vs wall time (idle
+     gaps = launch/host overhead), time per category (matmul, attention, Pallas kernels,
+     elementwise fusions, copies, collectives) and the top kernels by time;
+  3. writes profile_train.json to --out and prints the tables.
+
+Run on the GPU:  python experiments/profile_train.py --out DIR --preset small --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import bench_common as bc  # noqa: E402
+from experiments.bench_train import VARIANTS, _train_json  # noqa: E402
+from jaxmoe import data as data_lib  # noqa: E402
+from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, flops_per_token  # noqa: E402
+from jaxmoe.presets import get_preset  # noqa: E402
+from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_state, make_mesh,  # noqa: E402
+                          make_optimizer, replicated)
+
+# Kernel-name fragments -> category, first match wins (names as CUDA/XLA/Pallas report them).
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "cudnn", "attention", "softmax")),
+    ("pallas", ("mosaic", "pallas", "triton", "gmm", "xty", "scatter", "_sdd", "_dsd", "_dds")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "sm80", "cublas", "dot")),
+    ("collective", ("nccl", "all_reduce", "all_to_all", "all_gather")),
+    ("copy", ("memcpy", "memset", "copy", "transpose")),
+    ("reduce", ("reduce", "scatter", "sort", "cumsum")),
+    ("fusion", ("fusion", "loop", "input", "wrapped", "convert", "broadcast", "select")),
+)
+
+
+def category(name: str) -> str:
+  low = name.lower()
+  for cat, keys in CATEGORIES:
+    if any(k in low for k in keys):
+      return cat
+  return "other"
+
+
+def summarize_trace(trace_dir: str, top: int) -> dict:
+  """Sum the GPU kernel events of the newest *.trace.json.gz under trace_dir."""
+  paths = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")),
+                 key=os.path.getmtime)
+  if not paths:
+    raise RuntimeError(f"no *.trace.json.gz under {trace_dir}")
+  with gzip.open(paths[-1], "rb") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"]
+  gpu_pids = {e["pid"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "GPU" in str(e.get("args", {}).get("name", ""))}
+  kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+  # Events on several GPU lines can describe the same kernel (stream view and op view):
+  # count only the stream lines that carry kernel names, i.e. those of the busiest thread kind.
+  by_tid = collections.defaultdict(float)
+  for e in kernels:
+    by_tid[(e["pid"], e["tid"])] += float(e.get("dur", 0))
+  thread_names = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", ""))
+                  for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  stream_tids = {k for k in by_tid if "stream" in thread_names.get(k, "").lower()}
+  if stream_tids:
+    kernels = [e for e in kernels if (e["pid"], e["tid"]) in stream_tids]
+  if not kernels:
+    return {"trace": paths[-1], "kernels": 0}
+  start = min(float(e["ts"]) for e in kernels)
+  end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in kernels)
+  per_name = collections.defaultdict(lambda: [0.0, 0])
+  per_cat = collections.defaultdict(float)
+  busy = 0.0
+  for e in kernels:
+    d = float(e.get("dur", 0))
+    busy += d
+    per_name[e["name"]][0] += d
+    per_name[e["name"]][1] += 1
+    per_cat[category(e["name"])] += d
+  top_rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+  return {
+      "trace": paths[-1], "kernels": len(kernels), "span_us": end - start, "busy_us": busy,
+      "threads": sorted(thread_names.get(k, str(k)) for k in {(e["pid"], e["tid"]) for e in kernels}),
+      "per_category_us": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
+      "top": [{"name": n[:120], "us": v[0], "count": v[1], "category": category(n)}
+              for n, v in top_rows],
+  }
+
+
+def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
+                    iters: int, trace_steps: int, out_dir: str, top: int,
+                    phases: bool = True) -> dict:
+  mesh = make_mesh(model_cfg, train_cfg)
+  tx, _ = make_optimizer(train_cfg)
+  repl, bs = replicated(mesh), batch_sharding(mesh)
+  state = jax.jit(lambda: init_state(model_cfg, train_cfg, tx)[1], out_shardings=repl)()
+  jit_train, jit_eval = _jitted_steps(model_cfg, _train_json(train_cfg), mesh)
+  graphdef = nnx.split(nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0))),
+                       nnx.Param, ...)[0]
+
+  def loss(params, rest, x, y):
+    logits, stats = nnx.merge(graphdef, params, rest)(x, deterministic=False)
+    return cross_entropy(logits, y) + stats["moe_loss"]
+
+  jit_grad = jax.jit(lambda s, x, y: jax.grad(loss)(s["params"], s["rest"], x, y),
+                     in_shardings=(repl, bs, bs), out_shardings=repl)
+  batches = data_lib.Batches(tokens, train_cfg.batch_size, train_cfg.seq_len, seed=0)
+  x, y = (jax.device_put(a, bs) for a in batches.batch(0))
+  res = {"variant": name, "fwd_ms": None, "fwdbwd_ms": None, "optimizer_ms": None,
+         "fwdbwd_tflops": None}
+  res["fwd_ms"] = bc.time_jax(jit_eval, state, x, y, warmup=2, iters=iters)
+  if phases:
+    # Gradients next to the whole state (not donated) need ~one more copy of the parameters:
+    # where that does not fit, report the step only.
+    try:
+      res["fwdbwd_ms"] = bc.time_jax(jit_grad, state, x, y, warmup=2, iters=iters)
+    except jax.errors.JaxRuntimeError as e:
+      print(f"   {name}: fwd+bwd phase not timed ({str(e)[:120]})")
+  del jit_grad
+
+  # The full step donates its state: run it as a loop, not through time_jax.
+  times = []
+  for i in range(2 + iters):
+    t0 = time.perf_counter()
+    state, m = jit_train(state, x, y)
+    jax.block_until_ready(m["loss"])
+    if i >= 2:
+      times.append((time.perf_counter() - t0) * 1e3)
+  res["step_ms"] = float(np.median(times))
+  tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+  fpt = flops_per_token(model_cfg, train_cfg.seq_len)
+  res["step_tflops"] = fpt * tokens_per_step / (res["step_ms"] * 1e-3) / 1e12
+  if res["fwdbwd_ms"] is not None:
+    res["optimizer_ms"] = res["step_ms"] - res["fwdbwd_ms"]
+    res["fwdbwd_tflops"] = fpt * tokens_per_step / (res["fwdbwd_ms"] * 1e-3) / 1e12
+
+  trace_dir = os.path.join(out_dir, f"trace_{name}")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(trace_steps):
+      state, m = jit_train(state, x, y)
+    jax.block_until_ready(m["loss"])
+  res["profile"] = summarize_trace(trace_dir, top)
+  res["profile"]["steps"] = trace_steps
+  return res
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--preset", default="small")
+  ap.add_argument("--variants", default="dense,dmoe")
+  ap.add_argument("--batch-size", type=int, default=None)
+  ap.add_argument("--seq-len", type=int, default=None)
+  ap.add_argument("--num-experts", type=int, default=None)
+  ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--trace-steps", type=int, default=3)
+  ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--no-phases", action="store_true",
+                  help="skip the separate fwd+bwd timing (it needs memory for a second gradient)")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                  help="extra ModelConfig override, e.g. --set tie_embeddings=false")
+  args = ap.parse_args()
+
+  preset = get_preset(args.preset)
+  model_base, train_base = preset["model"], preset["train"]
+  train_base.update(steps=10, warmup_steps=1, ckpt_every=0, tensorboard=False)
+  if args.batch_size:
+    train_base["batch_size"] = args.batch_size
+  if args.seq_len:
+    train_base["seq_len"] = args.seq_len
+  model_base["remat"] = args.remat or model_base.get("remat", False)
+  if args.num_experts:
+    model_base["num_experts"] = args.num_experts
+  for kv in args.set:
+    k, v = kv.split("=", 1)
+    model_base[k] = json.loads(v)
+  train_cfg = TrainConfig(**{**train_base, "mesh_data": -1})
+  tokens = data_lib.load_tokens(None, max_bytes=8 << 20)
+  os.makedirs(args.out, exist_ok=True)
+
+  results = {}
+  for name in args.variants.split(","):
+    model_cfg = ModelConfig(**{**model_base, **VARIANTS[name]})
+    try:
+      r = profile_variant(name, model_cfg, train_cfg, tokens, args.iters, args.trace_steps,
+                          args.out, args.top, phases=not args.no_phases)
+    except Exception as e:  # report and go on with the other variants
+      import traceback
+      traceback.print_exc()
+      print(f"FAIL {name}: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    results[name] = r
+    p = r["profile"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    print(f"== {name}: fwd {fmt(r['fwd_ms'])} ms, fwd+bwd {fmt(r['fwdbwd_ms'])} ms, step "
+          f"{r['step_ms']:.1f} ms (optimizer ~{fmt(r['optimizer_ms'])} ms), "
+          f"{r['step_tflops']:.0f} TFLOP/s per step, {fmt(r['fwdbwd_tflops'])} fwd+bwd")
+    if p.get("kernels"):
+      steps = p["steps"]
+      print(f"   GPU busy {p['busy_us'] / steps / 1e3:.1f} ms/step of span "
+            f"{p['span_us'] / steps / 1e3:.1f} ms/step; {p['kernels'] // steps} kernels/step")
+      for cat, us in p["per_category_us"].items():
+        print(f"   {cat:<11} {us / steps / 1e3:8.2f} ms/step")
+      for row in p["top"]:
+        print(f"   {row['us'] / steps / 1e3:8.3f} ms x{row['count'] // steps:<4} "
+              f"[{row['category']}] {row['name']}")
+  payload = {"env": bc.environment(), "preset": args.preset, "model_base": model_base,
+             "train": train_base, "results": results}
+  print("wrote", bc.write_json(args.out, "profile_train.json", payload))
+  return 0 if results else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
