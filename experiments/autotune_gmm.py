@@ -7,6 +7,10 @@ backend, times a small candidate grid of kernel configs (at most 8, the kernel's
   op "gmm_t"  its data gradient          dy (M, N) x rhs (G, K, N)^T       table key k=N, n=K
   op "xty"    group_xty weight gradient  x (M, K), dy (M, N) -> (G, K, N)  table key k=K, n=N
 
+The Mosaic grids hold both kernels of each op (gmm: gmm_mosaic_ws and gmm_mosaic; xty:
+gmm_mosaic_xty_ws and gmm_mosaic), so one run compares them; the winner's config type picks the
+kernel at dispatch.
+
 Every candidate is first checked against the float32 `kernels.reference` on the same random
 inputs (relative error below 1e-2 for bf16, no NaN); candidates that do not fit the shape, fail to
 compile or fail the check are skipped and recorded with the reason. The fastest passing candidate
@@ -48,7 +52,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common as bc  # noqa: E402
 from experiments.bench_grouped_matmul import SHAPES, group_sizes_for  # noqa: E402
-from kernels import backends, gmm_mosaic, gmm_mosaic_ws, gmm_triton, reference, tuning  # noqa: E402
+from kernels import (  # noqa: E402
+    backends, gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton, reference, tuning)
 
 SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile multiple
 OPS = tuning.OPS
@@ -58,6 +63,7 @@ TOL = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 1e-4}
 MAX_CANDIDATES = 8
 
 _Ws, _Mg, _Mx = gmm_mosaic_ws.MosaicWsGmmConfig, gmm_mosaic.MosaicGmmConfig, gmm_mosaic.MosaicXtyConfig
+_Wx = gmm_mosaic_xty_ws.MosaicWsXtyConfig
 _Tg, _Tx = gmm_triton.TritonGmmConfig, gmm_triton.TritonXtyConfig
 
 
@@ -65,8 +71,8 @@ def default_config(op: str, backend: str, k: int, n: int, dtype: Any) -> Any:
   """The config `kernels.grouped_matmul` uses without a table entry (the timing baseline)."""
   if backend == "triton":
     return _Tx() if op == "xty" else _Tg()
-  if op == "xty":
-    return _Mx()
+  if op == "xty":  # as grouped_matmul._mosaic_xty: the ws kernel where it fits
+    return gmm_mosaic_xty_ws.default_config(k, n, dtype, dtype) or _Mx()
   return _Ws() if gmm_mosaic_ws.supports(k, n, _Ws(), dtype, dtype) else _Mg()
 
 
@@ -84,8 +90,8 @@ def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = 
         grid = [_Tg(block_m=32, block_n=64, block_k=64, group_m=2, num_warps=4, num_stages=2),
                 _Tg(block_m=64, block_n=128, block_k=32, group_m=4, num_warps=4, num_stages=2)]
     elif op == "xty":
-      grid = [_Mx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1),
-              _Mx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=3, grid_tile_width=2)]
+      grid = [_Wx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1),
+              _Mx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1)]
     else:
       grid = [_Mg(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1),
               _Ws(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1)]
@@ -100,12 +106,16 @@ def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = 
             _Tg(block_k=32, num_warps=4), _Tg(block_m=64, num_warps=4),
             _Tg(block_n=64, num_warps=4), _Tg(group_m=16)]
   elif op == "xty":
-    grid = [_Mx(),                                                   # (steps 4, width 8, rows 64)
-            _Mx(max_concurrent_steps=3), _Mx(max_concurrent_steps=6),
-            _Mx(grid_tile_width=4), _Mx(grid_tile_width=16),
-            # block_rows=32 does not lower (the row mask's WGMMA layout needs 64-row blocks).
-            _Mx(block_rows=128, max_concurrent_steps=2), _Mx(block_rows=128, max_concurrent_steps=3),
-            _Mx(block_k=64, block_n=256)]
+    # The warp-specialized kernel around its default (128x256 CTA tile, 64-row steps, 4 stages:
+    # 224 KiB of shared memory, so deeper or wider variants trade depth for width), and the
+    # single-warpgroup kernel's default as the baseline it must beat, timed in the same run.
+    # block_rows=32 does not lower for either (the row mask's WGMMA layout needs 64-row blocks).
+    grid = [default_config(op, backend, k, n, dtype),
+            _Wx(max_concurrent_steps=3), _Wx(block_rows=128, max_concurrent_steps=2),
+            _Wx(grid_tile_width=4), _Wx(grid_tile_width=16),
+            _Wx(block_rows=128, max_concurrent_steps=2, grid_tile_width=16),
+            _Wx(block_n=64, max_concurrent_steps=6),
+            _Mx()]
   else:  # Mosaic gmm / gmm_t: the warp-specialized kernel, plus the simple one as a baseline.
     grid = [default_config(op, backend, k, n, dtype),
             _Ws(grid_tile_width=4), _Ws(grid_tile_width=16), _Ws(max_concurrent_steps=2),
@@ -122,6 +132,7 @@ _SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "block_rows": "br",
           "max_concurrent_steps": "st", "grid_tile_width": "tw", "memory_registers": "mr",
           "group_m": "gm", "num_warps": "nw", "num_stages": "ns"}
 _KIND = {"MosaicWsGmmConfig": "ws", "MosaicGmmConfig": "simple", "MosaicXtyConfig": "xty",
+         "MosaicWsXtyConfig": "wsxty",
          "TritonGmmConfig": "gmm", "TritonXtyConfig": "xty"}
 
 
@@ -135,7 +146,8 @@ def short(cfg: Any) -> str:
 def kernel_fn(op: str, cfg: Any, interpret: bool) -> Callable:
   """jit of the kernel that `cfg` configures, for `op`'s operands."""
   if op == "xty":
-    impl = gmm_mosaic.group_xty if isinstance(cfg, _Mx) else gmm_triton.group_xty
+    impl = {_Wx: gmm_mosaic_xty_ws.group_xty, _Mx: gmm_mosaic.group_xty,
+            _Tx: gmm_triton.group_xty}[type(cfg)]
     return jax.jit(lambda x, dy, s: impl(x, dy, s, out_dtype=x.dtype, config=cfg,
                                          interpret=interpret))
   impl = {_Ws: gmm_mosaic_ws.gmm, _Mg: gmm_mosaic.gmm, _Tg: gmm_triton.gmm}[type(cfg)]

@@ -40,12 +40,10 @@ def _impl(backend: str):
         functools.partial(gmm_triton.group_xty, interpret=interpret),
     )
   if backend in ("mosaic", "mosaic_interpret"):
-    from kernels import gmm_mosaic
-
     interpret = backend == "mosaic_interpret"
     return (
         functools.partial(_mosaic_gmm, interpret=interpret),
-        functools.partial(gmm_mosaic.group_xty, interpret=interpret),
+        functools.partial(_mosaic_xty, interpret=interpret),
     )
   raise AssertionError(backend)
 
@@ -66,6 +64,22 @@ def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, interpret, c
   tuned = {} if config is None else {"config": config}  # as _tuned_config hands it on
   return impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
               interpret=interpret, **tuned)
+
+
+def _mosaic_xty(x, dy, group_sizes, *, out_dtype, interpret, config=None):
+  """The warp-specialized Mosaic group_xty where its CTA tile fits K and N and its stages fit in
+  shared memory for these dtypes, else the single-warpgroup one; a tuned `config` picks the
+  kernel by its type (as `_mosaic_gmm` does; `_tuned_config` has checked that it fits)."""
+  from kernels import gmm_mosaic, gmm_mosaic_xty_ws
+
+  if config is not None:
+    ws = isinstance(config, gmm_mosaic_xty_ws.MosaicWsXtyConfig)
+  else:
+    ws = gmm_mosaic_xty_ws.supports(x.shape[1], dy.shape[1], in_dtype=x.dtype,
+                                    out_dtype=out_dtype)
+  impl = gmm_mosaic_xty_ws.group_xty if ws else gmm_mosaic.group_xty
+  tuned = {} if config is None else {"config": config}
+  return impl(x, dy, group_sizes, out_dtype=out_dtype, interpret=interpret, **tuned)
 
 
 def _pick_pallas(m: int, k: int, n: int, dtype) -> str:

@@ -47,12 +47,12 @@ OPS = ("gmm", "gmm_t", "xty")
 TUNED_BACKENDS = ("mosaic", "triton")
 DTYPES = ("bfloat16", "float16", "float32")
 
-# Config dataclass names allowed per (op, backend). The Mosaic gmm may name either the
-# warp-specialized kernel's config or the simple kernel's: the type picks the kernel.
+# Config dataclass names allowed per (op, backend). The Mosaic gmm and group_xty may name either
+# the warp-specialized kernel's config or the simple kernel's: the type picks the kernel.
 CONFIG_TYPES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gmm", "mosaic"): ("MosaicWsGmmConfig", "MosaicGmmConfig"),
     ("gmm_t", "mosaic"): ("MosaicWsGmmConfig", "MosaicGmmConfig"),
-    ("xty", "mosaic"): ("MosaicXtyConfig",),
+    ("xty", "mosaic"): ("MosaicWsXtyConfig", "MosaicXtyConfig"),
     ("gmm", "triton"): ("TritonGmmConfig",),
     ("gmm_t", "triton"): ("TritonGmmConfig",),
     ("xty", "triton"): ("TritonXtyConfig",),
@@ -92,12 +92,13 @@ class Table:
 
 def config_classes() -> dict[str, type]:
   """Config dataclasses by name (imported lazily: the Mosaic modules pull in Mosaic GPU)."""
-  from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_triton
+  from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton
 
   return {
       "MosaicGmmConfig": gmm_mosaic.MosaicGmmConfig,
       "MosaicWsGmmConfig": gmm_mosaic_ws.MosaicWsGmmConfig,
       "MosaicXtyConfig": gmm_mosaic.MosaicXtyConfig,
+      "MosaicWsXtyConfig": gmm_mosaic_xty_ws.MosaicWsXtyConfig,
       "TritonGmmConfig": gmm_triton.TritonGmmConfig,
       "TritonXtyConfig": gmm_triton.TritonXtyConfig,
   }
@@ -280,8 +281,9 @@ def lookup(op: str, backend: str, dtype: Any, k: int, n: int, m: int, *,
     path: table file; defaults to `table_path()` ($JAXMOE_TUNED_CONFIGS or the shipped table).
 
   Returns:
-    The config dataclass (a MosaicWsGmmConfig or MosaicGmmConfig for Mosaic gmm: its type says
-    which kernel), or None when the table has no entry for this device and shape.
+    The config dataclass (for Mosaic gmm a MosaicWsGmmConfig or MosaicGmmConfig, for Mosaic xty a
+    MosaicWsXtyConfig or MosaicXtyConfig: its type says which kernel), or None when the table has
+    no entry for this device and shape.
   """
   key = make_key(op, backend, dtype, k, n, m, device_kind)
   return load_table(path or table_path()).configs.get(key)
@@ -289,12 +291,15 @@ def lookup(op: str, backend: str, dtype: Any, k: int, n: int, m: int, *,
 
 def fits(config: Any, k: int, n: int, in_dtype: Any, out_dtype: Any) -> bool:
   """Whether a (tuned) config can run this call: Mosaic tiles must divide K and N, and the
-  warp-specialized kernel's stages plus output staging must fit in shared memory for these
-  dtypes (`gmm_mosaic_ws.supports`). Triton kernels mask ragged edges: always True."""
-  from kernels import gmm_mosaic, gmm_mosaic_ws
+  warp-specialized kernels' stages plus output staging must fit in shared memory for these
+  dtypes (`gmm_mosaic_ws.supports`, `gmm_mosaic_xty_ws.supports`). Triton kernels mask ragged
+  edges: always True."""
+  from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws
 
   if isinstance(config, gmm_mosaic_ws.MosaicWsGmmConfig):
     return gmm_mosaic_ws.supports(k, n, config, in_dtype, out_dtype)
+  if isinstance(config, gmm_mosaic_xty_ws.MosaicWsXtyConfig):
+    return gmm_mosaic_xty_ws.supports(k, n, config, in_dtype, out_dtype)
   if isinstance(config, (gmm_mosaic.MosaicGmmConfig, gmm_mosaic.MosaicXtyConfig)):
     return k % config.block_k == 0 and n % config.block_n == 0
   return True

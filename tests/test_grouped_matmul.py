@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_close, rel_err
 
 import kernels
-from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_triton
+from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton
 from kernels.gpu_lowering import lower_for_gpu
 from kernels.reference import gmm_reference, group_xty_reference
 
@@ -27,6 +27,9 @@ MOSAIC_WS = gmm_mosaic_ws.MosaicWsGmmConfig(
     block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1
 )
 MOSAIC_XTY = gmm_mosaic.MosaicXtyConfig(
+    block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1
+)
+MOSAIC_WS_XTY = gmm_mosaic_xty_ws.MosaicWsXtyConfig(
     block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1
 )
 
@@ -255,6 +258,119 @@ def test_mosaic_group_xty_interpret(rng):
   _check_xty(out, x, dy, gs, MOSAIC_SIZES, jnp.bfloat16)
 
 
+@pytest.fixture
+def two_sms(monkeypatch):
+  """Run the warp-specialized group_xty on 2 SMs: each then loops over several output tiles, so
+  its pipeline buffers, barriers and output staging are reused across tiles as on the GPU (with
+  132 SMs a small problem gives each SM one tile at most), and far fewer idle interpreter
+  threads make it fast."""
+  monkeypatch.setattr(gmm_mosaic_xty_ws, "_num_sms", lambda: 2)
+
+
+def _no_interpret_races() -> bool:
+  """Whether the last interpreted Mosaic kernel ran without a race on shared memory (the
+  interpreter only prints races; this reads its flag)."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  return not gpu_callbacks.get_races().races_found
+
+
+# (M, sizes) with K=128, N=256 and 64-row blocks: boundaries inside row blocks (30, 100, 145),
+# empty groups, rows past the sum, one group taking all rows (M not a block multiple, so the
+# last block reads past M), block-aligned boundaries, sum > M, and no rows at all.
+WS_XTY_CASES = {
+    "ragged_empty_tail": (200, [30, 0, 70, 0, 45]),
+    "one_group_all": (200, [0, 200, 0]),
+    "aligned": (256, [64, 128, 0, 64]),
+    "overflow": (150, [100, 20, 80]),
+    "all_empty": (100, [0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(WS_XTY_CASES))
+def test_mosaic_ws_group_xty_interpret(rng, two_sms, case):
+  m, sizes = WS_XTY_CASES[case]
+  x = jnp.asarray(rng.standard_normal((m, 128)), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = gmm_mosaic_xty_ws.group_xty(
+      x, dy, gs, out_dtype=jnp.bfloat16, config=MOSAIC_WS_XTY, interpret=True
+  )
+  assert _no_interpret_races()
+  _check_xty(out, x, dy, gs, sizes, jnp.bfloat16)
+
+
+def test_mosaic_ws_group_xty_neighbour_rows_masked(rng, two_sms):
+  """Rows of neighbouring groups and of the tail share row blocks with a group: they must add
+  nothing, even when they hold NaN or inf (a select, not a multiply by 0)."""
+  m, sizes = 200, [30, 0, 70, 0, 45]   # rows 145..199 belong to no group
+  x = np.asarray(rng.standard_normal((m, 128)), np.float32)
+  dy = np.asarray(rng.standard_normal((m, 256)), np.float32)
+  dy[150:] = np.nan
+  dy[100:145, :5] = np.inf             # group 4's own rows are finite elsewhere
+  x_, dy_ = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = gmm_mosaic_xty_ws.group_xty(
+      x_, dy_, gs, out_dtype=jnp.float32, config=MOSAIC_WS_XTY, interpret=True
+  )
+  out = np.asarray(out)
+  # The reference multiplies every row, so give it finite values where the kernel must not look;
+  # group 4's first 5 columns are inf by construction and left out of the comparison.
+  dy[150:] = 0.0
+  dy[100:145, :5] = 0.0
+  want = np.asarray(group_xty_reference(x_.astype(jnp.float32),
+                                        jnp.asarray(dy, jnp.bfloat16).astype(jnp.float32), gs))
+  for g in (0, 2):   # group 2's last row block holds group 4's inf rows
+    assert_close(out[g], want[g], jnp.float32, factor=10.0, name=f"group {g}")
+  np.testing.assert_array_equal(out[[1, 3]], 0.0)
+  # Group 4's last row block holds the tail's NaN rows.
+  assert_close(out[4][:, 5:], want[4][:, 5:], jnp.float32, factor=10.0, name="group 4")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_mosaic_ws_group_xty_public_op(rng, two_sms, dtype):
+  """Through `kernels.group_xty`: the Mosaic backend picks the ws kernel at its default tile
+  (128 x 256) for K=128, N=256; float32 output takes 3 pipeline stages to fit shared memory."""
+  sizes = [90, 0, 77]                  # sum 167 < M=180
+  x = jnp.asarray(rng.standard_normal((180, 128)), dtype)
+  dy = jnp.asarray(rng.standard_normal((180, 256)), dtype)
+  gs = jnp.asarray(sizes, jnp.int32)
+  assert gmm_mosaic_xty_ws.supports(128, 256, in_dtype=dtype, out_dtype=jnp.float32)
+  out = kernels.group_xty(x, dy, gs, backend="mosaic_interpret", out_dtype=jnp.float32)
+  assert _no_interpret_races()
+  # Products of 16-bit values accumulated in float32 and not rounded: float32-level error.
+  _check_xty(out, x, dy, gs, sizes, jnp.float32, factor=10.0)
+
+
+def test_mosaic_ws_group_xty_float32_operands_rejected():
+  """wgmma reads a transposed shared-memory operand only for 16-bit types: float32 x/dy are not
+  supported by the ws kernel (the op's dispatch then keeps the single-warpgroup kernel)."""
+  assert not gmm_mosaic_xty_ws.supports(128, 256, in_dtype=jnp.float32, out_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="16-bit operands"):
+    gmm_mosaic_xty_ws.group_xty(jnp.zeros((8, 128), jnp.float32), jnp.zeros((8, 256), jnp.float32),
+                                jnp.array([8], jnp.int32), out_dtype=jnp.float32)
+
+
+def test_mosaic_ws_xty_shared_memory_budget():
+  """Default: 4 stages of (64x128 + 64x256) bf16 plus (2, 2, 64, 64) bf16 output staging =
+  229376 bytes, within the H100's 232448 (less a 1 KiB margin); a float32 output doubles the
+  staging to 262144 and needs 3 stages. Tiles must divide K and the 256-wide CTA tile N."""
+  cfg = gmm_mosaic_xty_ws.MosaicWsXtyConfig()
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert gmm_mosaic_xty_ws.smem_bytes(cfg, bf16, bf16) == 229376
+  assert gmm_mosaic_xty_ws.smem_bytes(cfg, bf16, f32) == 262144
+  assert gmm_mosaic_xty_ws.supports(4096, 14336, cfg, bf16, bf16)
+  assert not gmm_mosaic_xty_ws.supports(4096, 14336, cfg, bf16, f32)
+  assert gmm_mosaic_xty_ws.default_config(4096, 14336, bf16, bf16) == cfg
+  assert gmm_mosaic_xty_ws.default_config(4096, 14336, bf16, f32).max_concurrent_steps == 3
+  assert gmm_mosaic_xty_ws.supports(4096, 14336, in_dtype=bf16, out_dtype=f32)
+  assert not gmm_mosaic_xty_ws.supports(4096, 384, in_dtype=bf16)   # N % 256 != 0
+  assert not gmm_mosaic_xty_ws.supports(4000, 512, in_dtype=bf16)   # K % 128 != 0
+  with pytest.raises(ValueError, match="262144 bytes"):
+    gmm_mosaic_xty_ws.group_xty(jnp.zeros((8, 4096), bf16), jnp.zeros((8, 512), bf16),
+                                jnp.array([8], jnp.int32), out_dtype=f32, config=cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 # Composition with jit, checkpoint and vmap.
 
@@ -328,9 +444,10 @@ def test_gmm_lowers_for_gpu(kernel, transpose_rhs):
   assert isinstance(text, str) and text
 
 
-@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+@pytest.mark.parametrize("kernel", ["triton", "mosaic", "mosaic_ws"])
 def test_group_xty_lowers_for_gpu(kernel):
-  impl = {"triton": gmm_triton.group_xty, "mosaic": gmm_mosaic.group_xty}[kernel]
+  impl = {"triton": gmm_triton.group_xty, "mosaic": gmm_mosaic.group_xty,
+          "mosaic_ws": gmm_mosaic_xty_ws.group_xty}[kernel]
   fn = functools.partial(impl, out_dtype=_BF16)
   text = lower_for_gpu(fn, _sds(M, K), _sds(M, N), _sds(G, dtype=jnp.int32))
   assert isinstance(text, str) and text

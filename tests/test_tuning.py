@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 import kernels
-from kernels import backends, gmm_mosaic, gmm_mosaic_ws, gmm_triton, tuning
+from kernels import backends, gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton, tuning
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
@@ -255,6 +255,7 @@ def fake_h100(monkeypatch, table):
   monkeypatch.setattr(gmm_mosaic, "gmm", capture("mosaic"))
   monkeypatch.setattr(gmm_mosaic_ws, "gmm", capture("mosaic_ws"))
   monkeypatch.setattr(gmm_mosaic, "group_xty", capture("mosaic_xty"))
+  monkeypatch.setattr(gmm_mosaic_xty_ws, "group_xty", capture("mosaic_ws_xty"))
   monkeypatch.setattr(gmm_triton, "gmm", capture("triton"))
   monkeypatch.setattr(gmm_triton, "group_xty", capture("triton_xty"))
   return calls
@@ -272,8 +273,8 @@ def _trace_gmm(m, k, n, g=8, *, transpose_rhs=False, backend=None, out_dtype=Non
     jax.eval_shape(f, _sds(m, k), rhs, _sds(g, dtype=jnp.int32))
 
 
-def _trace_xty(m, k, n, g=8, *, backend=None):
-  f = lambda x, dy, s: kernels.group_xty(x, dy, s, backend=backend)
+def _trace_xty(m, k, n, g=8, *, backend=None, out_dtype=None):
+  f = lambda x, dy, s: kernels.group_xty(x, dy, s, backend=backend, out_dtype=out_dtype)
   with pytest.raises(_Called):
     jax.eval_shape(f, _sds(m, k), _sds(m, n), _sds(g, dtype=jnp.int32))
 
@@ -334,7 +335,22 @@ def test_pallas_xty_mosaic_choice_uses_x_columns(fake_h100):
   calls = fake_h100
   _trace_xty(4096, 96, 256)
   _trace_xty(1000, 256, 256)
-  assert [name for name, _ in calls] == ["triton_xty", "mosaic_xty"]
+  assert [name for name, _ in calls] == ["triton_xty", "mosaic_ws_xty"]
+
+
+def test_dispatch_xty_kernel_choice(fake_h100, monkeypatch, tmp_path):
+  """Mosaic group_xty: a tuned config's type picks the kernel (the single-warpgroup one stays
+  selectable, see test_dispatch_uses_tuned_config); without a fitting entry the ws kernel runs
+  where its 256-wide CTA tile divides N and its stages fit shared memory, else the simple one."""
+  calls = fake_h100
+  wsx = gmm_mosaic_xty_ws.MosaicWsXtyConfig(block_rows=128, max_concurrent_steps=2)
+  assert not tuning.fits(wsx, 4096, 14336, jnp.bfloat16, jnp.float32)   # f32 staging: too big
+  monkeypatch.setenv(tuning.ENV_VAR, _write(tmp_path / "t.json", [_entry(wsx, op="xty")]))
+  _trace_xty(32768, 4096, 14336)                          # the tuned ws entry
+  _trace_xty(32768, 4096, 14336, out_dtype=jnp.float32)   # entry does not fit: ws default
+  _trace_xty(32768, 4096, 384)                            # N % 256 != 0: simple kernel
+  assert [(name, kw.get("config")) for name, kw in calls] == [
+      ("mosaic_ws_xty", wsx), ("mosaic_ws_xty", None), ("mosaic_xty", None)]
 
 
 # ---------------------------------------------------------------------------------------------
