@@ -4,14 +4,23 @@ State (a pytree, all float32 master copies): {"params", "rest" (non-trainable mo
 as router biases), "opt" (optax state), "step" (int32)}. Compute runs in the model's dtype (bf16 by
 default). The loss is cross-entropy + the MoE layers' weighted aux/z losses.
 
-Mesh (`make_mesh`): axes ("data", "expert", "tensor"); for now parameters are replicated and the
-batch is split over "data" and "expert" (expert/tensor sharding rules come with jaxmoe/sharding).
-The mesh shape is still validated against the model (experts and heads divisible), so a config that
-will not fit the sharded model fails now with the same message.
+Mesh (`make_mesh`): axes ("data", "expert", "tensor") (TrainConfig.mesh_data/expert/tensor). The
+state is sharded by the parameters' logical axis names through jaxmoe.sharding.RULES
+(`state_shardings`): the routed experts' stacked weights (E, d, f) are split E over "expert" and
+d_ff over "tensor"; the optax moments mirror the parameters and are split the same way; everything
+else (attention, embeddings, norms, router, dense MLPs, step counters) is replicated. The batch is
+split over ("data", "expert"). With expert > 1 or tensor > 1 the MoE layers run the expert-parallel
+path (jaxmoe.expert_parallel: dropless all-to-all dispatch in a shard_map, Megatron split of d_ff;
+`parallel_config`); with expert = tensor = 1 they run the single-device path, partitioned over the
+batch by XLA. The state is created sharded (`init_sharded_state`: jit with out_shardings, never
+materialized whole on one device) and the train/eval steps take and return it with those
+shardings. `make_mesh` checks that the model fits the mesh (ConfigError naming the field).
 
 Resuming: `run` continues from the newest checkpoint in OUT/ckpt: parameters, optimizer state,
 step, data position (batch i is a pure function of (seed, i)) and RNG (derived from seed and step).
-SIGTERM/SIGINT finish the current step, save a checkpoint and return.
+The checkpoint is restored straight onto the current mesh's shardings, so a run saved on one mesh
+(say data=8) resumes on another (data=2, expert=4). SIGTERM/SIGINT finish the current step, save a
+checkpoint and return.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe import data as data_lib
+from jaxmoe import expert_parallel as ep
+from jaxmoe import sharding as sh
 from jaxmoe.checkpointing import Checkpointer, abstract_like
 from jaxmoe.metrics import MetricsLogger, ProgressBar
 from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, flops_per_token, \
@@ -72,6 +83,9 @@ class TrainConfig:
   mesh_data: int = -1         # -1: all devices not used by expert * tensor
   mesh_expert: int = 1
   mesh_tensor: int = 1
+  # All-to-all of the expert-parallel MoE layers (mesh_expert or mesh_tensor > 1): "padded" runs
+  # everywhere; "ragged" moves only the real rows but XLA:CPU cannot compile it (GPU only).
+  ep_a2a: str = "padded"
   peak_tflops: float | None = None  # per device; None: from the device kind (H100: 989)
   bias_rate: float = 1e-3     # aux-loss-free router bias step (model.bias_balancing)
   tensorboard: bool = True
@@ -98,6 +112,8 @@ class TrainConfig:
         raise ConfigError(f"train.{name} must be in [0, 1], got {v!r}")
     if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
       raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+    if self.ep_a2a not in ep.A2A_MODES:
+      raise ConfigError(f"train.ep_a2a must be one of {ep.A2A_MODES}, got {self.ep_a2a!r}")
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -109,24 +125,58 @@ class TrainConfig:
 
 
 def make_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
-  """Mesh ("data", "expert", "tensor") over `devices` (default all), validated against the model."""
+  """Mesh ("data", "expert", "tensor") over `devices` (default all), validated against the model.
+
+  ConfigError (naming the field) unless the sharded model and the batch fit the mesh: experts
+  divisible by "expert", the expert width d_ff by "tensor", the batch by data x expert, (the
+  expert-parallel layer's duplicate token dropping) each device's tokens by "tensor", an
+  expert-parallel moe_impl when expert or tensor > 1, and MoE layers when tensor > 1.
+  """
   devices = list(jax.devices() if devices is None else devices)
   e, t = train.mesh_expert, train.mesh_tensor
   d = train.mesh_data if train.mesh_data != -1 else len(devices) // (e * t)
   if d < 1 or d * e * t > len(devices) or (train.mesh_data == -1 and d * e * t != len(devices)):
     raise ConfigError(f"mesh data={train.mesh_data} x expert={e} x tensor={t} does not fit the "
                       f"{len(devices)} available devices")
-  if model.ffn == "moe" and model.num_experts % e:
+  moe = model.num_moe_layers > 0
+  if moe and model.num_experts % e:
     raise ConfigError(f"num_experts={model.num_experts} is not divisible by the mesh's expert "
                       f"axis ({e})")
-  if model.n_heads % t or model.n_kv_heads % t:
-    raise ConfigError(f"n_heads={model.n_heads} and n_kv_heads={model.n_kv_heads} must be "
-                      f"divisible by the mesh's tensor axis ({t})")
+  if t > 1 and not moe:
+    # Only the routed experts are tensor-parallel; on a model without them every tensor rank
+    # would repeat the same work.
+    raise ConfigError(f"train.mesh_tensor={t} splits only MoE expert weights, and this model has "
+                      f"no MoE layer (model.ffn={model.ffn!r}); use mesh_data/mesh_expert")
+  expert_d_ff = model.expert_d_ff or model.d_ff
+  if moe and expert_d_ff % t:
+    field = "expert_d_ff" if model.expert_d_ff else "d_ff"
+    raise ConfigError(f"model.{field}={expert_d_ff} (the expert width) must be divisible by the "
+                      f"mesh's tensor axis (train.mesh_tensor={t})")
+  if moe and (e > 1 or t > 1) and model.moe_impl not in ep.EP_IMPLS:
+    raise ConfigError(f"model.moe_impl={model.moe_impl!r} has no expert-parallel version; with "
+                      f"mesh_expert={e} / mesh_tensor={t} use one of {ep.EP_IMPLS}")
   if train.batch_size % (d * e):
     raise ConfigError(f"batch_size={train.batch_size} is not divisible by the data-parallel size "
                       f"data x expert = {d * e}")
-  grid = np.array(devices[:d * e * t]).reshape(d, e, t)
-  return Mesh(grid, ("data", "expert", "tensor"))
+  local_tokens = train.batch_size // (d * e) * train.seq_len
+  if moe and t > 1 and local_tokens % t:
+    raise ConfigError(f"tokens per device batch_size/(data x expert) x seq_len = {local_tokens} "
+                      f"must be divisible by the mesh's tensor axis ({t}): each tensor rank "
+                      f"dispatches 1/{t} of them (change train.batch_size or train.seq_len)")
+  try:
+    return sh.make_mesh(sh.MeshConfig(data=d, expert=e, tensor=t), devices)
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+
+
+def parallel_config(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> ep.ParallelConfig | None:
+  """How the MoE layers run on `mesh`: expert-parallel (a ParallelConfig) when the mesh has
+  expert > 1 or tensor > 1 and the model has MoE layers; else None (the single-device layer,
+  which XLA partitions over the batch axes like every other layer)."""
+  shape = sh.mesh_shape(mesh)
+  if model.num_moe_layers == 0 or (shape["expert"] == 1 and shape["tensor"] == 1):
+    return None
+  return ep.ParallelConfig(mesh, a2a=train.ep_a2a)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -151,11 +201,43 @@ def make_optimizer(train: TrainConfig) -> tuple[optax.GradientTransformation, op
 
 
 def init_state(model_cfg: ModelConfig, train: TrainConfig, tx) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, state) of a fresh model (the graphdef of the single-device layers: the steps
+  build their own, with the mesh's ParallelConfig, in `_jitted_steps`)."""
   model = TransformerLM(model_cfg, rngs=nnx.Rngs(train.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   state = {"params": params, "rest": rest, "opt": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   return graphdef, state
+
+
+def abstract_state(model_cfg: ModelConfig, train: TrainConfig, tx) -> dict:
+  """The state's structure with jax.ShapeDtypeStruct leaves (nnx Variables keep their logical
+  names), computed without allocating anything."""
+  return jax.eval_shape(lambda: init_state(model_cfg, train, tx)[1])
+
+
+def state_shardings(model_cfg: ModelConfig, train: TrainConfig, mesh: Mesh, tx=None) -> dict:
+  """NamedShardings of the train state on `mesh` (same structure as the state).
+
+  Parameters by their logical names through jaxmoe.sharding.RULES; the optax moments are built from
+  the parameter tree (nnx Variables keep the names), so they are split exactly like their
+  parameters; unannotated arrays (attention, embeddings, norms, router, counters, "step") are
+  replicated.
+  """
+  tx = make_optimizer(train)[0] if tx is None else tx
+  try:
+    return sh.tree_shardings(abstract_state(model_cfg, train, tx), mesh)
+  except ValueError as err:   # an indivisible dimension the mesh checks did not foresee
+    raise ConfigError(f"the model does not fit the mesh {dict(mesh.shape)}: {err}") from None
+
+
+def init_sharded_state(model_cfg: ModelConfig, train: TrainConfig, mesh: Mesh, tx=None) -> dict:
+  """A fresh train state created directly in its `state_shardings` on `mesh` (jit with
+  out_shardings: each device computes only its own shards; the random initialization does not
+  depend on the layout, jax's partitionable threefry)."""
+  tx = make_optimizer(train)[0] if tx is None else tx
+  shardings = state_shardings(model_cfg, train, mesh, tx)
+  return jax.jit(lambda: init_state(model_cfg, train, tx)[1], out_shardings=shardings)()
 
 
 def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedule):
@@ -191,17 +273,22 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
 
 @functools.lru_cache(maxsize=8)
 def _jitted_steps(model_cfg: ModelConfig, train_json: str, mesh: Mesh):
-  """jit-wrapped (train_step, eval_step), cached per (model, train config, mesh) so that several
-  runs in one process (stop and resume, tests) compile once."""
+  """jit-wrapped (train_step, eval_step) taking and returning the state in its `state_shardings`
+  on `mesh` (the state argument is donated), batches split over ("data", "expert"); cached per
+  (model, train config, mesh) so that several runs in one process (stop and resume, tests)
+  compile once."""
   train = TrainConfig(**json.loads(train_json))
   tx, schedule = make_optimizer(train)
-  graphdef = nnx.split(nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0))),
-                       nnx.Param, ...)[0]
+  abstract_model = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
+  # The MoE layers' ParallelConfig is a static attribute: it lives in the graphdef.
+  ep.set_parallel(abstract_model, parallel_config(model_cfg, train, mesh))
+  graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
   train_step, eval_step = make_steps(graphdef, model_cfg, train, tx, schedule)
+  state_sh = state_shardings(model_cfg, train, mesh, tx)
   repl, bs = replicated(mesh), batch_sharding(mesh)
-  jit_train = jax.jit(train_step, in_shardings=(repl, bs, bs), out_shardings=(repl, repl),
+  jit_train = jax.jit(train_step, in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, repl),
                       donate_argnums=0)
-  jit_eval = jax.jit(eval_step, in_shardings=(repl, bs, bs), out_shardings=repl)
+  jit_eval = jax.jit(eval_step, in_shardings=(state_sh, bs, bs), out_shardings=repl)
   return jit_train, jit_eval
 
 
@@ -283,19 +370,21 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   _write_json(os.path.join(out_dir, "config.json"),
               {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train)})
 
-  tx, schedule = make_optimizer(train)
-  repl = replicated(mesh)
+  tx, _ = make_optimizer(train)
   # Every jit below carries explicit shardings: no ambient mesh is needed.
-  abstract = jax.eval_shape(lambda: init_state(model_cfg, train, tx)[1])
   if latest is not None:
-    state, meta = ckpt.restore(abstract_like(abstract, repl), latest)
+    # Restored straight into this mesh's shardings, whatever mesh wrote the checkpoint.
+    target = abstract_like(abstract_state(model_cfg, train, tx),
+                           state_shardings(model_cfg, train, mesh, tx))
+    state, meta = ckpt.restore(target, latest)
     log(f"resuming from {ckpt.directory}/{latest}")
   else:
-    state = jax.jit(lambda: init_state(model_cfg, train, tx)[1], out_shardings=repl)()
+    state = init_sharded_state(model_cfg, train, mesh, tx)
   step = int(state["step"])
   batches.position = step
 
   jit_train, jit_eval = _jitted_steps(model_cfg, json.dumps(dataclasses.asdict(train)), mesh)
+  pcfg = parallel_config(model_cfg, train, mesh)
 
   end = train.steps if stop_at is None else min(stop_at, train.steps)
   counts = param_counts(model_cfg)
@@ -305,7 +394,8 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   logger = MetricsLogger(out_dir, tensorboard=train.tensorboard)
   if latest is None:
     log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
-        f"mesh {dict(mesh.shape)}; {train_tokens.size:,} train / {val_tokens.size:,} val tokens")
+        f"mesh {dict(mesh.shape)}{' (expert-parallel MoE layers)' if pcfg else ''}; "
+        f"{train_tokens.size:,} train / {val_tokens.size:,} val tokens")
   bar = ProgressBar(train.steps, start=step) if progress else None
   last: dict[str, Any] = {}
   interrupted = None

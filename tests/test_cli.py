@@ -44,7 +44,7 @@ def test_argparse_errors_exit_2(argv, capsys):
     (["--moe-impl", "magic"], "moe_impl must be one of"),
     (["--n-heads", "3"], "divisible by n_heads=3"),
     (["--mesh-data", "1", "--mesh-expert", "8"], "num_experts=4 is not divisible"),
-    (["--mesh-tensor", "8", "--mesh-data", "1"], "must be divisible by the mesh's tensor axis"),
+    (["--mesh-tensor", "3", "--mesh-data", "1"], "must be divisible by the mesh's tensor axis"),
     (["--batch-size", "12"], "batch_size=12 is not divisible"),
     (["--lr", "-1"], "lr must be a finite number > 0"),
     (["--seq-len", "64"], "exceeds model.max_seq_len"),
