@@ -36,8 +36,8 @@ from jaxmoe import data as data_lib  # noqa: E402
 from jaxmoe.config import IMPLS  # noqa: E402
 from jaxmoe.model import ModelConfig, flops_per_token, param_counts  # noqa: E402
 from jaxmoe.presets import get_preset  # noqa: E402
-from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_state, make_mesh,  # noqa: E402
-                          make_optimizer, replicated)
+from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,  # noqa: E402
+                          make_mesh, make_optimizer)
 
 H100_PEAK_TFLOPS = 989.0
 
@@ -55,8 +55,8 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
                   warmup: int, peak_tflops: float | None) -> dict:
   mesh = make_mesh(model_cfg, train_cfg)
   tx, _ = make_optimizer(train_cfg)
-  repl, bs = replicated(mesh), batch_sharding(mesh)
-  state = jax.jit(lambda: init_state(model_cfg, train_cfg, tx)[1], out_shardings=repl)()
+  bs = batch_sharding(mesh)
+  state = init_sharded_state(model_cfg, train_cfg, mesh, tx)
   jit_train, jit_eval = _jitted_steps(model_cfg, _train_json(train_cfg), mesh)
   batches = data_lib.Batches(tokens, train_cfg.batch_size, train_cfg.seq_len, seed=0)
   x0, y0 = batches.batch(0)
@@ -113,6 +113,10 @@ def main() -> int:
   ap.add_argument("--batch-size", type=int, default=None)
   ap.add_argument("--seq-len", type=int, default=None)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--mesh-expert", type=int, default=1,
+                  help="expert-parallel ranks (the rest of the devices are data-parallel)")
+  ap.add_argument("--mesh-tensor", type=int, default=1)
+  ap.add_argument("--ep-a2a", default="padded", help="expert-parallel all-to-all: padded|ragged")
   ap.add_argument("--num-experts", type=int, default=None,
                   help="override the preset's 64 experts (Small with 64: 3.7B params, ~60 GB of "
                        "float32 weights + Adam state + grads on one GPU)")
@@ -135,7 +139,9 @@ def main() -> int:
     model_base["num_experts"] = args.num_experts
   on_gpu = jax.default_backend() == "gpu"
   peak_tflops = args.peak_tflops or (H100_PEAK_TFLOPS if on_gpu else None)
-  train_cfg = TrainConfig(**{**train_base, "mesh_data": 1 if not on_gpu else -1})
+  train_cfg = TrainConfig(**{**train_base, "mesh_data": 1 if not on_gpu else -1,
+                             "mesh_expert": args.mesh_expert, "mesh_tensor": args.mesh_tensor,
+                             "ep_a2a": args.ep_a2a})
   tokens = data_lib.load_tokens(None, max_bytes=32 << 20 if not args.smoke else 1 << 20)
 
   rows, failures, results = [], 0, {}

@@ -25,7 +25,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -34,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import bench_common as bc  # noqa: E402
 from experiments.bench_train import VARIANTS, _train_json  # noqa: E402
 from jaxmoe import data as data_lib  # noqa: E402
+from jaxmoe import expert_parallel as ep  # noqa: E402
 from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, flops_per_token  # noqa: E402
 from jaxmoe.presets import get_preset  # noqa: E402
-from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_state, make_mesh,  # noqa: E402
-                          make_optimizer, replicated)
+from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,  # noqa: E402
+                          make_mesh, make_optimizer, parallel_config)
 
 # Kernel-name fragments -> category, first match wins (names as CUDA/XLA/Pallas report them).
 CATEGORIES = (
@@ -110,18 +110,20 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
                     phases: bool = True) -> dict:
   mesh = make_mesh(model_cfg, train_cfg)
   tx, _ = make_optimizer(train_cfg)
-  repl, bs = replicated(mesh), batch_sharding(mesh)
-  state = jax.jit(lambda: init_state(model_cfg, train_cfg, tx)[1], out_shardings=repl)()
+  bs = batch_sharding(mesh)
+  state = init_sharded_state(model_cfg, train_cfg, mesh, tx)
   jit_train, jit_eval = _jitted_steps(model_cfg, _train_json(train_cfg), mesh)
-  graphdef = nnx.split(nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0))),
-                       nnx.Param, ...)[0]
+  abstract_model = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
+  ep.set_parallel(abstract_model, parallel_config(model_cfg, train_cfg, mesh))  # as the steps do
+  graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+  state_sh = jax.tree.map(lambda a: a.sharding, state)
 
   def loss(params, rest, x, y):
     logits, stats = nnx.merge(graphdef, params, rest)(x, deterministic=False)
     return cross_entropy(logits, y) + stats["moe_loss"]
 
   jit_grad = jax.jit(lambda s, x, y: jax.grad(loss)(s["params"], s["rest"], x, y),
-                     in_shardings=(repl, bs, bs), out_shardings=repl)
+                     in_shardings=(state_sh, bs, bs), out_shardings=state_sh["params"])
   batches = data_lib.Batches(tokens, train_cfg.batch_size, train_cfg.seq_len, seed=0)
   x, y = (jax.device_put(a, bs) for a in batches.batch(0))
   res = {"variant": name, "fwd_ms": None, "fwdbwd_ms": None, "optimizer_ms": None,
@@ -171,6 +173,10 @@ def main() -> int:
   ap.add_argument("--seq-len", type=int, default=None)
   ap.add_argument("--num-experts", type=int, default=None)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--mesh-expert", type=int, default=1,
+                  help="expert-parallel ranks (the rest of the devices are data-parallel)")
+  ap.add_argument("--mesh-tensor", type=int, default=1)
+  ap.add_argument("--ep-a2a", default="padded", help="expert-parallel all-to-all: padded|ragged")
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--trace-steps", type=int, default=3)
   ap.add_argument("--top", type=int, default=25)
@@ -193,7 +199,8 @@ def main() -> int:
   for kv in args.set:
     k, v = kv.split("=", 1)
     model_base[k] = json.loads(v)
-  train_cfg = TrainConfig(**{**train_base, "mesh_data": -1})
+  train_cfg = TrainConfig(**{**train_base, "mesh_data": -1, "mesh_expert": args.mesh_expert,
+                             "mesh_tensor": args.mesh_tensor, "ep_a2a": args.ep_a2a})
   tokens = data_lib.load_tokens(None, max_bytes=8 << 20)
   os.makedirs(args.out, exist_ok=True)
 

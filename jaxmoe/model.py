@@ -5,8 +5,8 @@ Pre-norm blocks:  x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x)),  FFN = MoE (jaxm
 SwiGLU MLP elsewhere and everywhere when ffn="dense". Attention is grouped-query attention with
 rotary embeddings through `jax.nn.dot_product_attention`: cuDNN flash attention on GPU for bf16/fp16
 (`attention="auto"`), XLA's reference attention elsewhere (it materializes the (B, N, T, T) scores).
-Compute runs in `dtype` (bf16 by default) on float32 master parameters; the tied LM head multiplies
-in `dtype` with float32 accumulation, and logits and the loss are float32. The token embedding's
+Compute runs in `dtype` (bf16 by default) on float32 master parameters; the LM head's matmul runs
+in `dtype` (float32 accumulation), then logits and the loss are float32. The token embedding's
 gradient is a one-hot matmul (`embed_lookup`), not XLA's scatter-add, whose atomics serialize on
 repeated tokens (18.6 ms of a 62 ms step of the Small dense model on the H100).
 
@@ -16,6 +16,7 @@ Shapes: tokens (B, T) int32 -> logits (B, T, vocab) float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -160,24 +161,24 @@ def attention_impl(cfg: ModelConfig, dtype) -> str:
 _EMBED_GRAD_CHUNK = 8192
 
 
-@jax.custom_vjp
-def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-  """table (V, D), ids (...) int -> table[ids] (..., D), with a one-hot-matmul gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_lookup(table: jax.Array, ids: jax.Array, dtype: Any) -> jax.Array:
+  """table (V, D), ids (...) int -> table[ids].astype(dtype) (..., D), one-hot-matmul gradient.
 
   The backward computes d_table = onehot(ids)^T @ d_out in chunks of _EMBED_GRAD_CHUNK tokens,
-  accumulated in float32: 2 V D FLOPs per token on the tensor cores instead of XLA's scatter-add,
-  whose atomic adds serialize when many tokens share an id (a byte-level corpus has at most 256).
-  Out-of-range ids give zero rows in the gradient (the one-hot of -1 or >= V is all zeros).
+  with operands in `dtype` (the cotangent arrives in it) and float32 accumulation: 2 V D FLOPs
+  per token on the tensor cores instead of XLA's scatter-add, whose atomic adds serialize when many
+  tokens share an id (a byte-level corpus has at most 256). Out-of-range ids give zero rows.
   """
-  return jnp.take(table, ids, axis=0)
+  return jnp.take(table, ids, axis=0).astype(dtype)
 
 
-def _embed_fwd(table, ids):
+def _embed_fwd(table, ids, dtype):
   # A zero-width slice carries the table's vocab size and dtype (residuals must be arrays).
-  return jnp.take(table, ids, axis=0), (ids, jnp.zeros((table.shape[0], 0), table.dtype))
+  return jnp.take(table, ids, axis=0).astype(dtype), (ids, jnp.zeros((table.shape[0], 0), table.dtype))
 
 
-def _embed_bwd(res, g):
+def _embed_bwd(dtype, res, g):
   ids, table_like = res
   vocab, table_dtype = table_like.shape[0], table_like.dtype
   d = g.shape[-1]
@@ -188,7 +189,8 @@ def _embed_bwd(res, g):
   pad = (-n) % chunk
   ids = jnp.pad(ids, (0, pad), constant_values=-1).reshape(-1, chunk)
   g = jnp.pad(g, ((0, pad), (0, 0))).reshape(-1, chunk, d)
-  # Float32 cotangents multiply at full precision (GPU default would be TF32).
+  # A float32 model's cotangents multiply at full precision (the GPU default would be TF32);
+  # bf16/fp16 ones go to the tensor cores as they are (one-hot entries are exact in any dtype).
   precision = jax.lax.Precision.HIGHEST if g.dtype == jnp.float32 else None
 
   def body(acc, xs):
@@ -314,7 +316,7 @@ class TransformerLM(nnx.Module):
       raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
     if tokens.shape[1] > cfg.max_seq_len:
       raise ValueError(f"tokens seq length {tokens.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
-    x = embed_lookup(self.embed.embedding[...], tokens).astype(self.embed.dtype)
+    x = embed_lookup(self.embed.embedding[...], tokens, self.embed.dtype)
     stats = []
     for block in self.blocks:
       if cfg.remat:
@@ -327,14 +329,13 @@ class TransformerLM(nnx.Module):
     x = self.final_norm(x)
     if self.lm_head is None:
       # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits.
-      # Operands in the compute dtype, float32 accumulation and logits (a float32 matmul runs
-      # as TF32 on the GPU at about a third of bf16's rate).
-      dtype = x.dtype
-      logits = jnp.dot(x, self.embed.embedding[...].T.astype(dtype),
-                       preferred_element_type=jnp.float32) * cfg.d_model ** -0.5
+      # Operands and the matmul's output in the compute dtype (float32 accumulation inside),
+      # then float32 for the loss: a float32 output would make the backward's cotangent float32
+      # and its two matmuls TF32 (about a third of bf16's rate on the H100).
+      w = self.embed.embedding[...].astype(x.dtype)
+      logits = jnp.dot(x, w.T).astype(jnp.float32) * cfg.d_model ** -0.5
     else:
-      head = self.lm_head
-      logits = jnp.dot(x, head.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+      logits = self.lm_head(x).astype(jnp.float32)
     return logits, _summarize(stats, cfg.num_experts)
 
 

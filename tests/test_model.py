@@ -130,12 +130,14 @@ def test_embed_lookup_gradient_matches_take(rng, monkeypatch, dtype, chunk):
   w = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
 
   def loss(lookup, t):
-    return jnp.sum((lookup(t, ids).astype(dtype) * w.astype(dtype)).astype(jnp.float32) ** 2)
+    return jnp.sum((lookup(t, ids) * w.astype(dtype)).astype(jnp.float32) ** 2)
 
-  got = jax.grad(lambda t: loss(embed_lookup, t))(table)
-  want = jax.grad(lambda t: loss(lambda t, i: jnp.take(t, i, axis=0), t))(table)
+  got = jax.grad(lambda t: loss(lambda t, i: embed_lookup(t, i, dtype), t))(table)
+  want = jax.grad(lambda t: loss(lambda t, i: jnp.take(t, i, axis=0).astype(dtype), t))(table)
   assert got.dtype == jnp.float32 and got.shape == table.shape
-  np.testing.assert_array_equal(np.asarray(embed_lookup(table, ids)), np.asarray(table[ids]))
+  out = embed_lookup(table, ids, dtype)
+  assert out.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(table[ids].astype(dtype)))
   # Same float32 sums in another order.
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   # Rows of ids that never occur get exactly zero gradient.
