@@ -102,15 +102,24 @@ def test_lookup_argument_errors(table):
     tuning.lookup("gmm", "mosaic", jnp.int32, 1, 1, 1)
 
 
-def test_shipped_table_is_empty_and_valid(monkeypatch):
-  """Nothing has been tuned on a GPU yet: the shipped table has no entries, and says who fills it."""
+def test_shipped_table_is_valid_and_found(monkeypatch):
+  """The shipped table (filled on an H100 by experiments/autotune_gmm.py) loads, and every entry
+  is found again by lookup at its own key, with a config the kernels accept."""
   monkeypatch.delenv(tuning.ENV_VAR, raising=False)
   path = tuning.table_path()
   assert path == tuning.default_table_path()
   assert os.path.isfile(path) and path.endswith(os.path.join("kernels", "tuned_configs.json"))
   t = tuning.load_table(path)
-  assert t.entries == () and "autotune_gmm.py" in t.comment
-  assert tuning.lookup("gmm", "mosaic", jnp.bfloat16, 4096, 14336, 32768, device_kind=H100) is None
+  assert "autotune_gmm.py" in t.comment
+  assert t.entries, "the shipped table has entries from the H100 autotune run"
+  for key, cfg in t.configs.items():
+    got = tuning.lookup(key.op, key.backend, jnp.dtype(key.dtype), key.k, key.n, key.m_bucket,
+                        device_kind=key.device_kind)
+    assert got == cfg, key
+    assert tuning.fits(cfg, key.k, key.n, jnp.dtype(key.dtype), jnp.dtype(key.dtype)), key
+  # Another device kind finds nothing: the table never leaks configs across GPUs.
+  assert tuning.lookup("gmm", "mosaic", jnp.bfloat16, 4096, 14336, 32768,
+                       device_kind="NVIDIA A100-SXM4-80GB") is None
 
 
 def test_pyproject_ships_the_table():
