@@ -104,6 +104,12 @@ class ParallelConfig:
       past the real ones, the activation runs on every row). With a factor f, a lax.cond runs the
       experts on the first ceil(f * balanced load) expert-sorted rows when all received rows fit
       there, and on the whole buffer otherwise: exact either way. None: always the whole buffer.
+    a2a_capacity_factor: the dropless padded all-to-all's fast path, never a drop (a2a="padded",
+      capacity_factor None). The dropless bound pads every (source, destination) pair to T_s *
+      min(k, E_l) rows, EP times the balanced load, and every row-proportional step (the
+      exchange, the gathers, the activation) pays for the padding. With a factor f, a lax.cond
+      exchanges C_f = ceil(f * T_s * k / EP) rows per pair when no pair sends more (the counts are
+      exchanged first), the dropless bound otherwise: exact either way. None: always the bound.
     skip_expert_compute: benchmark hook: replace the expert matmuls by the identity, so a timing
       measures the communication and bookkeeping alone. Wrong numbers by design.
   """
@@ -114,6 +120,7 @@ class ParallelConfig:
   duplicate_token_dropping: bool = True
   remat: str = "none"
   compute_capacity_factor: float | None = 2.0
+  a2a_capacity_factor: float | None = 1.25
   skip_expert_compute: bool = False
 
   def __post_init__(self):
@@ -141,6 +148,11 @@ class ParallelConfig:
                             or not math.isfinite(ccf) or ccf <= 0):
       raise ValueError(f"ParallelConfig.compute_capacity_factor must be None or a finite number "
                        f"> 0, got {ccf!r}")
+    acf = self.a2a_capacity_factor
+    if acf is not None and (not isinstance(acf, (int, float)) or isinstance(acf, bool)
+                            or not math.isfinite(acf) or acf < 1):
+      raise ValueError(f"ParallelConfig.a2a_capacity_factor must be None or a finite number "
+                       f">= 1, got {acf!r}")
     for name in ("duplicate_token_dropping", "skip_expert_compute"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -192,6 +204,14 @@ class ParallelConfig:
       return max(bound, 1)
     c = math.ceil(tokens_sent * top_k / self.ep * self.capacity_factor)
     return max(1, min(c, bound))
+
+  def fast_capacity(self, tokens_sent: int, top_k: int, experts_per_rank: int) -> int | None:
+    """Rows per pair of the dropless padded all-to-all's fast path (a2a_capacity_factor), or
+    None where there is none (token-dropping capacity, no factor, or not smaller than the bound)."""
+    if self.capacity_factor is not None or self.a2a_capacity_factor is None:
+      return None
+    c = math.ceil(tokens_sent * top_k / self.ep * self.a2a_capacity_factor)
+    return c if c < self.capacity(tokens_sent, top_k, experts_per_rank) else None
 
 
 def set_parallel(module: nnx.Module, pcfg: ParallelConfig | None) -> int:
@@ -414,8 +434,29 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
     mine = jax.lax.dynamic_slice_in_dim(counts_all, me * e_local, e_local, 1)  # (EP, E_l)
     dropped = jnp.zeros((), jnp.float32)
 
-    if pcfg.a2a == "padded":
-      cap = pcfg.capacity(t_send, k, e_local)
+    def compute(recv, eid):
+      """Steps 5-6: the local experts on the received rows (M, d) -> (M, d) in dtype."""
+      if dtd:
+        recv_all = checkpoint_name(jax.lax.all_gather(recv, "tensor", tiled=True),
+                                   "moe_dispatch_gathered")
+        eid_all = checkpoint_name(jax.lax.all_gather(eid, "tensor", tiled=True), "moe_expert_ids")
+      else:
+        recv_all, eid_all = recv, eid
+      y = _local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm,
+                         num_local=e_local, skip=pcfg.skip_expert_compute, fast_rows=fast_rows,
+                         partial_dtype=jnp.float32 if tp > 1 else dtype)    # (M, d) f32 partial
+      if dtd:
+        y = jax.lax.psum_scatter(y, "tensor", scatter_dimension=0, tiled=True)   # my rows, summed
+      elif has_tensor:
+        y = jax.lax.psum(y, "tensor")  # (with tensor size 1 it only makes y invariant over it)
+      if "b_out" in params:
+        y = y + jnp.take(params["b_out"].astype(jnp.float32), eid, axis=0, mode="fill",
+                         fill_value=0)
+      return y.astype(dtype)
+
+    def padded(cap):
+      """Steps 4-7 through a padded all-to-all of `cap` rows per (source, destination) ->
+      (y_sorted (A, d), dropped assignments)."""
       c = jnp.arange(cap, dtype=jnp.int32)
       src = jnp.clip(send_start[:, None] + c[None, :], 0, a_send - 1)           # (EP, C)
       valid = c[None, :] < send[:, None]
@@ -423,8 +464,28 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
       recv = checkpoint_name(a2a(buf), "moe_dispatch")                           # (EP, C, d)
       got = jnp.minimum(jnp.sum(mine, axis=1), cap)                              # (EP,)
       eid = _expert_ids(jnp.cumsum(mine, axis=1), c[None, :].repeat(ep, 0), got[:, None], e_local)
-      recv, eid = recv.reshape(ep * cap, -1), eid.reshape(-1)
-      dropped = jnp.sum(jnp.maximum(send - cap, 0)).astype(jnp.float32)
+      y = compute(recv.reshape(ep * cap, -1), eid.reshape(-1))
+      back = checkpoint_name(a2a(y.reshape(ep, cap, -1)), "moe_combine")         # (EP, C, d)
+      dest = disp.expert // e_local                                              # (A,)
+      slot = jnp.arange(a_send, dtype=jnp.int32) - send_start[dest]
+      y_sorted = back[dest, jnp.minimum(slot, cap - 1)]
+      y_sorted = jnp.where((slot < cap)[:, None], y_sorted, 0)
+      return y_sorted, jnp.sum(jnp.maximum(send - cap, 0)).astype(jnp.float32)
+
+    if pcfg.a2a == "padded":
+      cap = pcfg.capacity(t_send, k, e_local)
+      cap_fast = pcfg.fast_capacity(t_send, k, e_local)
+      if cap_fast is None or cap_fast >= cap:
+        y_sorted, dropped = padded(cap)
+      else:
+        # Dropless with less padding: when no (source, destination) pair sends more than
+        # cap_fast rows, exchange cap_fast rows per pair; else the dropless bound. Every rank
+        # of the collectives inside must take the same branch: per_pair is the same on the
+        # expert group (all-gathered counts), and tensor ranks agree through the pmin.
+        fits = (jnp.max(per_pair) <= cap_fast).astype(jnp.int32)
+        sync = tuple(a for a in ("expert", "tensor") if a in pcfg.mesh.axis_names)
+        fits = jax.lax.pmin(fits, sync) if sync else fits
+        y_sorted, dropped = jax.lax.cond(fits > 0, lambda: padded(cap_fast), lambda: padded(cap))
     else:
       rbuf = ep * t_send * min(k, e_local)
       recv_sizes = per_pair[:, me]                                               # (EP,) from src
@@ -435,32 +496,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
       recv = checkpoint_name(recv, "moe_dispatch")                               # (R, d)
       pos = jnp.arange(rbuf, dtype=jnp.int32)
       eid = _expert_ids(jnp.cumsum(mine.reshape(-1)), pos, jnp.sum(recv_sizes), e_local)
-
-    if dtd:
-      recv_all = checkpoint_name(jax.lax.all_gather(recv, "tensor", tiled=True),
-                                 "moe_dispatch_gathered")
-      eid_all = checkpoint_name(jax.lax.all_gather(eid, "tensor", tiled=True), "moe_expert_ids")
-    else:
-      recv_all, eid_all = recv, eid
-    y = _local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm, num_local=e_local,
-                       skip=pcfg.skip_expert_compute, fast_rows=fast_rows,
-                       partial_dtype=jnp.float32 if tp > 1 else dtype)        # (M, d) f32 partial
-    if dtd:
-      y = jax.lax.psum_scatter(y, "tensor", scatter_dimension=0, tiled=True)     # my rows, summed
-    elif has_tensor:
-      y = jax.lax.psum(y, "tensor")  # (with tensor size 1 it only makes y invariant over it)
-    if "b_out" in params:
-      y = y + jnp.take(params["b_out"].astype(jnp.float32), eid, axis=0, mode="fill", fill_value=0)
-    y = y.astype(dtype)
-
-    if pcfg.a2a == "padded":
-      back = checkpoint_name(a2a(y.reshape(ep, cap, -1)), "moe_combine")         # (EP, C, d)
-      dest = disp.expert // e_local                                              # (A,)
-      slot = jnp.arange(a_send, dtype=jnp.int32) - send_start[dest]
-      y_sorted = back[dest, jnp.minimum(slot, cap - 1)]
-      y_sorted = jnp.where((slot < cap)[:, None], y_sorted, 0)
-    else:
-      recv_sizes = per_pair[:, me]
+      y = compute(recv, eid)
       recv_start = jnp.cumsum(recv_sizes) - recv_sizes
       back_offsets = (jnp.cumsum(per_pair, axis=1) - per_pair)[:, me]           # on each source
       y_sorted = ragged(

@@ -120,6 +120,11 @@ OPTIONS = [
     ((2, 2, 2), dict(capacity_factor=100.0), {}),     # capped at the dropless bound: no drop
     ((2, 2, 2), dict(compute_capacity_factor=0.1), {}),   # the full-buffer branch of the cond
     ((1, 8, 1), dict(compute_capacity_factor=None), dict(impl="ragged_dot")),
+    # The dropless padded exchange without its fast path, and with a fast path that random
+    # routing sometimes fits (3.5: 7 of the 8-row bound per pair) and seldom (1.0: 2 rows).
+    ((2, 4, 1), dict(a2a_capacity_factor=None), {}),
+    ((2, 4, 1), dict(a2a_capacity_factor=3.5), {}),
+    ((1, 4, 2), dict(a2a_capacity_factor=1.0, duplicate_token_dropping=False), {}),
 ]
 
 
@@ -221,6 +226,9 @@ def test_capacity_factor_drops_the_overflow_like_a_reference():
 
 
 def _compiled_grad_hlo(mesh_shape, params_sharding=None, **pkw) -> str:
+  """The compiled gradient's HLO; one padded exchange (no fast-path lax.cond, whose two branches
+  would each hold the all-to-alls) unless a2a_capacity_factor is given."""
+  pkw.setdefault("a2a_capacity_factor", None)
   cfg = _config()
   mesh = sh.make_mesh(sh.MeshConfig(*mesh_shape))
   layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(mesh, **pkw))
@@ -268,6 +276,19 @@ def test_hlo_weight_check_catches_misplaced_weights():
 
   hlo = _compiled_grad_hlo((2, 2, 2), params_sharding=wrong)
   assert _weight_moves(hlo, 2), "misplaced expert weights were not detected"
+
+
+def test_padded_fast_path_sizes_and_both_exchanges_in_hlo():
+  """a2a_capacity_factor f: C_f = ceil(f * T_s * k / EP) rows per pair, below the dropless bound
+  T_s * min(k, E_l); the compiled program holds both exchanges (the lax.cond's branches)."""
+  pcfg = ep.ParallelConfig(_mesh(2, 4, 1))             # default factor 1.25
+  assert pcfg.capacity(4, K, E // 4) == 8              # T_s = 32 / 8 devices, E_l = 2
+  assert pcfg.fast_capacity(4, K, E // 4) == 3         # ceil(1.25 * 4 * 2 / 4)
+  assert ep.ParallelConfig(_mesh(2, 4, 1), a2a_capacity_factor=4.0).fast_capacity(4, K, 2) is None
+  assert ep.ParallelConfig(_mesh(2, 4, 1), capacity_factor=1.0).fast_capacity(4, K, 2) is None
+  hlo = _compiled_grad_hlo((2, 4, 1), a2a_capacity_factor=1.25)
+  rows = sorted({c["shapes"][0][1][1] for c in ep.hlo_collectives(hlo) if c["op"] == "all-to-all"})
+  assert rows == [3, 8], rows                          # C of the fast and the full buffers
 
 
 def test_duplicate_token_dropping_halves_all_to_all_bytes():
@@ -382,6 +403,7 @@ def _mesh(*shape):
     (dict(capacity_factor=0.0), "ParallelConfig.capacity_factor"),
     (dict(capacity_factor=1.0, a2a="ragged"), "ParallelConfig.capacity_factor"),
     (dict(duplicate_token_dropping=1), "ParallelConfig.duplicate_token_dropping"),
+    (dict(a2a_capacity_factor=0.5), "ParallelConfig.a2a_capacity_factor"),
 ])
 def test_parallel_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
