@@ -7,7 +7,9 @@ the token-dropping GShard/Switch baseline at capacity_factor 1; dense = the base
      dropless impls give the same initial loss (they compute the same function) within a bf16
      budget; the capacity baseline reports a dropped fraction in [0, 1];
   2. times the jit-compiled train step (AdamW, bf16 compute, float32 master weights) on the
-     embedded corpus: warm-up steps first, then the median of `--steps` blocked steps;
+     embedded corpus: warm-up steps first, then the median of `--steps` blocked steps; with
+     `--grad-accum K` one step is K microbatches of batch_size/K plus one optimizer update
+     (`--adam-mu-dtype bfloat16`: bf16 first Adam moment);
   3. reports tokens/s, MFU on the ACTIVE parameters (6 N_active + attention FLOPs per token;
      H100 bf16 dense peak 989 TFLOP/s per device), XLA's planned bytes and the device's peak bytes;
   4. writes JSON (device, JAX version, date, all numbers) to --out and prints a table last.
@@ -81,12 +83,15 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
     losses.append(float(m["loss"]))
     dropped.append(float(m["dropped_fraction"]))
   step_s = statistics.median(times)
+  # The global batch: all grad_accum microbatches of the step.
   tokens_per_s = train_cfg.batch_size * train_cfg.seq_len / step_s
   fpt = flops_per_token(model_cfg, train_cfg.seq_len)
   counts = param_counts(model_cfg)
   peak = peak_tflops * 1e12 * mesh.size if peak_tflops else None
   return {
       "variant": name, "impl": model_cfg.moe_impl if model_cfg.ffn == "moe" else "dense",
+      "batch_size": train_cfg.batch_size, "grad_accum": train_cfg.grad_accum,
+      "adam_mu_dtype": train_cfg.adam_mu_dtype,
       "params_total": counts["total"], "params_active": counts["active"],
       "flops_per_token": fpt, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
       "tflops": fpt * tokens_per_s / 1e12, "mfu": fpt * tokens_per_s / peak if peak else None,
@@ -112,6 +117,12 @@ def main() -> int:
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--batch-size", type=int, default=None)
   ap.add_argument("--seq-len", type=int, default=None)
+  ap.add_argument("--grad-accum", type=int, default=1,
+                  help="microbatches per step: --batch-size is the global batch per optimizer "
+                       "step, run batch_size/grad_accum sequences at a time (tokens/s and MFU "
+                       "count the whole global batch)")
+  ap.add_argument("--adam-mu-dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="dtype of Adam's first moment (bfloat16: 2 bytes/parameter less)")
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--mesh-expert", type=int, default=1,
                   help="expert-parallel ranks (the rest of the devices are data-parallel)")
@@ -134,6 +145,7 @@ def main() -> int:
     train_base["batch_size"] = args.batch_size
   if args.seq_len:
     train_base["seq_len"] = args.seq_len
+  train_base.update(grad_accum=args.grad_accum, adam_mu_dtype=args.adam_mu_dtype)
   model_base["remat"] = args.remat or model_base.get("remat", False)
   if args.num_experts:
     model_base["num_experts"] = args.num_experts
@@ -188,8 +200,9 @@ def main() -> int:
              "failures": failures}
   path = bc.write_json(args.out, "bench_train.json", payload)
   print(f"wrote {path}")
-  print(bc.table(rows, ["variant", "impl", "params_active", "step_ms", "tokens_per_s", "tflops",
-                        "mfu", "planned_bytes", "peak_bytes", "dropped_fraction", "last_loss"]))
+  print(bc.table(rows, ["variant", "impl", "grad_accum", "params_active", "step_ms", "tokens_per_s",
+                        "tflops", "mfu", "planned_bytes", "peak_bytes", "dropped_fraction",
+                        "last_loss"]))
   return 1 if failures else 0
 
 

@@ -3,7 +3,9 @@
 For one preset and each variant (as in bench_train.py: dmoe, capacity, dense, ...), in one run:
   1. times the jit-compiled forward (loss only), forward+backward (gradients, no optimizer) and the
      full train step (gradients + clip + AdamW), each the median of `--iters` blocked calls, so
-     the optimizer's share is the difference of the last two;
+     the optimizer's share is the difference of the last two (with `--grad-accum K` all three
+     run the global batch as K microbatches, the train step's own scan, so the optimizer share is
+     that of one update per K microbatches; `--adam-mu-dtype bfloat16`: bf16 first moment);
   2. traces `--trace-steps` full steps with jax.profiler and sums the GPU kernel time from the
      trace JSON the profiler writes (no TensorBoard needed): total busy time vs wall time (idle
      gaps = launch/host overhead), time per category (matmul, attention, Pallas kernels,
@@ -34,10 +36,10 @@ from experiments import bench_common as bc  # noqa: E402
 from experiments.bench_train import VARIANTS, _train_json  # noqa: E402
 from jaxmoe import data as data_lib  # noqa: E402
 from jaxmoe import expert_parallel as ep  # noqa: E402
-from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, flops_per_token  # noqa: E402
+from jaxmoe.model import ModelConfig, TransformerLM, flops_per_token  # noqa: E402
 from jaxmoe.presets import get_preset  # noqa: E402
 from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,  # noqa: E402
-                          make_mesh, make_optimizer, parallel_config)
+                          make_grad_fn, make_mesh, make_optimizer, parallel_config)
 
 # Kernel-name fragments -> category, first match wins (names as CUDA/XLA/Pallas report them).
 CATEGORIES = (
@@ -117,12 +119,9 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
   ep.set_parallel(abstract_model, parallel_config(model_cfg, train_cfg, mesh))  # as the steps do
   graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
   state_sh = jax.tree.map(lambda a: a.sharding, state)
-
-  def loss(params, rest, x, y):
-    logits, stats = nnx.merge(graphdef, params, rest)(x, deterministic=False)
-    return cross_entropy(logits, y) + stats["moe_loss"]
-
-  jit_grad = jax.jit(lambda s, x, y: jax.grad(loss)(s["params"], s["rest"], x, y),
+  # The train step's own gradient function: with grad_accum > 1 the same microbatch scan.
+  grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg, mesh)
+  jit_grad = jax.jit(lambda s, x, y: grad_fn(s["params"], s["rest"], x, y)[0],
                      in_shardings=(state_sh, bs, bs), out_shardings=state_sh["params"])
   batches = data_lib.Batches(tokens, train_cfg.batch_size, train_cfg.seq_len, seed=0)
   x, y = (jax.device_put(a, bs) for a in batches.batch(0))
@@ -172,6 +171,10 @@ def main() -> int:
   ap.add_argument("--batch-size", type=int, default=None)
   ap.add_argument("--seq-len", type=int, default=None)
   ap.add_argument("--num-experts", type=int, default=None)
+  ap.add_argument("--grad-accum", type=int, default=1,
+                  help="microbatches per step (--batch-size is the global batch per step)")
+  ap.add_argument("--adam-mu-dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="dtype of Adam's first moment")
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--mesh-expert", type=int, default=1,
                   help="expert-parallel ranks (the rest of the devices are data-parallel)")
@@ -193,6 +196,7 @@ def main() -> int:
     train_base["batch_size"] = args.batch_size
   if args.seq_len:
     train_base["seq_len"] = args.seq_len
+  train_base.update(grad_accum=args.grad_accum, adam_mu_dtype=args.adam_mu_dtype)
   model_base["remat"] = args.remat or model_base.get("remat", False)
   if args.num_experts:
     model_base["num_experts"] = args.num_experts

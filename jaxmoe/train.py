@@ -4,6 +4,20 @@ State (a pytree, all float32 master copies): {"params", "rest" (non-trainable mo
 as router biases), "opt" (optax state), "step" (int32)}. Compute runs in the model's dtype (bf16 by
 default). The loss is cross-entropy + the MoE layers' weighted aux/z losses.
 
+Gradient accumulation (TrainConfig.grad_accum = k, `--grad-accum`): each step takes the global
+batch of batch_size sequences and runs forward + backward on k microbatches of batch_size / k in a
+jax.lax.scan (one microbatch's activations live at a time), summing float32 gradients; the clip +
+AdamW update (and the router-bias step) then runs once on their mean, so its cost (memory-bound:
+it reads and writes every parameter and both moments) is paid once per k microbatches. Microbatch
+i is rows i, i + k, ... (`microbatches`): each one is split over all data-parallel devices with no
+data movement (batch_size must be divisible by k x data x expert). Reported loss / aux / z /
+dropped fraction are microbatch means, tokens_per_expert the whole batch's counts; for a model
+without MoE layers the step equals the k = 1 step (float32 rounding aside), with MoE layers it
+differs slightly (the aux loss is not linear in the batch). k = 1 compiles the plain step (no scan).
+Adam's first moment can be stored in bfloat16 (TrainConfig.adam_mu_dtype, `--adam-mu-dtype`;
+the second moment and the parameters stay float32): 2 bytes per parameter less memory and
+optimizer traffic.
+
 Mesh (`make_mesh`): axes ("data", "expert", "tensor") (TrainConfig.mesh_data/expert/tensor). The
 state is sharded by the parameters' logical axis names through jaxmoe.sharding.RULES
 (`state_shardings`): the routed experts' stacked weights (E, d, f) are split E over "expert" and
@@ -18,6 +32,8 @@ shardings. `make_mesh` checks that the model fits the mesh (ConfigError naming t
 
 Resuming: `run` continues from the newest checkpoint in OUT/ckpt: parameters, optimizer state,
 step, data position (batch i is a pure function of (seed, i)) and RNG (derived from seed and step).
+Only the model config must match the checkpoint's; grad_accum may change on resume (same global
+batch), and adam_mu_dtype too (the saved first moment is cast to the new dtype on restore).
 The checkpoint is restored straight onto the current mesh's shardings, so a run saved on one mesh
 (say data=8) resumes on another (data=2, expert=4). SIGTERM/SIGINT finish the current step, save a
 checkpoint and return.
@@ -53,6 +69,9 @@ from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy, flops_per_to
 # bf16 dense peak per device kind, TFLOP/s (MFU denominator).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
+# TrainConfig.adam_mu_dtype -> optax's mu_dtype (None: the parameters' dtype, float32).
+MU_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
 
 class ConfigError(ValueError):
   """A user configuration mistake (bad value, does not fit the mesh, mismatched resume)."""
@@ -61,7 +80,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class TrainConfig:
   steps: int = 200
-  batch_size: int = 16        # global batch (sequences)
+  batch_size: int = 16        # global batch (sequences), per optimizer step
+  grad_accum: int = 1         # microbatches per step: batch_size / grad_accum sequences at a time
   seq_len: int = 128
   lr: float = 3e-3
   min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
@@ -70,6 +90,7 @@ class TrainConfig:
   grad_clip: float = 1.0
   b1: float = 0.9
   b2: float = 0.95
+  adam_mu_dtype: str = "float32"   # Adam's first moment: "float32" or "bfloat16" (2 B/param less)
   seed: int = 0
   eval_every: int = 100       # 0: only at the end
   eval_batches: int = 4
@@ -91,8 +112,8 @@ class TrainConfig:
   tensorboard: bool = True
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep", "log_every",
-                 "mesh_expert", "mesh_tensor", "corpus_bytes"):
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "keep",
+                 "log_every", "mesh_expert", "mesh_tensor", "corpus_bytes"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ConfigError(f"train.{name} must be a positive int, got {v!r}")
@@ -112,6 +133,12 @@ class TrainConfig:
         raise ConfigError(f"train.{name} must be in [0, 1], got {v!r}")
     if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
       raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum="
+                        f"{self.grad_accum} (the microbatches are equal parts of the batch)")
+    if self.adam_mu_dtype not in MU_DTYPES:
+      raise ConfigError(f"train.adam_mu_dtype must be one of {tuple(MU_DTYPES)}, got "
+                        f"{self.adam_mu_dtype!r}")
     if self.ep_a2a not in ep.A2A_MODES:
       raise ConfigError(f"train.ep_a2a must be one of {ep.A2A_MODES}, got {self.ep_a2a!r}")
 
@@ -128,8 +155,9 @@ def make_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
   """Mesh ("data", "expert", "tensor") over `devices` (default all), validated against the model.
 
   ConfigError (naming the field) unless the sharded model and the batch fit the mesh: experts
-  divisible by "expert", the expert width d_ff by "tensor", the batch by data x expert, (the
-  expert-parallel layer's duplicate token dropping) each device's tokens by "tensor", an
+  divisible by "expert", the expert width d_ff by "tensor", the batch by grad_accum x data x
+  expert, (the expert-parallel layer's duplicate token dropping) each device's tokens per
+  microbatch by "tensor", an
   expert-parallel moe_impl when expert or tensor > 1, and MoE layers when tensor > 1.
   """
   devices = list(jax.devices() if devices is None else devices)
@@ -155,12 +183,18 @@ def make_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
   if moe and (e > 1 or t > 1) and model.moe_impl not in ep.EP_IMPLS:
     raise ConfigError(f"model.moe_impl={model.moe_impl!r} has no expert-parallel version; with "
                       f"mesh_expert={e} / mesh_tensor={t} use one of {ep.EP_IMPLS}")
-  if train.batch_size % (d * e):
-    raise ConfigError(f"batch_size={train.batch_size} is not divisible by the data-parallel size "
-                      f"data x expert = {d * e}")
-  local_tokens = train.batch_size // (d * e) * train.seq_len
+  k = train.grad_accum
+  if train.batch_size % (d * e * k):
+    if k == 1:
+      raise ConfigError(f"batch_size={train.batch_size} is not divisible by the data-parallel "
+                        f"size data x expert = {d * e}")
+    raise ConfigError(f"batch_size={train.batch_size} is not divisible by train.grad_accum x the "
+                      f"data-parallel size data x expert = {k} x {d * e} = {k * d * e} (each "
+                      f"microbatch is split over all data-parallel devices)")
+  local_tokens = train.batch_size // (d * e * k) * train.seq_len
   if moe and t > 1 and local_tokens % t:
-    raise ConfigError(f"tokens per device batch_size/(data x expert) x seq_len = {local_tokens} "
+    what = "batch_size/(data x expert)" if k == 1 else "batch_size/(grad_accum x data x expert)"
+    raise ConfigError(f"tokens per device {what} x seq_len = {local_tokens} "
                       f"must be divisible by the mesh's tensor axis ({t}): each tensor rank "
                       f"dispatches 1/{t} of them (change train.batch_size or train.seq_len)")
   try:
@@ -188,7 +222,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def make_optimizer(train: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Clip by global norm, then AdamW with linear warmup and cosine decay (no decay on vectors)."""
+  """Clip by global norm, then AdamW with linear warmup and cosine decay (no decay on vectors);
+  Adam's first moment mu is stored in train.adam_mu_dtype (with bfloat16 optax forms b1 * mu in
+  bf16 and the rest of the update in float32, then rounds the new mu to bf16)."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.lr, warmup_steps=train.warmup_steps,
       decay_steps=max(train.steps, train.warmup_steps + 1), end_value=train.lr * train.min_lr_ratio)
@@ -196,7 +232,7 @@ def make_optimizer(train: TrainConfig) -> tuple[optax.GradientTransformation, op
   tx = optax.chain(
       optax.clip_by_global_norm(train.grad_clip),
       optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,
-                  mask=decay_mask))
+                  mask=decay_mask, mu_dtype=MU_DTYPES[train.adam_mu_dtype]))
   return tx, schedule
 
 
@@ -240,18 +276,95 @@ def init_sharded_state(model_cfg: ModelConfig, train: TrainConfig, mesh: Mesh, t
   return jax.jit(lambda: init_state(model_cfg, train, tx)[1], out_shardings=shardings)()
 
 
-def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedule):
-  """(train_step(state, x, y) -> (state, metrics), eval_step(state, x, y) -> loss), not jitted."""
+def microbatches(a: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
+  """(B, ...) -> (k, B/k, ...): microbatch i holds rows i, i + k, i + 2k, ...
 
+  The batch is split over ("data", "expert") in contiguous blocks of B/n rows (n = data x
+  expert); with B divisible by k n each block is B/(k n) whole groups of k rows, so the reshape to
+  (B/k, k, ...) keeps the same rows on every device and the swap puts every microbatch on all n
+  devices (B/(k n) rows each): no data moves. With `mesh`, a sharding constraint states that layout.
+  """
+  b = a.shape[0]
+  a = a.reshape(b // k, k, *a.shape[1:]).swapaxes(0, 1)
+  if mesh is not None:
+    a = jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, ("data", "expert"))))
+  return a
+
+
+def _loss_fn(graphdef):
   def loss_fn(params, rest, x, y, deterministic):
     model = nnx.merge(graphdef, params, rest)
     logits, stats = model(x, deterministic=deterministic)
     ce = cross_entropy(logits, y)
     return ce + stats["moe_loss"], (ce, stats)
+  return loss_fn
+
+
+def make_grad_fn(graphdef, model_cfg: ModelConfig, train: TrainConfig, mesh: Mesh | None = None):
+  """grad_fn(params, rest, x, y) -> (grads, ce, stats) for a global batch (B, T), not jitted.
+
+  grad_accum = 1: one value_and_grad of cross-entropy + the MoE losses over the whole batch.
+  grad_accum = k > 1: the batch is cut into k microbatches (`microbatches`) and a lax.scan runs
+  forward + backward on one at a time (so only one microbatch's activations are live), adding
+  each microbatch's gradients / k to a float32 carry: grads = the mean of the microbatch gradients,
+  the gradient of the mean microbatch loss (for a
+  model without MoE layers the full-batch gradient: every microbatch has B T / k tokens). ce and
+  the stats' aux_loss / z_loss / moe_loss / dropped_fraction are the microbatch means;
+  tokens_per_expert (num_moe_layers, E) is summed, i.e. the whole batch's counts, as with k = 1.
+  The MoE aux loss is not linear in the batch (a product of per-batch means), so with k > 1 an MoE
+  model's gradient is that of the mean microbatch aux loss, not of the full batch's aux loss.
+  With `mesh`, sharding constraints keep every microbatch split over ("data", "expert") and the
+  accumulator in the parameters' shardings. On a data-parallel mesh XLA all-reduces each
+  microbatch's gradients inside the scan (k reductions per step, not one; none on one device).
+  """
+  k = train.grad_accum
+
+  loss_fn = _loss_fn(graphdef)
+
+  def one(params, rest, x, y):
+    (_, (ce, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y, False)
+    return grads, ce, stats
+
+  if k == 1:
+    return one
+
+  param_sh = None if mesh is None else state_shardings(model_cfg, train, mesh)["params"]
+  batch_sh = None if mesh is None else batch_sharding(mesh)
+
+  def accumulated(params, rest, x, y):
+    def body(acc, xy):
+      xb, yb = xy
+      if batch_sh is not None:
+        xb, yb = (jax.lax.with_sharding_constraint(a, batch_sh) for a in (xb, yb))
+      grads, ce, stats = one(params, rest, xb, yb)
+      # Scaled by 1/k as it is added (fused into the add): the carry ends as the mean.
+      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * (1.0 / k), acc, grads)
+      return acc, (ce, stats)
+
+    acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if param_sh is not None:
+      acc = jax.lax.with_sharding_constraint(acc, param_sh)
+    acc, (ce, stats) = jax.lax.scan(body, acc, (microbatches(x, k, mesh), microbatches(y, k, mesh)))
+    stats = {name: v.sum(0) if name == "tokens_per_expert" else v.mean(0)
+             for name, v in stats.items()}
+    return acc, ce.mean(), stats
+
+  return accumulated
+
+
+def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedule,
+               mesh: Mesh | None = None):
+  """(train_step(state, x, y) -> (state, metrics), eval_step(state, x, y) -> loss), not jitted.
+
+  x, y: the global batch (B, T). With train.grad_accum = k > 1 both steps run it as k microbatches
+  (`make_grad_fn`; the eval step averages the k forward losses), and the clip + AdamW update (and
+  the router-bias step) runs once on the averaged gradients. `mesh`: see make_grad_fn.
+  """
+  grad_fn = make_grad_fn(graphdef, model_cfg, train, mesh)
+  k = train.grad_accum
 
   def train_step(state, x, y):
-    (_, (ce, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["rest"], x, y, False)
+    grads, ce, stats = grad_fn(state["params"], state["rest"], x, y)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     rest = state["rest"]
@@ -265,8 +378,17 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
                "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
 
+  loss_fn = _loss_fn(graphdef)
+
+  def eval_loss(params, rest, x, y):
+    return loss_fn(params, rest, x, y, True)[1][0]
+
   def eval_step(state, x, y):
-    return loss_fn(state["params"], state["rest"], x, y, True)[1][0]
+    if k == 1:
+      return eval_loss(state["params"], state["rest"], x, y)
+    losses = jax.lax.map(lambda xy: eval_loss(state["params"], state["rest"], *xy),
+                         (microbatches(x, k, mesh), microbatches(y, k, mesh)))
+    return losses.mean()
 
   return train_step, eval_step
 
@@ -283,7 +405,7 @@ def _jitted_steps(model_cfg: ModelConfig, train_json: str, mesh: Mesh):
   # The MoE layers' ParallelConfig is a static attribute: it lives in the graphdef.
   ep.set_parallel(abstract_model, parallel_config(model_cfg, train, mesh))
   graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
-  train_step, eval_step = make_steps(graphdef, model_cfg, train, tx, schedule)
+  train_step, eval_step = make_steps(graphdef, model_cfg, train, tx, schedule, mesh)
   state_sh = state_shardings(model_cfg, train, mesh, tx)
   repl, bs = replicated(mesh), batch_sharding(mesh)
   jit_train = jax.jit(train_step, in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, repl),
@@ -395,6 +517,8 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   if latest is None:
     log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
         f"mesh {dict(mesh.shape)}{' (expert-parallel MoE layers)' if pcfg else ''}; "
+        + (f"batch {train.batch_size} in {train.grad_accum} microbatches of "
+           f"{train.batch_size // train.grad_accum}; " if train.grad_accum > 1 else "") +
         f"{train_tokens.size:,} train / {val_tokens.size:,} val tokens")
   bar = ProgressBar(train.steps, start=step) if progress else None
   last: dict[str, Any] = {}
