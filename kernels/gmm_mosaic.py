@@ -185,10 +185,7 @@ def group_xty(
   num_groups = group_sizes.shape[0]
   if k % bk or n % bn:
     raise ValueError(f"mosaic group_xty needs K % {bk} == 0 and N % {bn} == 0, got K={k}, N={n}")
-  offsets = tiling.tile_metadata(group_sizes, m, br).offsets[: num_groups + 1]
-  starts, ends = offsets[:-1], offsets[1:]
-  first_block = starts // br
-  num_blocks = jnp.where(ends > starts, (ends + br - 1) // br - first_block, 0)
+  offsets, first_block, num_blocks = tiling.group_row_blocks(group_sizes, m, br)
   grid_k, grid_n = k // bk, n // bn
   tile_width = math.gcd(cfg.grid_tile_width, grid_n)
 
@@ -267,4 +264,4 @@ def group_xty(
       ),
       interpret=_interpret_params(interpret),
   )
-  return kernel(offsets, first_block.astype(jnp.int32), num_blocks.astype(jnp.int32), x, dy)
+  return kernel(offsets, first_block, num_blocks, x, dy)

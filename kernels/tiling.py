@@ -56,3 +56,20 @@ def tile_metadata(group_sizes: jax.Array, m: int, block_m: int) -> TileMetadata:
       tile_group.astype(jnp.int32), tile_block.astype(jnp.int32), offsets.astype(jnp.int32),
       num_active,
   )
+
+
+def group_row_blocks(group_sizes: jax.Array, m: int,
+                     block_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-group row blocks for kernels that reduce over each group's rows (group_xty).
+
+  Returns (offsets (G + 1,) int32 row offsets of the groups, clipped to m; first_block (G,) int32
+  index of the block_rows-row block holding each group's first row; num_blocks (G,) int32 blocks
+  the group's rows touch, 0 for an empty group). A group's blocks are first_block + 0 .. num - 1;
+  its first and last may hold rows of its neighbours, which the kernel must mask.
+  """
+  num_groups = group_sizes.shape[0]
+  offsets = tile_metadata(group_sizes, m, block_rows).offsets[: num_groups + 1]
+  starts, ends = offsets[:-1], offsets[1:]
+  first_block = starts // block_rows
+  num_blocks = jnp.where(ends > starts, (ends + block_rows - 1) // block_rows - first_block, 0)
+  return offsets, first_block.astype(jnp.int32), num_blocks.astype(jnp.int32)
