@@ -107,14 +107,9 @@ def _train_json(train_cfg: TrainConfig) -> str:
   return json.dumps(dataclasses.asdict(train_cfg))
 
 
-def main() -> int:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, interpret backends")
+def add_config_args(ap: argparse.ArgumentParser) -> None:
+  """The preset and its overrides, shared with experiments/profile_train.py."""
   ap.add_argument("--preset", default="small", help="base preset (MoE variant; see jaxmoe.presets)")
-  ap.add_argument("--variants", default="dmoe,ragged_dot,blocksparse,capacity,dense")
-  ap.add_argument("--steps", type=int, default=30, help="timed steps per variant")
-  ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--batch-size", type=int, default=None)
   ap.add_argument("--seq-len", type=int, default=None)
   ap.add_argument("--grad-accum", type=int, default=1,
@@ -131,16 +126,15 @@ def main() -> int:
   ap.add_argument("--num-experts", type=int, default=None,
                   help="override the preset's 64 experts (Small with 64: 3.7B params, ~60 GB of "
                        "float32 weights + Adam state + grads on one GPU)")
-  ap.add_argument("--peak-tflops", type=float, default=None,
-                  help=f"per-device peak for MFU (default {H100_PEAK_TFLOPS} on GPU)")
-  args = ap.parse_args()
 
-  preset = get_preset("test" if args.smoke else args.preset)
-  model_base = preset["model"]
-  train_base = preset["train"]
-  if args.smoke:
-    args.steps, args.warmup = min(args.steps, 3), 1
-  train_base.update(steps=args.steps, warmup_steps=1, ckpt_every=0, tensorboard=False)
+
+def preset_configs(args: argparse.Namespace, preset_name: str, steps: int,
+                   mesh_data: int) -> tuple[dict, dict, TrainConfig]:
+  """(model fields, train fields, TrainConfig) of `preset_name` with the `add_config_args` flags
+  applied; benchmarks run with one warm-up step of the schedule, no checkpoints, no TensorBoard."""
+  preset = get_preset(preset_name)
+  model_base, train_base = preset["model"], preset["train"]
+  train_base.update(steps=steps, warmup_steps=1, ckpt_every=0, tensorboard=False)
   if args.batch_size:
     train_base["batch_size"] = args.batch_size
   if args.seq_len:
@@ -149,11 +143,29 @@ def main() -> int:
   model_base["remat"] = args.remat or model_base.get("remat", False)
   if args.num_experts:
     model_base["num_experts"] = args.num_experts
+  train_cfg = TrainConfig(**{**train_base, "mesh_data": mesh_data, "mesh_expert": args.mesh_expert,
+                             "mesh_tensor": args.mesh_tensor, "ep_a2a": args.ep_a2a})
+  return model_base, train_base, train_cfg
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, interpret backends")
+  ap.add_argument("--variants", default="dmoe,ragged_dot,blocksparse,capacity,dense")
+  ap.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+  ap.add_argument("--warmup", type=int, default=3)
+  add_config_args(ap)
+  ap.add_argument("--peak-tflops", type=float, default=None,
+                  help=f"per-device peak for MFU (default {H100_PEAK_TFLOPS} on GPU)")
+  args = ap.parse_args()
+
+  if args.smoke:
+    args.steps, args.warmup = min(args.steps, 3), 1
   on_gpu = jax.default_backend() == "gpu"
   peak_tflops = args.peak_tflops or (H100_PEAK_TFLOPS if on_gpu else None)
-  train_cfg = TrainConfig(**{**train_base, "mesh_data": 1 if not on_gpu else -1,
-                             "mesh_expert": args.mesh_expert, "mesh_tensor": args.mesh_tensor,
-                             "ep_a2a": args.ep_a2a})
+  model_base, train_base, train_cfg = preset_configs(
+      args, "test" if args.smoke else args.preset, args.steps, -1 if on_gpu else 1)
   tokens = data_lib.load_tokens(None, max_bytes=32 << 20 if not args.smoke else 1 << 20)
 
   rows, failures, results = [], 0, {}

@@ -33,11 +33,11 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common as bc  # noqa: E402
-from experiments.bench_train import VARIANTS, _train_json  # noqa: E402
+from experiments.bench_train import (VARIANTS, _train_json, add_config_args,  # noqa: E402
+                                     preset_configs)
 from jaxmoe import data as data_lib  # noqa: E402
 from jaxmoe import expert_parallel as ep  # noqa: E402
 from jaxmoe.model import ModelConfig, TransformerLM, flops_per_token  # noqa: E402
-from jaxmoe.presets import get_preset  # noqa: E402
 from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,  # noqa: E402
                           make_grad_fn, make_mesh, make_optimizer, parallel_config)
 
@@ -166,20 +166,8 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
 def main() -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
-  ap.add_argument("--preset", default="small")
   ap.add_argument("--variants", default="dense,dmoe")
-  ap.add_argument("--batch-size", type=int, default=None)
-  ap.add_argument("--seq-len", type=int, default=None)
-  ap.add_argument("--num-experts", type=int, default=None)
-  ap.add_argument("--grad-accum", type=int, default=1,
-                  help="microbatches per step (--batch-size is the global batch per step)")
-  ap.add_argument("--adam-mu-dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="dtype of Adam's first moment")
-  ap.add_argument("--remat", action="store_true")
-  ap.add_argument("--mesh-expert", type=int, default=1,
-                  help="expert-parallel ranks (the rest of the devices are data-parallel)")
-  ap.add_argument("--mesh-tensor", type=int, default=1)
-  ap.add_argument("--ep-a2a", default="padded", help="expert-parallel all-to-all: padded|ragged")
+  add_config_args(ap)
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--trace-steps", type=int, default=3)
   ap.add_argument("--top", type=int, default=25)
@@ -189,22 +177,10 @@ def main() -> int:
                   help="extra ModelConfig override, e.g. --set tie_embeddings=false")
   args = ap.parse_args()
 
-  preset = get_preset(args.preset)
-  model_base, train_base = preset["model"], preset["train"]
-  train_base.update(steps=10, warmup_steps=1, ckpt_every=0, tensorboard=False)
-  if args.batch_size:
-    train_base["batch_size"] = args.batch_size
-  if args.seq_len:
-    train_base["seq_len"] = args.seq_len
-  train_base.update(grad_accum=args.grad_accum, adam_mu_dtype=args.adam_mu_dtype)
-  model_base["remat"] = args.remat or model_base.get("remat", False)
-  if args.num_experts:
-    model_base["num_experts"] = args.num_experts
+  model_base, train_base, train_cfg = preset_configs(args, args.preset, 10, -1)
   for kv in args.set:
     k, v = kv.split("=", 1)
     model_base[k] = json.loads(v)
-  train_cfg = TrainConfig(**{**train_base, "mesh_data": -1, "mesh_expert": args.mesh_expert,
-                             "mesh_tensor": args.mesh_tensor, "ep_a2a": args.ep_a2a})
   tokens = data_lib.load_tokens(None, max_bytes=8 << 20)
   os.makedirs(args.out, exist_ok=True)
 
