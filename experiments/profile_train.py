@@ -28,7 +28,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,10 +35,9 @@ from experiments import bench_common as bc  # noqa: E402
 from experiments.bench_train import (VARIANTS, _train_json, add_config_args,  # noqa: E402
                                      preset_configs)
 from jaxmoe import data as data_lib  # noqa: E402
-from jaxmoe import expert_parallel as ep  # noqa: E402
-from jaxmoe.model import ModelConfig, TransformerLM, flops_per_token  # noqa: E402
+from jaxmoe.model import ModelConfig, flops_per_token  # noqa: E402
 from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,  # noqa: E402
-                          make_grad_fn, make_mesh, make_optimizer, parallel_config)
+                          make_grad_fn, make_mesh, make_optimizer, step_graphdef)
 
 # Kernel-name fragments -> category, first match wins (names as CUDA/XLA/Pallas report them).
 CATEGORIES = (
@@ -115,9 +113,7 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
   bs = batch_sharding(mesh)
   state = init_sharded_state(model_cfg, train_cfg, mesh, tx)
   jit_train, jit_eval = _jitted_steps(model_cfg, _train_json(train_cfg), mesh)
-  abstract_model = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
-  ep.set_parallel(abstract_model, parallel_config(model_cfg, train_cfg, mesh))  # as the steps do
-  graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+  graphdef = step_graphdef(model_cfg, train_cfg, mesh)   # the one the train step uses
   state_sh = jax.tree.map(lambda a: a.sharding, state)
   # The train step's own gradient function: with grad_accum > 1 the same microbatch scan.
   grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg, mesh)

@@ -300,6 +300,15 @@ def _loss_fn(graphdef):
   return loss_fn
 
 
+def step_graphdef(model_cfg: ModelConfig, train: TrainConfig, mesh: Mesh) -> nnx.GraphDef:
+  """The graphdef the steps merge the state into: the model with its MoE layers' ParallelConfig
+  for `mesh` (a static attribute, so it lives in the graphdef; None on a mesh without expert or
+  tensor parallelism)."""
+  abstract_model = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
+  ep.set_parallel(abstract_model, parallel_config(model_cfg, train, mesh))
+  return nnx.split(abstract_model, nnx.Param, ...)[0]
+
+
 def make_grad_fn(graphdef, model_cfg: ModelConfig, train: TrainConfig, mesh: Mesh | None = None):
   """grad_fn(params, rest, x, y) -> (grads, ce, stats) for a global batch (B, T), not jitted.
 
@@ -401,10 +410,7 @@ def _jitted_steps(model_cfg: ModelConfig, train_json: str, mesh: Mesh):
   compile once."""
   train = TrainConfig(**json.loads(train_json))
   tx, schedule = make_optimizer(train)
-  abstract_model = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
-  # The MoE layers' ParallelConfig is a static attribute: it lives in the graphdef.
-  ep.set_parallel(abstract_model, parallel_config(model_cfg, train, mesh))
-  graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+  graphdef = step_graphdef(model_cfg, train, mesh)
   train_step, eval_step = make_steps(graphdef, model_cfg, train, tx, schedule, mesh)
   state_sh = state_shardings(model_cfg, train, mesh, tx)
   repl, bs = replicated(mesh), batch_sharding(mesh)
