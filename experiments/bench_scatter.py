@@ -138,7 +138,7 @@ def check_edge(checks, edge, backend, cfg):
 
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     want = ref(x32, w32, g)
-    report(checks, f"edge/{name} fwd", rel(jax.jit(op)(x, w, g), want))
+    report(checks, f"edge/{backend}/{name} fwd", rel(jax.jit(op)(x, w, g), want))
     ct = normal(ks[3], want.shape, jnp.float32)
     extra = (g,) if use_g else ()
     argnums = tuple(range(2 + len(extra)))
@@ -146,7 +146,7 @@ def check_edge(checks, edge, backend, cfg):
         x, w, *extra)
     exp = jax.grad(lambda *a: jnp.sum(ref(*a) * ct), argnums)(x32, w32, *extra)
     for which, gg, ww in zip(("dx", "dw", "dgates"), got, exp):
-      report(checks, f"edge/{name} {which}", rel(gg, ww))
+      report(checks, f"edge/{backend}/{name} {which}", rel(gg, ww))
   # The raw kernel: output poisoned with NaN, 1/4 of the sorted rows past the routed ones.
   sizes = np.array(routing.group_sizes)
   drop = m // 4
@@ -165,7 +165,7 @@ def check_edge(checks, edge, backend, cfg):
   want = scatter_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32), perm, gs)
   tail_rows = perm[gid == e]
   tail_zero = bool(jnp.all(out[tail_rows] == 0))
-  report(checks, f"edge/kernel poisoned, {int(tail_rows.shape[0])} unrouted rows zero",
+  report(checks, f"edge/{backend}/kernel poisoned, {int(tail_rows.shape[0])} unrouted rows zero",
          rel(out, want), extra=tail_zero)
 
 
@@ -290,7 +290,8 @@ def torch_mlp(x, idx, gates, ws, ct, act_name, iters):
   return ms, torch.cuda.max_memory_allocated()
 
 
-def bench_mlp(name, shape, kind, backend, gmm_backend, cfg, iters, checks, smoke, use_torch):
+def bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend, cfg, iters, checks, smoke,
+              use_torch):
   t, d, f, e, k = shape
   dt = jnp.bfloat16
   ks = jax.random.split(jax.random.key(2), 7)
@@ -304,10 +305,16 @@ def bench_mlp(name, shape, kind, backend, gmm_backend, cfg, iters, checks, smoke
     ws.append(normal(ks[3], (e, d, f), dt, d ** -0.5))
   ws.append(normal(ks[4], (e, f, d), dt, f ** -0.5))
   ct = normal(ks[5], (t, d), jnp.float32)
-  kw = dict(activation=act, backend=backend, config=cfg)
+  def scatter_impl(be):
+    kw = dict(activation=act, backend=be, config=cfg)
+    return ((lambda x, g, *ws: scatter_glu(x, *ws, routing, g, **kw)) if glu
+            else (lambda x, g, *ws: scatter_mlp(x, *ws, routing, g, **kw)))
+
+  # "scatter": the default GPU backend ("pallas": gathers in the Triton scatter kernel, grouped
+  # inputs on the Mosaic grouped kernels); "scatter_triton": every product in the scatter kernel.
   impls = {
-      "scatter": (lambda x, g, *ws: scatter_glu(x, *ws, routing, g, **kw)) if glu
-      else (lambda x, g, *ws: scatter_mlp(x, *ws, routing, g, **kw)),
+      "scatter": scatter_impl(mixed_backend),
+      **({"scatter_triton": scatter_impl(backend)} if mixed_backend != backend else {}),
       "grouped": lambda x, g, *ws: grouped_mlp(
           x, idx, g, ws, lambda a, w, s: grouped_matmul(a, w, s, backend=gmm_backend), act),
       "ragged_dot": lambda x, g, *ws: grouped_mlp(x, idx, g, ws, jax.lax.ragged_dot, act),
@@ -320,13 +327,15 @@ def bench_mlp(name, shape, kind, backend, gmm_backend, cfg, iters, checks, smoke
 
   def check():
     ref = jax.jit(impls["grouped"])(*args)
-    report(checks, f"mlp/{name}/{kind} scatter vs grouped fwd", rel(jax.jit(impls["scatter"])(*args), ref))
-    g_s = jax.jit(jax.grad(lambda *a: jnp.sum(impls["scatter"](*a).astype(jnp.float32) * ct),
-                           argnums=(0, 1, 2)))(*args)
     g_g = jax.jit(jax.grad(lambda *a: jnp.sum(impls["grouped"](*a).astype(jnp.float32) * ct),
                            argnums=(0, 1, 2)))(*args)
-    for which, a_, b_ in zip(("dx", "dgates", "dw_first"), g_s, g_g):
-      report(checks, f"mlp/{name}/{kind} scatter vs grouped {which}", rel(a_, b_), tol=2e-2)
+    for impl in [i for i in impls if i.startswith("scatter")]:
+      report(checks, f"mlp/{name}/{kind} {impl} vs grouped fwd",
+             rel(jax.jit(impls[impl])(*args), ref))
+      g_s = jax.jit(jax.grad(lambda *a: jnp.sum(impls[impl](*a).astype(jnp.float32) * ct),
+                             argnums=(0, 1, 2)))(*args)
+      for which, a_, b_ in zip(("dx", "dgates", "dw_first"), g_s, g_g):
+        report(checks, f"mlp/{name}/{kind} {impl} vs grouped {which}", rel(a_, b_), tol=2e-2)
 
   guarded(checks, f"mlp/{name}/{kind}/check", check)
   for impl, fn in impls.items():
@@ -388,10 +397,12 @@ def main():
   print("environment:", env, flush=True)
   if args.smoke:
     backend, gmm_backend, iters = "triton_interpret", "xla", 1
+    mixed_backend = backend    # the Mosaic kernels' tiles do not fit the smoke shapes
     cfg = TritonScatterConfig(block_m=16, block_n=16, block_k=16, group_m=2)
     op_shapes, mlp_shapes, edge = SMOKE_OP, SMOKE_MLP, SMOKE_EDGE
   else:
     backend, gmm_backend, iters = "triton", None, args.iters
+    mixed_backend = "pallas"
     cfg = TritonScatterConfig(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k,
                               group_m=args.group_m, num_warps=args.num_warps,
                               num_stages=args.num_stages)
@@ -400,12 +411,14 @@ def main():
     mlp_shapes = {n: MLP_SHAPES[n] for n in names}
     edge = EDGE
   use_torch = not args.no_torch and not args.smoke and torch_available()
-  payload = {"env": env, "config": {"backend": backend, **cfg.__dict__}, "torch": use_torch,
+  payload = {"env": env, "config": {"backend": backend, "mixed_backend": mixed_backend,
+                                    **cfg.__dict__}, "torch": use_torch,
              "checks": [], "ops": [], "mlp": []}
   checks = payload["checks"]
   out = lambda: bc.write_json(args.out, "bench_scatter.json", payload)
 
-  guarded(checks, "edge", lambda: check_edge(checks, edge, backend, cfg))
+  for be in dict.fromkeys((backend, mixed_backend)):
+    guarded(checks, f"edge/{be}", lambda be=be: check_edge(checks, edge, be, cfg))
   out()
   if args.only in ("ops", "all"):
     for name, shape in op_shapes.items():
@@ -415,8 +428,8 @@ def main():
   if args.only in ("mlp", "all"):
     for name, shape in mlp_shapes.items():
       for kind in args.mlp_kinds.split(","):
-        payload["mlp"].append(bench_mlp(name, shape, kind, backend, gmm_backend, cfg, iters,
-                                        checks, args.smoke, use_torch))
+        payload["mlp"].append(bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend,
+                                        cfg, iters, checks, args.smoke, use_torch))
         out()
   print(f"wrote {out()}")
 

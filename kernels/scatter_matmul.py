@@ -23,6 +23,16 @@ layout (summed over the k copies when x was in token order); the weight gradient
 `kernels.group_xty` over grouped x and grouped dy (gathered here: transient, backward only); the
 gate gradient is d gates[f] = <dy[t], x_in @ W> = <dy[t] @ W^T, x_in>, taken from the unscaled
 data-gradient rows, so the forward keeps no output activations for it.
+
+Backends. "triton" / "triton_interpret" run every product in the scatter kernel, as the paper
+does. "pallas" (the GPU default), "mosaic" and "mosaic_interpret" keep the scatter kernel (Triton)
+for the products that gather token-order rows, the point of the method, and run the products
+whose input rows are already grouped on the grouped-matmul kernels (`kernels.grouped_matmul`: the
+Mosaic TMA + wgmma kernels on Hopper, faster than Triton's): the forward of a grouped input, and
+in the backward the data gradient, whose grouped dy the weight gradient gathers anyway. Their
+grouped output rows are then put in flat order (or combined) by an XLA gather of the (M, N)
+rows, where the scatter kernel would have written the same (M, N) rows in flat order, so no
+extra (M, ·) buffer is made.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import backends, validation, xla_gmm
-from kernels.grouped_matmul import group_xty
+from kernels.grouped_matmul import group_xty, grouped_matmul
 
 
 class ScatterRouting(NamedTuple):
@@ -59,19 +69,32 @@ def make_routing(expert_idx: jax.Array, num_experts: int) -> ScatterRouting:
   return ScatterRouting(sorted_flat, group_sizes)
 
 
+def _grouped_backend(backend: str) -> str | None:
+  """The grouped_matmul backend for this backend's grouped-input products, or None where the
+  scatter kernel runs every product (see the module docstring)."""
+  return backend if backend in ("pallas", "mosaic", "mosaic_interpret") else None
+
+
+def _inverse(perm: jax.Array) -> jax.Array:
+  """inv with inv[perm[p]] = p: the sorted row of each flat choice."""
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype),
+                                           unique_indices=True)
+
+
 def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend, out_dtype, config):
   """out[dst[p]] = scale[p] * x[src[p]] @ W[g(p)]; None = identity index / no scale."""
-  if backend in ("pallas", "triton", "triton_interpret"):
+  grouped = _grouped_backend(backend)
+  if grouped is not None and src is None and scale is None:
+    out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w, backend=grouped,
+                         out_dtype=out_dtype)
+    # dst is a permutation of the M rows (sorted_flat): a gather puts them in flat order.
+    return out if dst is None else jnp.take(out, _inverse(dst), axis=0)
+  if backend != "xla":
     from kernels import scatter_triton
 
     return scatter_triton.scatter2scatter(
         x, w, group_sizes, src, dst, scale, m=m, transpose_w=transpose_w, out_dtype=out_dtype,
-        config=config, interpret=backend == "triton_interpret",
-    )
-  if backend != "xla":
-    raise ValueError(
-        f"backend: scatter_matmul supports 'xla', 'triton', 'triton_interpret', 'pallas' or None, "
-        f"got {backend!r}"
+        config=config, interpret=backend.endswith("_interpret"),
     )
   # The plain XLA path: materialize the gather, ragged_dot, scale, scatter.
   xin = x if src is None else jnp.take(x, src, axis=0)
@@ -87,6 +110,14 @@ def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend, out_dty
 def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
              out_dtype, config):
   m = sorted_flat.shape[0]
+  if x_grouped and gates is not None and _grouped_backend(backend) is not None:
+    # Grouped rows from the grouped kernel; the gates multiply in the fused gather + combine
+    # (one rounding of each product to out_dtype before the float32 sum, as in the kernel).
+    out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w,
+                         backend=_grouped_backend(backend), out_dtype=out_dtype)
+    t, k = gates.shape
+    rows = jnp.take(out, _inverse(sorted_flat), axis=0).reshape(t, k, -1).astype(jnp.float32)
+    return jnp.einsum("tk,tkn->tn", gates.astype(jnp.float32), rows).astype(out_dtype)
   src = None if x_grouped else sorted_flat // (m // x.shape[0])
   dst = None if y_grouped else sorted_flat
   scale = None if gates is None else gates.reshape(-1)[sorted_flat]
@@ -130,8 +161,15 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
   # the rows stay unscaled: the gate gradient needs them.
   dx_dst = None if x_grouped else sorted_flat
   dx_scale = None if gates is None else gates.reshape(-1)[sorted_flat]
-  u = _s2s(dy, w, group_sizes, dy_src, dx_dst, None, m=m, transpose_w=not transpose_w,
-           backend=backend, out_dtype=x.dtype, config=config)
+  # Where grouped products run on the grouped kernels, gather dy once (the weight gradient needs
+  # the grouped rows too) and run the data gradient on the grouped rows.
+  dyg = None
+  if _grouped_backend(backend) is not None and dy_src is not None:
+    dyg, dy_src_dx = jnp.take(dy, dy_src, axis=0), None
+  else:
+    dy_src_dx = dy_src
+  u = _s2s(dy if dyg is None else dyg, w, group_sizes, dy_src_dx, dx_dst, None, m=m,
+           transpose_w=not transpose_w, backend=backend, out_dtype=x.dtype, config=config)
   dgates = None
   if gates is not None:
     if x_grouped:
@@ -147,7 +185,8 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
   dx = dx.astype(x.dtype)
   # Weight gradient over grouped rows: gather x and (scaled) dy into sorted order.
   xg = x if x_grouped else jnp.take(x, sorted_flat // r, axis=0)
-  dyg = dy if dy_src is None else jnp.take(dy, dy_src, axis=0)
+  if dyg is None:
+    dyg = dy if dy_src is None else jnp.take(dy, dy_src, axis=0)
   if gates is not None:
     dyg = (dyg.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]).astype(x.dtype)
   # The same backend name: group_xty resolves "pallas" to the best kernel for the shape.
@@ -182,7 +221,9 @@ def scatter_matmul(
     routing: ScatterRouting from make_routing (sorted_flat (M,), group_sizes (E,), int32).
     gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
     x_grouped, y_grouped: input / output already in expert-sorted order.
-    backend: "xla" (plain XLA; CPU default), "triton", "triton_interpret", "pallas" or None.
+    backend: "xla" (plain XLA; CPU default), "triton" / "triton_interpret" (every product in the
+      scatter kernel), "pallas" (GPU default), "mosaic" / "mosaic_interpret" (grouped-input
+      products on the grouped-matmul kernels; see the module docstring) or None.
     out_dtype: defaults to x.dtype; accumulation is float32.
     config: optional kernels.scatter_triton.TritonScatterConfig (tile sizes, warps, stages).
 
@@ -190,11 +231,6 @@ def scatter_matmul(
     (M, N) sorted (y_grouped), (M, N) flat order, or (T, N) with gates.
   """
   backend = backends.resolve_backend(backend)
-  if backend not in ("xla", "triton", "triton_interpret", "pallas"):
-    raise ValueError(
-        f"backend: scatter_matmul supports 'xla', 'triton', 'triton_interpret', 'pallas' or None, "
-        f"got {backend!r}"
-    )
   validation.check_float_operand("x", x, 2)
   validation.check_float_operand("w", w, 3)
   validation.check_same_dtype(x=x, w=w)
