@@ -1,5 +1,6 @@
 """The block-sparse Triton kernels lower for an H100 (no GPU needed): every op and transpose
-flag pair at the default 128 block, and the dMoE GLU's gradient."""
+flag pair at the default 128 block, and the dMoE GLU's gradient; dsd/dds's inner loops read no
+metadata."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.extend import core as jcore
 
-from kernels.blocksparse import dds, dmoe_mlp, dsd, make_topology, sdd
+from kernels.blocksparse import dds, dmoe_mlp, dsd, make_topology, sdd, triton_ops
 from kernels.gpu_lowering import lower_for_gpu
 
 S = jax.ShapeDtypeStruct
@@ -52,3 +54,33 @@ def test_dmoe_gradient_lowers_for_h100():
       S((E, D, F), BF), S((E, F, D), BF), S((E, D, F), BF))
   # forward: 2 sdd + 1 dsd; backward: dsd_nt + dds_tn per sdd, sdd_nt + dsd_tn for the dsd
   assert text.count("jaxmoe_bsr_") >= 9
+
+
+def _loop_loads(jaxpr, in_kernel: bool = False) -> list[int]:
+  """Number of ref loads in the body of every loop nested in a pallas_call of `jaxpr` (the
+  topology's own searchsorted loops outside the kernel are skipped)."""
+  counts = []
+  for eqn in jaxpr.eqns:
+    if in_kernel and eqn.primitive.name in ("scan", "while"):
+      body = eqn.params["jaxpr"] if eqn.primitive.name == "scan" else eqn.params["body_jaxpr"]
+      counts.append(sum(e.primitive.name in ("get", "load", "masked_load") for e in body.jaxpr.eqns))
+    for sub in jcore.jaxprs_in_params(eqn.params):
+      counts += _loop_loads(sub, in_kernel or eqn.primitive.name == "pallas_call")
+  return counts
+
+
+@pytest.mark.parametrize("ta,tb", list(itertools.product([False, True], repeat=2)))
+def test_dsd_dds_loops_load_only_operand_tiles(ta, tb):
+  """Each dsd/dds loop step loads one sparse block and one dense tile: the block and other-side
+  indices are affine in the loop index, not read from index arrays (see triton_ops)."""
+  topo = jax.eval_shape(lambda: _topo(jnp.zeros((E,), jnp.int32)))
+  p, ns = topo.sparse_shape
+  data = S(topo.data_shape, BF)
+  kw = dict(transpose_lhs=ta, transpose_rhs=tb, out_dtype=BF)
+  rhs = S((D, p if ta else ns) if tb else (p if ta else ns, D), BF)
+  lhs = S((ns if tb else p, D) if ta else (D, ns if tb else p), BF)
+  cases = [(lambda g, s, r: triton_ops.dsd(s, r, _topo(g), **kw), data, rhs),
+           (lambda g, l, s: triton_ops.dds(l, s, _topo(g), **kw), lhs, data)]
+  for fn, a, b in cases:
+    counts = _loop_loads(jax.make_jaxpr(fn)(S((E,), jnp.int32), a, b).jaxpr)
+    assert counts == [2], counts

@@ -70,6 +70,21 @@ def test_forward_all_flags(op, backend, rng):
       assert np.all(np.asarray(got)[int(topo.nnz[0]):] == 0)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["dsd", "dds"])
+def test_many_experts_all_flags(op, backend, rng):
+  """Ten experts of three blocks (f=48): empty experts first, in the middle and before the last,
+  one-block experts, the last group clipped (sum 63 > 60) and six padding row blocks, so the
+  kernels' affine block-row and block-column walks see every kind of line."""
+  sizes = (0, 17, 0, 0, 16, 1, 0, 20, 0, 9)
+  topo = make_topology(jnp.asarray(sizes, jnp.int32), 60, ffn_size=48, block_size=B)
+  assert topo.num_row_blocks - int(topo.num_valid_row_blocks[0]) == 6
+  for ta, tb in FLAGS:
+    a, b = _operands(op, ta, tb, topo, rng, jnp.float32)
+    got = _call(op, a, b, topo, ta, tb, backend)
+    assert_close(got, _ref(op, a, b, topo, ta, tb), jnp.float32, name=f"{op} ta={ta} tb={tb}")
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["sdd", "dsd", "dds"])
 @pytest.mark.parametrize("flags", [(False, False), (True, True)])

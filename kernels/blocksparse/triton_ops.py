@@ -4,14 +4,25 @@ Layouts (see topology.py): S is the (P, E*f) block-sparse matrix stored as data 
   sdd: one program per nonzero block z (grid Z, the static bound): data[z] = lhs[row block] @
        rhs[:, column block] with a K loop; programs z >= nnz write zeros.
   dsd: one program per (output block line, N tile): loops over the nonzero blocks of its block row
-       (CSR arrays) or, for S^T, of its block column (the transposed CSC arrays).
-  dds: one program per (M tile, output block line): loops over the blocks of its block column
-       (CSC) or, for S^T, of its block row (CSR).
+       or, for S^T, of its block column.
+  dds: one program per (M tile, output block line): loops over the blocks of its block column or,
+       for S^T, of its block row.
 All three walk a 1-D grid swizzled in bands of `group_lines` block rows/columns (as a tiled GEMM
 rasterizes), so the programs running together share their sparse blocks and dense tiles in L2.
 Each output tile is owned by exactly one program (block rows/columns never straddle two lines), so
 there is no shared-tile race; every program writes its tile, zeros for empty lines.
 Metadata arrays are passed as ordinary int32 operands and read with scalar loads.
+
+The kernels rely on the dMoE layout that make_topology builds (the only producer of a Topology;
+_line_operands checks the static shapes, the values are make_topology's precondition): expert e
+owns the contiguous valid row blocks [r0_e, r0_e + n_e), r0_e = padded_offsets[e] / b; every valid
+row block r of expert e holds exactly C = f / b blocks, at block columns e*C + j (j < C), stored at
+data[r*C + j]. So a line's blocks are affine in the loop index and no index array is read inside
+the loop, which Triton can software-pipeline like a GEMM's K loop (the earlier CSR/CSC walk's
+indirect data[blk[t]] loads are the suspected reason dsd/dds ran ~1.5x sdd's time on the H100):
+  block row r < num_valid_row_blocks:  t < C (static),  data[r*C + t],  column column_indices[r*C] + t
+  block column (e, j):                 t < n_e,         data[(r0_e + t)*C + j],  row r0_e + t
+sdd's program z is likewise (row z // C, column column_indices[z]).
 """
 
 from __future__ import annotations
@@ -129,37 +140,93 @@ def sdd(lhs, rhs, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
   )(topo.nnz, topo.row_indices, topo.column_indices, lhs, rhs)
 
 
-def _lines(topo: Topology, by_column: bool):
-  """(pointers, data index, other-side block index) of block rows (CSR) or block columns (CSC)."""
+def _line_operands(topo: Topology, by_column: bool) -> tuple[jax.Array, ...]:
+  """Metadata operands of _reduce_line: for block columns the padded row offsets (E+1,); for
+  block rows the valid row-block count (1,) and the column indices (Z,)."""
+  e, z = topo.num_experts, topo.max_nnz
+  # Static shapes only: the value-level layout is make_topology's (see the module docstring).
+  shapes = {"padded_offsets": (topo.padded_offsets.shape, (e + 1,)),
+            "num_valid_row_blocks": (topo.num_valid_row_blocks.shape, (1,)),
+            "column_indices": (topo.column_indices.shape, (z,))}
+  for name, (got, want) in shapes.items():
+    if tuple(got) != want:
+      raise ValueError(f"topo.{name} must have shape {want}, got {tuple(got)}: build the "
+                       "topology with make_topology")
   if by_column:
-    return topo.offsets_t, topo.block_offsets_t, topo.row_indices_t
-  return topo.offsets, jnp.arange(topo.max_nnz, dtype=jnp.int32), topo.column_indices
+    return (topo.padded_offsets,)
+  return (topo.num_valid_row_blocks, topo.column_indices)
 
 
-def _dsd_kernel(ptr_ref, blk_ref, other_ref, data_ref, rhs_ref, out_ref, *, n, b, cfg, ta, tb,
-                num_lines):
+def _reduce_line(meta, line, step, init, store, *, by_column: bool, b: int, per_expert: int):
+  """store(init + sum of step(z, o0) over the nonzero blocks of `line`); store(init) if it has none.
+
+  step(z, o0) multiplies data[z] with the dense operand's b rows/columns starting at o0 (the block
+  index on the other side, times b). The base indices are scalar loads made once; inside the loop
+  z and o0 are affine in the loop index (the module docstring's invariant), so Triton can pipeline
+  the block loads as it does sdd's K loop.
+  """
+  c = per_expert
+  if by_column:
+    (offsets_ref,) = meta
+    e, j = line // c, line % c
+    r0 = offsets_ref[e] // b
+    n = offsets_ref[e + 1] // b - r0      # 0 for an empty expert: the loop stores init (zeros)
+
+    # Block column (e, j) holds expert e's row blocks r0 .. r0+n-1, stored at data[r*c + j].
+    def col_body(t, acc):
+      r = r0 + t
+      return acc + step(r * c + j, r * b)
+
+    store(jax.lax.fori_loop(0, n, col_body, init))
+    return
+
+  nvalid_ref, col_ref = meta
+  nvalid = nvalid_ref[0]
+
+  @pl.when(line < nvalid)
+  def _():
+    # Block row r holds its expert's c blocks, stored at data[r*c + t], column col[r*c] + t: a
+    # static trip count, like sdd's K loop.
+    z0 = line * c
+    o0 = col_ref[z0] * b
+
+    def row_body(t, acc):
+      return acc + step(z0 + t, o0 + t * b)
+
+    store(jax.lax.fori_loop(0, c, row_body, init))
+
+  @pl.when(line >= nvalid)
+  def _():
+    store(init)                           # padding row block
+
+
+def _dsd_kernel(*refs, n, b, cfg, ta, tb, num_lines, per_expert):
+  *meta, data_ref, rhs_ref, out_ref = refs
   line, ni = _swizzle(num_lines, cdiv(n, cfg.block_n), cfg.group_lines)
   bn = cfg.block_n
   n0 = ni * bn
   nmask = (n0 + jnp.arange(bn, dtype=jnp.int32)) < n
   ragged = n % bn != 0
 
-  def body(t, acc):
-    s = data_ref[blk_ref[t]]                     # (b, b)
-    o0 = other_ref[t] * b
+  def step(z, o0):
+    s = data_ref[z]                              # (b, b)
     if tb:  # rhs (N, K_sparse)
       idx, mask = rhs_ref.at[pl.ds(n0, bn), pl.ds(o0, b)], nmask[:, None]
     else:
       idx, mask = rhs_ref.at[pl.ds(o0, b), pl.ds(n0, bn)], nmask[None, :]
     w = plt.load(idx, mask=mask, other=0.0) if ragged else idx[...]
-    return acc + _mm(s, w, ta, tb)
+    return _mm(s, w, ta, tb)
 
-  acc = jax.lax.fori_loop(ptr_ref[line], ptr_ref[line + 1], body, jnp.zeros((b, bn), jnp.float32))
-  out = out_ref.at[pl.ds(line * b, b), pl.ds(n0, bn)]
-  if ragged:
-    plt.store(out, acc.astype(out_ref.dtype), mask=nmask[None, :])
-  else:
-    out[...] = acc.astype(out_ref.dtype)
+  def store(acc):
+    out = out_ref.at[pl.ds(line * b, b), pl.ds(n0, bn)]
+    if ragged:
+      plt.store(out, acc.astype(out_ref.dtype), mask=nmask[None, :])
+    else:
+      out[...] = acc.astype(out_ref.dtype)
+
+  # S^T @ rhs walks S's block columns; S @ rhs its block rows.
+  _reduce_line(meta, line, step, jnp.zeros((b, bn), jnp.float32), store, by_column=ta, b=b,
+               per_expert=per_expert)
 
 
 def dsd(data, rhs, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
@@ -168,10 +235,10 @@ def dsd(data, rhs, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
   cfg = config or BlockSparseConfig()
   b = topo.block_size
   n = rhs.shape[0] if transpose_rhs else rhs.shape[1]
-  ptr, blk, other = _lines(topo, by_column=transpose_lhs)
-  num_lines = ptr.shape[0] - 1
+  meta = _line_operands(topo, by_column=transpose_lhs)
+  num_lines = topo.num_col_blocks if transpose_lhs else topo.num_row_blocks
   kernel = functools.partial(_dsd_kernel, n=n, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs,
-                             num_lines=num_lines)
+                             num_lines=num_lines, per_expert=topo.blocks_per_expert)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_lines * b, n), out_dtype),
@@ -179,33 +246,36 @@ def dsd(data, rhs, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
       compiler_params=_params(cfg),
       interpret=interpret,
       name="jaxmoe_bsr_dsd",
-  )(ptr, blk, other, data, rhs)
+  )(*meta, data, rhs)
 
 
-def _dds_kernel(ptr_ref, blk_ref, other_ref, lhs_ref, data_ref, out_ref, *, m, b, cfg, ta, tb,
-                num_lines):
+def _dds_kernel(*refs, m, b, cfg, ta, tb, num_lines, per_expert):
+  *meta, lhs_ref, data_ref, out_ref = refs
   line, mi = _swizzle(num_lines, cdiv(m, cfg.block_m), cfg.group_lines)
   bm = cfg.block_m
   m0 = mi * bm
   mmask = (m0 + jnp.arange(bm, dtype=jnp.int32)) < m
   ragged = m % bm != 0
 
-  def body(t, acc):
-    s = data_ref[blk_ref[t]]                     # (b, b)
-    o0 = other_ref[t] * b
+  def step(z, o0):
+    s = data_ref[z]                              # (b, b)
     if ta:  # lhs (K_sparse, M)
       idx, mask = lhs_ref.at[pl.ds(o0, b), pl.ds(m0, bm)], mmask[None, :]
     else:
       idx, mask = lhs_ref.at[pl.ds(m0, bm), pl.ds(o0, b)], mmask[:, None]
     a = plt.load(idx, mask=mask, other=0.0) if ragged else idx[...]
-    return acc + _mm(a, s, ta, tb)
+    return _mm(a, s, ta, tb)
 
-  acc = jax.lax.fori_loop(ptr_ref[line], ptr_ref[line + 1], body, jnp.zeros((bm, b), jnp.float32))
-  out = out_ref.at[pl.ds(m0, bm), pl.ds(line * b, b)]
-  if ragged:
-    plt.store(out, acc.astype(out_ref.dtype), mask=mmask[:, None])
-  else:
-    out[...] = acc.astype(out_ref.dtype)
+  def store(acc):
+    out = out_ref.at[pl.ds(m0, bm), pl.ds(line * b, b)]
+    if ragged:
+      plt.store(out, acc.astype(out_ref.dtype), mask=mmask[:, None])
+    else:
+      out[...] = acc.astype(out_ref.dtype)
+
+  # lhs @ S walks S's block columns; lhs @ S^T its block rows.
+  _reduce_line(meta, line, step, jnp.zeros((bm, b), jnp.float32), store, by_column=not tb, b=b,
+               per_expert=per_expert)
 
 
 def dds(lhs, data, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
@@ -214,11 +284,10 @@ def dds(lhs, data, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
   cfg = config or BlockSparseConfig()
   b = topo.block_size
   m = lhs.shape[1] if transpose_lhs else lhs.shape[0]
-  # lhs @ S walks S's block columns (CSC); lhs @ S^T walks S's block rows (CSR).
-  ptr, blk, other = _lines(topo, by_column=not transpose_rhs)
-  num_lines = ptr.shape[0] - 1
+  meta = _line_operands(topo, by_column=not transpose_rhs)
+  num_lines = topo.num_row_blocks if transpose_rhs else topo.num_col_blocks
   kernel = functools.partial(_dds_kernel, m=m, b=b, cfg=cfg, ta=transpose_lhs, tb=transpose_rhs,
-                             num_lines=num_lines)
+                             num_lines=num_lines, per_expert=topo.blocks_per_expert)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, num_lines * b), out_dtype),
@@ -226,4 +295,4 @@ def dds(lhs, data, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
       compiler_params=_params(cfg),
       interpret=interpret,
       name="jaxmoe_bsr_dds",
-  )(ptr, blk, other, lhs, data)
+  )(*meta, lhs, data)
