@@ -291,7 +291,7 @@ def torch_mlp(x, idx, gates, ws, ct, act_name, iters):
 
 
 def bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend, cfg, iters, checks, smoke,
-              use_torch):
+              use_torch, ragged=True):
   t, d, f, e, k = shape
   dt = jnp.bfloat16
   ks = jax.random.split(jax.random.key(2), 7)
@@ -319,6 +319,8 @@ def bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend, cfg, iters
           x, idx, g, ws, lambda a, w, s: grouped_matmul(a, w, s, backend=gmm_backend), act),
       "ragged_dot": lambda x, g, *ws: grouped_mlp(x, idx, g, ws, jax.lax.ragged_dot, act),
   }
+  if not ragged:   # --no-ragged-dot: its f+b takes seconds at the 64-expert shapes
+    del impls["ragged_dot"]
   flops = 6.0 * t * k * d * f * len(ws)      # each product: 2*M*d*f forward, 2x that backward
   row = {"shape": name, "kind": kind, "T": t, "d": d, "f": f, "E": e, "k": k,
          "flops_fwdbwd": flops}
@@ -391,6 +393,9 @@ def main():
   ap.add_argument("--num-warps", type=int, default=8)
   ap.add_argument("--num-stages", type=int, default=3)
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--no-edge", action="store_true", help="skip the edge-shape checks")
+  ap.add_argument("--no-ragged-dot", action="store_true",
+                  help="MLP: do not time jax.lax.ragged_dot (its f+b takes seconds at 64 experts)")
   args = ap.parse_args()
 
   env = bc.environment()
@@ -417,7 +422,7 @@ def main():
   checks = payload["checks"]
   out = lambda: bc.write_json(args.out, "bench_scatter.json", payload)
 
-  for be in dict.fromkeys((backend, mixed_backend)):
+  for be in dict.fromkeys((backend, mixed_backend)) if not args.no_edge else ():
     guarded(checks, f"edge/{be}", lambda be=be: check_edge(checks, edge, be, cfg))
   out()
   if args.only in ("ops", "all"):
@@ -429,7 +434,8 @@ def main():
     for name, shape in mlp_shapes.items():
       for kind in args.mlp_kinds.split(","):
         payload["mlp"].append(bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend,
-                                        cfg, iters, checks, args.smoke, use_torch))
+                                        cfg, iters, checks, args.smoke, use_torch,
+                                        ragged=not args.no_ragged_dot))
         out()
   print(f"wrote {out()}")
 
