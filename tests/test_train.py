@@ -25,7 +25,7 @@ from jaxmoe.model import ModelConfig, TransformerLM
 from jaxmoe.presets import get_preset
 from jaxmoe.sample import generate, load_model
 from jaxmoe import cli
-from jaxmoe.train import ConfigError, TrainConfig, _jitted_steps, batch_sharding, \
+from jaxmoe.train import ConfigError, TrainConfig, _jitted_steps, _loss_fn, batch_sharding, \
     init_sharded_state, make_grad_fn, make_mesh, microbatches, parallel_config, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,6 +254,44 @@ def test_grad_accum_equals_the_full_batch_for_a_dense_model(tmp_path):
     np.testing.assert_allclose(r2[key], r1[key], rtol=1e-5, err_msg=key)
   assert r1["val_loss"] < r1["loss"]                   # the step changed the parameters
   chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-3 * train_cfg.lr)
+
+
+def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
+  """bf16 MoE model, 2 microbatches, no mesh: the scan body gets the expert weights already in
+  bf16 (make_grad_fn casts them once per step; XLA used to redo the cast in every microbatch), and
+  the accumulated gradients equal the mean of per-microbatch gradients taken through the model's
+  own cast of float32 parameters (the expert-weight cotangents are bf16 either way)."""
+  model_cfg, train_cfg = _configs({"dtype": "bfloat16"}, batch_size=8, grad_accum=2)
+  model = TransformerLM(model_cfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(0)
+  x, y = (jax.numpy.asarray(rng.integers(0, 256, (8, 32)), jax.numpy.int32) for _ in range(2))
+  grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
+  grads, ce, _ = jax.jit(grad_fn)(params, rest, x, y)
+
+  loss_fn = _loss_fn(graphdef)
+  want, ces = None, []
+  for xb, yb in zip(microbatches(x, 2, None), microbatches(y, 2, None)):
+    (_, (c, _)), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=4)(
+        params, rest, xb, yb, False)
+    g = jax.tree.map(lambda a: a.astype(np.float32) / 2, g)
+    want = g if want is None else jax.tree.map(np.add, want, g)
+    ces.append(float(c))
+  np.testing.assert_allclose(float(ce), np.mean(ces), rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want)):
+    assert a.dtype == np.float32, path
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(),
+                               err_msg=jax.tree_util.keystr(path))
+
+  # The microbatch loop takes each expert weight in bf16 (so it casts none per microbatch); its
+  # float32 (E, d, f) inputs are only the gradient accumulators of those weights.
+  e, d, f = model_cfg.num_experts, model_cfg.d_model, model_cfg.d_ff
+  top = jax.make_jaxpr(grad_fn)(params, rest, x, y).jaxpr
+  (scan,) = [q for q in top.eqns if q.primitive.name == "scan"]
+  ins = [(tuple(v.aval.shape), str(v.aval.dtype)) for v in scan.invars]
+  n_weights = 2 * model_cfg.n_layers          # w_gate and w_up of each MoE layer are (E, d, f)
+  assert ins.count(((e, d, f), "bfloat16")) == n_weights
+  assert ins.count(((e, d, f), "float32")) == n_weights
 
 
 def test_grad_accum_trains_an_moe_model_on_data_and_expert_meshes(tmp_path):
