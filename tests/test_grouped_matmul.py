@@ -215,9 +215,10 @@ def test_mosaic_gmm_interpret(rng, transpose_rhs):
   _check_gmm(out, lhs, rhs, gs, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
 
 
+@pytest.mark.parametrize("m", [100, 300])  # 300: a tail of 210 rows, several whole zero tiles
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-def test_mosaic_ws_gmm_interpret(rng, transpose_rhs):
-  lhs, rhs, gs = _inputs(rng, 100, 128, 256, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
+def test_mosaic_ws_gmm_interpret(rng, transpose_rhs, m):
+  lhs, rhs, gs = _inputs(rng, m, 128, 256, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
   out = gmm_mosaic_ws.gmm(
       lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=jnp.bfloat16, config=MOSAIC_WS,
       interpret=True,
