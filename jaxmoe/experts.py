@@ -44,7 +44,9 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def scatter_backend(backend: str | None) -> str | None:
-  """The scatter kernels are Triton only: "mosaic" backends run as their Triton counterparts."""
+  """The layer's backend for kernels.scatter_matmul: "mosaic" / "mosaic_interpret" run as the
+  all-Triton scatter kernels (they fit any shape); None / "pallas", the GPU default, already runs
+  the grouped-input products on the Mosaic grouped kernels where the shape fits them."""
   return {"mosaic": "triton", "mosaic_interpret": "triton_interpret"}.get(backend, backend)
 
 
