@@ -44,14 +44,40 @@ def sort_by_expert(indices: jax.Array, num_experts: int) -> Dispatch:
   return Dispatch(order, order // k, inverse, group_sizes, flat[order])
 
 
+@jax.custom_vjp
+def _gather_tokens(x: jax.Array, token: jax.Array, inverse: jax.Array) -> jax.Array:
+  return jnp.take(x, token, axis=0)
+
+
+def _gather_tokens_fwd(x, token, inverse):
+  return jnp.take(x, token, axis=0), (inverse, x.shape[0])
+
+
+def _gather_tokens_bwd(res, dy):
+  # jnp.take's own transpose is a scatter-add of the T*k rows onto T tokens, k rows per token:
+  # atomics on the GPU. Each token's k rows sit at known sorted positions (inverse), so the
+  # gradient is a gather of them and a sum over the k slots (float32, then x's dtype).
+  inverse, t = res
+  rows = jnp.take(dy, inverse, axis=0, unique_indices=True)
+  dx = rows.reshape((t, -1) + dy.shape[1:]).sum(axis=1, dtype=jnp.float32)
+  return dx.astype(dy.dtype), None, None
+
+
+_gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
+
+
 def gather_sorted(x: jax.Array, dispatch: Dispatch) -> jax.Array:
-  """(T, d) -> (T*k, d): each token's row once per slot, grouped by expert."""
-  return jnp.take(x, dispatch.token, axis=0)
+  """(T, d) -> (T*k, d): each token's row once per slot, grouped by expert.
+
+  Its gradient sums each token's k rows by a gather over `dispatch.inverse` (no scatter-add)."""
+  return _gather_tokens(x, dispatch.token, dispatch.inverse)
 
 
 def unsort(y_sorted: jax.Array, dispatch: Dispatch, top_k: int) -> jax.Array:
-  """(T*k, ...) expert-sorted rows -> (T, k, ...) in token/slot order (a gather, not a scatter)."""
-  y = jnp.take(y_sorted, dispatch.inverse, axis=0)
+  """(T*k, ...) expert-sorted rows -> (T, k, ...) in token/slot order (a gather, not a scatter).
+
+  `inverse` is a permutation: unique_indices lets the gradient's scatter skip atomics."""
+  y = jnp.take(y_sorted, dispatch.inverse, axis=0, unique_indices=True)
   return y.reshape((-1, top_k) + y_sorted.shape[1:])
 
 
