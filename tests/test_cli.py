@@ -135,3 +135,18 @@ def test_console_error_has_no_traceback(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("jaxmoe: error: ")
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("preset_value,want", [(None, "0.92"), ("0.5", "0.5")])
+def test_gpu_memory_fraction_default_does_not_override(preset_value, want, monkeypatch, tmp_path,
+                                                       capsys):
+  """`jaxmoe` lets JAX preallocate 92% of GPU memory (large presets need more than its 75%
+  default) unless XLA_PYTHON_CLIENT_MEM_FRACTION is already set; no effect on CPU."""
+  if preset_value is None:
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  else:
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", preset_value)
+  code, _ = _main(capsys, "train", "--preset", "test", "--out", str(tmp_path / "r"),
+                  "--lr", "-1")
+  assert code == 2
+  assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == want
