@@ -14,13 +14,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-# JAX preallocates 75% of GPU memory by default; the Small preset's training state (3.6B float32
-# parameters, Adam moments, the gradient accumulator and the bf16 expert-weight copy) needs more
-# on an 80 GB H100. Read when the GPU client starts (first device use), so setting it here, at
-# import, is in time; an explicit setting wins.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-
-import jax  # noqa: E402
+import jax
 
 
 def time_jax(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> float:

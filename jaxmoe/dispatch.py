@@ -69,7 +69,8 @@ _gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
 def gather_sorted(x: jax.Array, dispatch: Dispatch) -> jax.Array:
   """(T, d) -> (T*k, d): each token's row once per slot, grouped by expert.
 
-  Its gradient sums each token's k rows by a gather over `dispatch.inverse` (no scatter-add)."""
+  Its gradient sums each token's k rows by a gather over `dispatch.inverse` (no scatter-add). A
+  jax.custom_vjp: reverse mode only (jax.jvp / jacfwd through it raise)."""
   return _gather_tokens(x, dispatch.token, dispatch.inverse)
 
 

@@ -111,8 +111,9 @@ def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transp
              out_dtype, config):
   m = sorted_flat.shape[0]
   if x_grouped and gates is not None and _grouped_backend(backend) is not None:
-    # Grouped rows from the grouped kernel; the gates multiply in the fused gather + combine
-    # (one rounding of each product to out_dtype before the float32 sum, as in the kernel).
+    # Grouped rows from the grouped kernel; the gates multiply in the fused gather + combine (each
+    # product rounded to out_dtype, then scaled and summed in float32, as the grouped path's
+    # combine does; the scatter kernel rounds the gate-scaled product instead).
     out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w,
                          backend=_grouped_backend(backend), out_dtype=out_dtype)
     t, k = gates.shape

@@ -70,7 +70,6 @@ def test_forward_all_flags(op, backend, rng):
       assert np.all(np.asarray(got)[int(topo.nnz[0]):] == 0)
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["dsd", "dds"])
 def test_many_experts_all_flags(op, backend, rng):
@@ -84,6 +83,7 @@ def test_many_experts_all_flags(op, backend, rng):
     a, b = _operands(op, ta, tb, topo, rng, jnp.float32)
     got = _call(op, a, b, topo, ta, tb, backend)
     assert_close(got, _ref(op, a, b, topo, ta, tb), jnp.float32, name=f"{op} ta={ta} tb={tb}")
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["sdd", "dsd", "dds"])

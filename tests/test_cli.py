@@ -142,8 +142,10 @@ def test_gpu_memory_fraction_default_does_not_override(preset_value, want, monke
                                                        capsys):
   """`jaxmoe` lets JAX preallocate 92% of GPU memory (large presets need more than its 75%
   default) unless XLA_PYTHON_CLIENT_MEM_FRACTION is already set; no effect on CPU."""
+  # setenv first records the variable's state, so teardown restores it (unset or not).
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "unused")
   if preset_value is None:
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   else:
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", preset_value)
   code, _ = _main(capsys, "train", "--preset", "test", "--out", str(tmp_path / "r"),

@@ -26,7 +26,7 @@ from jaxmoe.presets import get_preset
 from jaxmoe.sample import generate, load_model
 from jaxmoe import cli
 from jaxmoe.train import ConfigError, TrainConfig, _jitted_steps, _loss_fn, batch_sharding, \
-    init_sharded_state, make_grad_fn, make_mesh, microbatches, parallel_config, run
+    init_sharded_state, make_grad_fn, make_mesh, microbatches, parallel_config, run, step_graphdef
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -258,7 +258,8 @@ def test_grad_accum_equals_the_full_batch_for_a_dense_model(tmp_path):
 
 def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   """bf16 MoE model, 2 microbatches, no mesh: the scan body gets the expert weights already in
-  bf16 (make_grad_fn casts them once per step; XLA used to redo the cast in every microbatch), and
+  bf16 (make_grad_fn casts them once per step; XLA used to redo the cast in every microbatch;
+  not on a mesh with a data axis, checked last), and
   the accumulated gradients equal the mean of per-microbatch gradients taken through the model's
   own cast of float32 parameters (the expert-weight cotangents are bf16 either way)."""
   model_cfg, train_cfg = _configs({"dtype": "bfloat16"}, batch_size=8, grad_accum=2)
@@ -292,6 +293,20 @@ def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   n_weights = 2 * model_cfg.n_layers          # w_gate and w_up of each MoE layer are (E, d, f)
   assert ins.count(((e, d, f), "bfloat16")) == n_weights
   assert ins.count(((e, d, f), "float32")) == n_weights
+
+  # On a mesh with a data axis the cast stays in the model: the gradients summed over "data" must
+  # be the float32 ones, not those of a bf16 copy.
+  mesh_cfg, mesh_train = _configs({"dtype": "bfloat16"}, batch_size=16, grad_accum=2,
+                                  **_mesh_kw((2, 4, 1)))
+  mesh = make_mesh(mesh_cfg, mesh_train)
+  mesh_graphdef = step_graphdef(mesh_cfg, mesh_train, mesh)
+  x16, y16 = (jax.numpy.concatenate([a, a]) for a in (x, y))
+  top = jax.make_jaxpr(make_grad_fn(mesh_graphdef, mesh_cfg, mesh_train, mesh))(
+      params, rest, x16, y16).jaxpr
+  (scan,) = [q for q in top.eqns if q.primitive.name == "scan"]
+  ins = [(tuple(v.aval.shape), str(v.aval.dtype)) for v in scan.invars]
+  assert ins.count(((e, d, f), "bfloat16")) == 0
+  assert ins.count(((e, d, f), "float32")) == 2 * n_weights    # the weights and their accumulators
 
 
 def test_grad_accum_trains_an_moe_model_on_data_and_expert_meshes(tmp_path):

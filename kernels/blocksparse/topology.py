@@ -21,7 +21,10 @@ Metadata (all int32, on device), MegaBlocks' names:
   offsets (R+1,)                    CSR pointers: blocks of block row r are z in [offsets[r], offsets[r+1])
   offsets_t (E*C+1,)                transposed (CSC) pointers over block columns
   row_indices_t, block_offsets_t (Z,) for the j-th block in column-major order: its block row and
-                                    its index into data (what the transposed products walk)
+                                    its index into data
+The Triton kernels read only nnz, num_valid_row_blocks, column_indices and padded_offsets: with
+this structure their walks over block rows and columns are affine (see triton_ops.py). The CSR /
+CSC arrays stay as MegaBlocks' metadata, checked by the topology tests.
 """
 
 from __future__ import annotations
