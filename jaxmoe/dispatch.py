@@ -16,6 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels.reference import inverse_permutation
+
 
 class Dispatch(NamedTuple):
   """Expert-sorted order of the T*k (token, slot) pairs.
@@ -39,7 +41,7 @@ def sort_by_expert(indices: jax.Array, num_experts: int) -> Dispatch:
   t, k = indices.shape
   flat = indices.reshape(-1).astype(jnp.int32)
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+  inverse = inverse_permutation(order)
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   return Dispatch(order, order // k, inverse, group_sizes, flat[order])
 

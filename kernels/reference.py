@@ -22,6 +22,13 @@ def clipped_group_offsets(group_sizes: jax.Array, m: int) -> jax.Array:
   return jnp.minimum(jnp.concatenate([jnp.zeros((1,), jnp.int32), ends]), m)
 
 
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  """(M,) inv with inv[perm[p]] = p for a permutation perm of 0..M-1 (e.g. the sorted position of
+  each row from an argsort's order): a scatter of unique indices, in perm's dtype."""
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype),
+                                           unique_indices=True)
+
+
 def row_group_ids(group_sizes: jax.Array, m: int) -> jax.Array:
   """(M,) int32 group of each row; G for rows past the last group (no group)."""
   offsets = clipped_group_offsets(group_sizes, m)

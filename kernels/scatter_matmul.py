@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from kernels import backends, validation, xla_gmm
 from kernels.grouped_matmul import group_xty, grouped_matmul
+from kernels.reference import inverse_permutation
 
 
 class ScatterRouting(NamedTuple):
@@ -75,12 +76,6 @@ def _grouped_backend(backend: str) -> str | None:
   return backend if backend in ("pallas", "mosaic", "mosaic_interpret") else None
 
 
-def _inverse(perm: jax.Array) -> jax.Array:
-  """inv with inv[perm[p]] = p: the sorted row of each flat choice."""
-  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype),
-                                           unique_indices=True)
-
-
 def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend, out_dtype, config):
   """out[dst[p]] = scale[p] * x[src[p]] @ W[g(p)]; None = identity index / no scale."""
   grouped = _grouped_backend(backend)
@@ -88,7 +83,7 @@ def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend, out_dty
     out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w, backend=grouped,
                          out_dtype=out_dtype)
     # dst is a permutation of the M rows (sorted_flat): a gather puts them in flat order.
-    return out if dst is None else jnp.take(out, _inverse(dst), axis=0)
+    return out if dst is None else jnp.take(out, inverse_permutation(dst), axis=0)
   if backend != "xla":
     from kernels import scatter_triton
 
@@ -111,13 +106,13 @@ def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transp
              out_dtype, config):
   m = sorted_flat.shape[0]
   if x_grouped and gates is not None and _grouped_backend(backend) is not None:
-    # Grouped rows from the grouped kernel; the gates multiply in the fused gather + combine (each
-    # product rounded to out_dtype, then scaled and summed in float32, as the grouped path's
-    # combine does; the scatter kernel rounds the gate-scaled product instead).
-    out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w,
-                         backend=_grouped_backend(backend), out_dtype=out_dtype)
+    # The grouped kernel's rows in flat order (_s2s), then the gates multiply in the fused
+    # combine (each product rounded to out_dtype, then scaled and summed in float32, as the
+    # grouped path's combine does; the scatter kernel rounds the gate-scaled product instead).
+    rows = _s2s(x, w, group_sizes, None, sorted_flat, None, m=m, transpose_w=transpose_w,
+                backend=backend, out_dtype=out_dtype, config=config)
     t, k = gates.shape
-    rows = jnp.take(out, _inverse(sorted_flat), axis=0).reshape(t, k, -1).astype(jnp.float32)
+    rows = rows.reshape(t, k, -1).astype(jnp.float32)
     return jnp.einsum("tk,tkn->tn", gates.astype(jnp.float32), rows).astype(out_dtype)
   src = None if x_grouped else sorted_flat // (m // x.shape[0])
   dst = None if y_grouped else sorted_flat

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import validation
+from kernels.reference import inverse_permutation
 from kernels.blocksparse import ops
 from kernels.blocksparse.padding import padded_destination_rows, padded_source_rows
 from kernels.blocksparse.topology import Topology, make_topology
@@ -51,7 +52,7 @@ def route(expert_indices: jax.Array, num_experts: int, *, ffn_size: int,
   src = padded_source_rows(topo)                                      # (P,) sorted row or M
   src_slot = jnp.take(order, src, mode="fill", fill_value=t * k)
   source_token = jnp.where(src < t * k, src_slot // k, t).astype(jnp.int32)
-  rank = jnp.zeros((t * k,), jnp.int32).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+  rank = inverse_permutation(order)                                   # slot -> sorted row
   slot_padded_row = padded_destination_rows(topo)[rank]
   return Routing(topo, source_token, slot_padded_row)
 
