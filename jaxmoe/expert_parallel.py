@@ -56,6 +56,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 import kernels
+from kernels.reference import inverse_permutation
 from jaxmoe import dispatch
 from jaxmoe.experts import RoutedExperts, activation_fn
 from jaxmoe.router import RouterOutput
@@ -340,7 +341,7 @@ def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_r
     return rows.astype(jnp.float32)
   m = rows.shape[0]
   order = jnp.argsort(eid, stable=True)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))
+  inverse = inverse_permutation(order)
   sizes = jnp.bincount(eid, length=num_local + 1)[:num_local].astype(jnp.int32)
   act = activation_fn(cfg.activation)
 
@@ -475,7 +476,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
     if pcfg.a2a == "padded":
       cap = pcfg.capacity(t_send, k, e_local)
       cap_fast = pcfg.fast_capacity(t_send, k, e_local)
-      if cap_fast is None or cap_fast >= cap:
+      if cap_fast is None:          # (fast_capacity is None unless it is below the bound)
         y_sorted, dropped = padded(cap)
       else:
         # Dropless with less padding: when no (source, destination) pair sends more than
