@@ -24,7 +24,12 @@ def clipped_group_offsets(group_sizes: jax.Array, m: int) -> jax.Array:
 
 def inverse_permutation(perm: jax.Array) -> jax.Array:
   """(M,) inv with inv[perm[p]] = p for a permutation perm of 0..M-1 (e.g. the sorted position of
-  each row from an argsort's order): a scatter of unique indices, in perm's dtype."""
+  each row from an argsort's order): a scatter of unique indices, in perm's dtype. The values
+  are traced, so that perm is a permutation is the caller's contract; its shape and dtype are
+  checked."""
+  if getattr(perm, "ndim", None) != 1 or not jnp.issubdtype(perm.dtype, jnp.integer):
+    raise ValueError(f"perm must be a 1-D integer array, got shape "
+                     f"{getattr(perm, 'shape', None)} dtype {getattr(perm, 'dtype', type(perm))}")
   return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype),
                                            unique_indices=True)
 

@@ -70,3 +70,15 @@ def test_gather_sorted_under_jit_and_remat(rng):
       lambda x: dispatch.gather_sorted(x, disp))(x) ** 2)))
   want = jax.grad(lambda x: jnp.sum(jnp.take(x, disp.token, axis=0) ** 2))(x)
   np.testing.assert_allclose(f(x), want, rtol=1e-6)
+
+
+def test_inverse_permutation(rng):
+  from kernels.reference import inverse_permutation
+
+  perm = jnp.asarray(rng.permutation(11), jnp.int32)
+  inv = inverse_permutation(perm)
+  np.testing.assert_array_equal(np.asarray(inv)[np.asarray(perm)], np.arange(11))
+  with pytest.raises(ValueError, match="perm must be a 1-D integer array"):
+    inverse_permutation(jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match="perm"):
+    inverse_permutation(jnp.zeros((3,), jnp.float32))
