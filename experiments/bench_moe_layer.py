@@ -20,7 +20,6 @@ CPU smoke test:  python experiments/bench_moe_layer.py --smoke --out /tmp/x   (t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import traceback

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
+from kernels.hidden import hidden
 
 # (E, M, K) x (E, K, N) on expert-sorted rows: matmul(lhs (M, K), rhs (E, K, N), group_sizes) -> (M, N)
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -62,11 +63,9 @@ def _param(rngs, init, shape, names, dtype) -> nnx.Param:
 
 
 def _hidden(act, is_glu: bool, gate: jax.Array, up: jax.Array | None, dtype) -> jax.Array:
-  """act(gate) [* up] in float32, cast back to the compute dtype for the output matmul."""
-  h = act(gate.astype(jnp.float32))
-  if is_glu:
-    h = h * up.astype(jnp.float32)
-  return h.astype(dtype)
+  """act(gate) [* up] in float32, cast back to the compute dtype for the output matmul (the
+  backward pass recomputes the float32 math from the 16-bit gate and up: kernels.hidden)."""
+  return hidden(act, gate, up if is_glu else None).astype(dtype)
 
 
 class RoutedExperts(nnx.Module):

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from kernels import validation
+from kernels.hidden import hidden
 from kernels.scatter_matmul import ScatterRouting, scatter_matmul
 
 
@@ -34,14 +34,6 @@ def _check(x, routing, gates, named_weights):
     raise ValueError(f"gates must have shape ({t}, k) with {t} * k = "
                      f"{routing.sorted_flat.shape[0]} routed rows, got {tuple(gates.shape)}")
   return t, d
-
-
-def _hidden_act(activation, h, up=None):
-  """act(h) [* up] in float32 (the activation's precision), cast back to the operand dtype."""
-  a = activation(h.astype(jnp.float32))
-  if up is not None:
-    a = a * up.astype(jnp.float32)
-  return a.astype(h.dtype)
 
 
 def scatter_mlp(
@@ -63,7 +55,7 @@ def scatter_mlp(
     raise ValueError(f"w_out must have shape {(e, f, d)}, got {tuple(w_out.shape)}")
   kw = dict(backend=backend, config=config)
   h = scatter_matmul(x, w_in, routing, y_grouped=True, **kw)            # (M, f) sorted
-  a = _hidden_act(activation, h)
+  a = hidden(activation, h)
   return scatter_matmul(a, w_out, routing, x_grouped=True, gates=gates, **kw)  # (T, d)
 
 
@@ -91,5 +83,5 @@ def scatter_glu(
   kw = dict(backend=backend, config=config)
   g = scatter_matmul(x, w_gate, routing, y_grouped=True, **kw)          # (M, f) sorted
   u = scatter_matmul(x, w_up, routing, y_grouped=True, **kw)            # (M, f) sorted
-  a = _hidden_act(activation, g, u)
+  a = hidden(activation, g, u)
   return scatter_matmul(a, w_down, routing, x_grouped=True, gates=gates, **kw)  # (T, d)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import validation
+from kernels.hidden import hidden
 from kernels.reference import inverse_permutation
 from kernels.blocksparse import ops
 from kernels.blocksparse.padding import padded_destination_rows, padded_source_rows
@@ -111,9 +112,8 @@ def dmoe_mlp(
   kw = dict(backend=backend, config=config)
   xp = jnp.take(x, routing.source_token, axis=0, mode="fill", fill_value=0)      # (P, d)
   h = ops.sdd(xp, _concat_experts_in(w1), topo, **kw)                             # (Z, b, b)
-  h = activation(h.astype(jnp.float32))
-  if w3 is not None:
-    h = h * ops.sdd(xp, _concat_experts_in(w3), topo, **kw).astype(jnp.float32)
+  up = None if w3 is None else ops.sdd(xp, _concat_experts_in(w3), topo, **kw)
+  h = hidden(activation, h, up)          # float32 math; the backward recomputes it
   yp = ops.dsd(h.astype(x.dtype), w2.reshape(num_experts * f, d), topo, **kw)    # (P, d)
   y_slots = jnp.take(yp, routing.slot_padded_row, axis=0, mode="fill", fill_value=0)
   y_slots = y_slots.reshape(t, -1, d).astype(jnp.float32)
