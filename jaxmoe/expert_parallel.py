@@ -56,6 +56,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 import kernels
+from kernels.hidden import hidden
 from kernels.reference import inverse_permutation
 from jaxmoe import dispatch
 from jaxmoe.experts import RoutedExperts, activation_fn
@@ -363,10 +364,8 @@ def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_r
       return y
 
     gate = proj("w_gate", "b_gate", x, dtype)
-    h = act(gate.astype(jnp.float32))
-    if cfg.is_glu:
-      h = h * proj("w_up", "b_up", x, dtype).astype(jnp.float32)
-    return proj("w_out", None, h.astype(dtype), partial_dtype).astype(jnp.float32)
+    up = proj("w_up", "b_up", x, dtype) if cfg.is_glu else None
+    return proj("w_out", None, hidden(act, gate, up), partial_dtype).astype(jnp.float32)
 
   def unsort(y_sorted):   # rows sorted past y_sorted's end are padding: zeros
     return jnp.take(y_sorted, inverse, axis=0, mode="fill", fill_value=0)
@@ -374,7 +373,19 @@ def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_r
   if fast_rows is None or fast_rows >= m:
     return unsort(mlp(m))
   return jax.lax.cond(jnp.sum(sizes) <= fast_rows, lambda: unsort(mlp(fast_rows)),
-                      lambda: unsort(mlp(m)))
+                      _rematerialized(lambda: unsort(mlp(m))))
+
+
+def _rematerialized(branch: Callable[[], Any]) -> Callable[[], Any]:
+  """A lax.cond branch whose backward pass recomputes its computation (communication-aware: the
+  named all-to-all results are kept, so no collective runs twice).
+
+  Differentiating a lax.cond keeps the union of both branches' residuals, the untaken branch's
+  as zeros that are written every step: the rarely taken dropless-bound branch (EP x the
+  balanced rows) would put all its activations there, more memory than the fast branch itself
+  (the EP2 Mixtral-like layer planned 42 GiB per device against ~10 on one GPU). Recomputed,
+  it costs its forward compute again only in the steps that take it."""
+  return jax.checkpoint(branch, policy=comm_aware_policy())
 
 
 def _expert_ids(ends: jax.Array, pos: jax.Array, total: jax.Array, num_local: int) -> jax.Array:
@@ -486,7 +497,8 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
         fits = (jnp.max(per_pair) <= cap_fast).astype(jnp.int32)
         sync = tuple(a for a in ("expert", "tensor") if a in pcfg.mesh.axis_names)
         fits = jax.lax.pmin(fits, sync) if sync else fits
-        y_sorted, dropped = jax.lax.cond(fits > 0, lambda: padded(cap_fast), lambda: padded(cap))
+        y_sorted, dropped = jax.lax.cond(fits > 0, lambda: padded(cap_fast),
+                                         _rematerialized(lambda: padded(cap)))
     else:
       rbuf = ep * t_send * min(k, e_local)
       recv_sizes = per_pair[:, me]                                               # (EP,) from src
