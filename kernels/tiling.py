@@ -29,6 +29,7 @@ class TileMetadata(NamedTuple):
   tile_block: jax.Array   # (num_tiles,) int32 row-block index of each tile
   offsets: jax.Array      # (G + 2,) int32 row offsets of groups 0..G (G = tail), clipped to m
   num_active: jax.Array   # (1,) int32 tiles in use; tiles past it do nothing
+  num_real: jax.Array     # (1,) int32 tiles of real groups (0..G-1); tiles num_real.. are the tail
 
 
 def num_row_tiles(m: int, num_groups: int, block_m: int) -> int:
@@ -52,9 +53,10 @@ def tile_metadata(group_sizes: jax.Array, m: int, block_m: int) -> TileMetadata:
   idx = jnp.arange(num_tiles, dtype=jnp.int32)
   tile_block = first_block[tile_group] + idx - first_tile_of_group[tile_group]
   num_active = jnp.sum(tiles, dtype=jnp.int32).reshape(1)
+  num_real = jnp.sum(tiles[:num_groups], dtype=jnp.int32).reshape(1)
   return TileMetadata(
       tile_group.astype(jnp.int32), tile_block.astype(jnp.int32), offsets.astype(jnp.int32),
-      num_active,
+      num_active, num_real,
   )
 
 

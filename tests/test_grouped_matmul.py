@@ -1,6 +1,7 @@
 """grouped_matmul / group_xty against the references: XLA, Triton and Mosaic GPU (interpret mode),
 gradients through the custom_vjp, jit/checkpoint/vmap, GPU lowering on CPU, argument checks."""
 
+import dataclasses
 import functools
 
 import chex
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close, rel_err
+from conftest import assert_close
 
 import kernels
 from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton
@@ -226,6 +227,35 @@ def test_mosaic_ws_gmm_interpret(rng, transpose_rhs, m):
   _check_gmm(out, lhs, rhs, gs, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
 
 
+# (m, sizes): several tiles per SM (and a 2-tile tail), and one tile per SM (the plain pipeline).
+_CHAIN_CASES = {"many": (300, [30, 0, 50, 10, 120]), "single": (64, [60])}
+
+
+@pytest.mark.parametrize("case", list(_CHAIN_CASES))
+@pytest.mark.parametrize("chain,epi_cols", [(True, None), (True, 32), (False, 32)])
+def test_mosaic_ws_gmm_chained_interpret(rng, monkeypatch, case, chain, epi_cols):
+  """Chained per-tile pipelines (pipeline_state START/STEADY/STOP) and the chunked epilogue on
+  2 SMs, so each SM walks several tiles (or, for "single", exactly one)."""
+  monkeypatch.setattr(gmm_mosaic_ws, "_num_sms", lambda: 2)
+  m, sizes = _CHAIN_CASES[case]
+  cfg = dataclasses.replace(MOSAIC_WS, chain=chain, epi_cols=epi_cols)
+  assert gmm_mosaic_ws.chains(256, cfg) == chain  # 4 K steps, 2 slots: they line up
+  lhs, rhs, gs = _inputs(rng, m, 256, 256, sizes, jnp.bfloat16)
+  out = gmm_mosaic_ws.gmm(lhs, rhs, gs, transpose_rhs=False, out_dtype=jnp.bfloat16, config=cfg,
+                          interpret=True)
+  _check_gmm(out, lhs, rhs, gs, sizes, jnp.bfloat16)
+
+
+def test_mosaic_ws_epilogue_chunks_shrink_shared_memory():
+  """64-column staging chunks leave room for a 4th stage at the 128 x 256 CTA tile."""
+  cfg = gmm_mosaic_ws.MosaicWsGmmConfig(max_concurrent_steps=4)
+  assert not gmm_mosaic_ws.supports(4096, 14336, cfg)
+  assert gmm_mosaic_ws.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=64))
+  assert not gmm_mosaic_ws.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=48))
+  assert not gmm_mosaic_ws.chains(4096, gmm_mosaic_ws.MosaicWsGmmConfig(chain=True))  # 64 % 3
+  assert gmm_mosaic_ws.chains(4096, dataclasses.replace(cfg, chain=True))
+
+
 def test_mosaic_ws_shared_memory_budget():
   """A float32 output doubles the ws kernel's staging buffer past the H100's 227 KiB of shared
   memory (seen on the GPU: 278576 > 232448 bytes); the op must then pick the simple kernel."""
@@ -435,10 +465,14 @@ def _sds(*shape, dtype=_BF16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
+_CHAINED_WS = gmm_mosaic_ws.MosaicWsGmmConfig(max_concurrent_steps=4, epi_cols=64, chain=True)
+
+
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-@pytest.mark.parametrize("kernel", ["triton", "mosaic", "mosaic_ws"])
+@pytest.mark.parametrize("kernel", ["triton", "mosaic", "mosaic_ws", "mosaic_ws_chained"])
 def test_gmm_lowers_for_gpu(kernel, transpose_rhs):
-  impl = {"triton": gmm_triton.gmm, "mosaic": gmm_mosaic.gmm, "mosaic_ws": gmm_mosaic_ws.gmm}
+  impl = {"triton": gmm_triton.gmm, "mosaic": gmm_mosaic.gmm, "mosaic_ws": gmm_mosaic_ws.gmm,
+          "mosaic_ws_chained": functools.partial(gmm_mosaic_ws.gmm, config=_CHAINED_WS)}
   fn = functools.partial(impl[kernel], transpose_rhs=transpose_rhs, out_dtype=_BF16)
   rhs = _sds(G, N, K) if transpose_rhs else _sds(G, K, N)
   text = lower_for_gpu(fn, _sds(M, K), rhs, _sds(G, dtype=jnp.int32))
