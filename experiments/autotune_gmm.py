@@ -110,9 +110,10 @@ def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = 
     # 224 KiB of shared memory, so deeper or wider variants trade depth for width), and the
     # single-warpgroup kernel's default as the baseline it must beat, timed in the same run.
     # block_rows=32 does not lower for either (the row mask's WGMMA layout needs 64-row blocks).
+    # largest_first=False: the groups in index order, to time the largest-first tile order.
     grid = [default_config(op, backend, k, n, dtype),
             _Wx(max_concurrent_steps=3), _Wx(block_rows=128, max_concurrent_steps=2),
-            _Wx(grid_tile_width=4), _Wx(grid_tile_width=16),
+            _Wx(largest_first=False), _Wx(grid_tile_width=16),
             _Wx(block_rows=128, max_concurrent_steps=2, grid_tile_width=16),
             _Wx(block_n=64, max_concurrent_steps=6),
             _Mx()]
@@ -130,7 +131,7 @@ def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = 
 
 _SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "block_rows": "br",
           "max_concurrent_steps": "st", "grid_tile_width": "tw", "memory_registers": "mr",
-          "group_m": "gm", "num_warps": "nw", "num_stages": "ns"}
+          "group_m": "gm", "num_warps": "nw", "num_stages": "ns", "largest_first": "lf"}
 _KIND = {"MosaicWsGmmConfig": "ws", "MosaicGmmConfig": "simple", "MosaicXtyConfig": "xty",
          "MosaicWsXtyConfig": "wsxty",
          "TritonGmmConfig": "gmm", "TritonXtyConfig": "xty"}

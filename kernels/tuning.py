@@ -22,6 +22,8 @@ JAXMOE_TUNED_CONFIGS=path replaces it with another file):
       "m_bucket": 32768,         # rows M rounded up to a power of two (`m_bucket`)
       "config_type": "MosaicWsGmmConfig",   # allowed types: CONFIG_TYPES[(op, backend)]
       "config": {"block_m": 128, "block_n": 128, ...},   # fields; missing ones take defaults
+                                 # (sizes: ints >= 1, or null where the default is None;
+                                 # flags such as "chain", "largest_first": true / false)
       "meta": {...}}             # optional, free-form: timings, date, jax version, ...
    ]}
 
@@ -183,7 +185,8 @@ def _validate_entry(entry: Any, where: str, classes: dict[str, type]) -> tuple[T
     raise bad("config_type", f"one of {list(allowed)} for op={entry['op']!r}, "
                              f"backend={entry['backend']!r}")
   cls = classes[entry["config_type"]]
-  fields = {f.name for f in dataclasses.fields(cls)}
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+  fields = set(defaults)
   cfg = entry["config"]
   if not isinstance(cfg, dict):
     raise bad("config", f"a JSON object with fields of {cls.__name__} {sorted(fields)}")
@@ -191,8 +194,14 @@ def _validate_entry(entry: Any, where: str, classes: dict[str, type]) -> tuple[T
     if name not in fields:
       raise ValueError(f"{where}: field 'config.{name}' is not a field of {cls.__name__}; "
                        f"allowed: {sorted(fields)}")
-    if not _is_int(value) or value < 1:
-      raise ValueError(f"{where}: field 'config.{name}' must be an int >= 1, got {value!r}")
+    # The kind of value a field takes, by its default: a flag (bool), an optional size
+    # (None), or a size (int).
+    if isinstance(defaults[name], bool):
+      if not isinstance(value, bool):
+        raise ValueError(f"{where}: field 'config.{name}' must be true or false, got {value!r}")
+    elif not (_is_int(value) and value >= 1) and not (defaults[name] is None and value is None):
+      want = "null or an int >= 1" if defaults[name] is None else "an int >= 1"
+      raise ValueError(f"{where}: field 'config.{name}' must be {want}, got {value!r}")
   if "meta" in entry and not isinstance(entry["meta"], dict):
     raise bad("meta", "a JSON object (free-form record)")
   key = TableKey(*(entry[f] for f in _KEY_FIELDS))

@@ -184,6 +184,9 @@ _DELETE = object()
     (_bad("config.block_q", 64), r"field 'config.block_q' is not a field of MosaicWsGmmConfig"),
     (_bad("config.block_n", -64), r"field 'config.block_n' must be an int >= 1, got -64"),
     (_bad("config.block_n", 64.0), r"field 'config.block_n' must be an int >= 1, got 64.0"),
+    (_bad("config.chain", 1), r"field 'config.chain' must be true or false, got 1"),
+    (_bad("config.epi_cols", 0), r"field 'config.epi_cols' must be null or an int >= 1, got 0"),
+    (_bad("config.block_m", None), r"field 'config.block_m' must be an int >= 1, got None"),
     (_bad("config", [1, 2]), r"field 'config' must be a JSON object"),
     (_bad("meta", "fast"), r"field 'meta' must be a JSON object"),
     (_bad("tflops", 700), r"unknown field 'tflops'"),
@@ -237,6 +240,24 @@ def test_write_table_merges(tmp_path):
                        path=path) == gmm_mosaic.MosaicGmmConfig()
   with pytest.raises(ValueError, match="config must be one of"):
     tuning.make_entry(tuning.TableKey(H100, "xty", "mosaic", "bfloat16", 1, 1, 1), WS)
+
+
+def test_flag_and_optional_fields_round_trip(tmp_path):
+  """Config fields that are flags (chain, largest_first) or optional sizes (epi_cols) are
+  written and read back; an entry written before a field existed takes its default."""
+  wsx = gmm_mosaic_xty_ws.MosaicWsXtyConfig(largest_first=False)
+  ws = gmm_mosaic_ws.MosaicWsGmmConfig(chain=True, epi_cols=64)
+  old = _entry(gmm_mosaic_xty_ws.MosaicWsXtyConfig(max_concurrent_steps=3), op="xty", k=2048,
+               n=1024)
+  del old["config"]["largest_first"]
+  path = str(tmp_path / "t.json")
+  tuning.write_table(path, [_entry(wsx, op="xty"), _entry(ws), _entry(WS, k=2048, n=1024), old])
+  get = lambda op, k, n: tuning.lookup(op, "mosaic", jnp.bfloat16, k, n, 32768, device_kind=H100,
+                                       path=path)
+  assert get("xty", 4096, 14336) == wsx
+  assert get("gmm", 4096, 14336) == ws
+  assert get("gmm", 2048, 1024) == WS and WS.epi_cols is None
+  assert get("xty", 2048, 1024).largest_first is True
 
 
 # ---------------------------------------------------------------------------------------------
