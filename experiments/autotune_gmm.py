@@ -15,6 +15,17 @@ Every candidate is first checked against the float32 `kernels.reference` on the 
 inputs (relative error below 1e-2 for bf16, no NaN); candidates that do not fit the shape, fail to
 compile or fail the check are skipped and recorded with the reason. The fastest passing candidate
 is kept, unless it beats the default by less than --min-gain (timing noise): then the default is.
+
+Timing noise: at the K=2048 shapes the same config measures 10-15% apart between processes and
+drifts within one, so the sequential pass (each candidate timed once, one after the other) can
+favour whichever ran in a fast stretch. --interleave R then times every passing candidate again
+in R rounds, each round visiting each candidate once (1 warmup + --iters runs per visit; each
+round starts max(n // R, 1) of the n candidates further along, so drift falls on every candidate
+alike), reusing the jitted functions of the sequential pass. Each candidate's ms is then the
+median over its R rounds (the record keeps the rounds as round_ms and the sequential time as
+sequential_ms), and the winner and the --min-gain rule use those medians. R rounds cost about R
+times the sequential pass's timing runs (not its compiles or checks).
+
 The winners are merged into the table (--write, default kernels/tuned_configs.json) that
 `kernels.tuning.lookup` reads, and every candidate's result goes to a JSON record (--record).
 Progress is printed as it goes, then a table of candidates with TFLOP/s. The table key has no
@@ -24,6 +35,7 @@ Run on the GPU (one shape per command keeps each under the 10-minute limit):
   python experiments/autotune_gmm.py --shapes mixtral
   python experiments/autotune_gmm.py --shapes olmoe
   python experiments/autotune_gmm.py --shapes finegrained
+  python experiments/autotune_gmm.py --shapes olmoe --ops xty --dist skewed --interleave 5
 CPU smoke test (tiny shape, interpret backends, 1 timing iteration, writes to a temp dir; about
 1.5-2.5 minutes, 20 s with --backends triton: the warp-specialized Mosaic kernel interprets slowly):
   python experiments/autotune_gmm.py --smoke
@@ -39,6 +51,7 @@ import functools
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -188,8 +201,11 @@ def _error_text(e: BaseException) -> str:
 
 def tune(op: str, backend: str, shape_name: str, shape: tuple[int, int, int, int], dtype: Any,
          dist: str, iters: int, warmup: int, interpret: bool, smoke: bool,
-         min_gain: float) -> dict[str, Any]:
-  """Checks and times the candidate grid of one (shape, op, backend); returns its record."""
+         min_gain: float, interleave: int = 0) -> dict[str, Any]:
+  """Checks and times the candidate grid of one (shape, op, backend); returns its record.
+
+  With interleave=R > 0, the candidates that passed are timed again in R interleaved rounds
+  (`interleaved_rounds`) and the medians over the rounds decide."""
   m, k, n, g = shape
   sizes = group_sizes_for(m, g, dist, seed=0)
   args, kk, nn, ref = op_problem(op, m, k, n, g, dtype, sizes)
@@ -198,6 +214,7 @@ def tune(op: str, backend: str, shape_name: str, shape: tuple[int, int, int, int
   tol = TOL[dtype_name]
   grid = candidates(op, backend, kk, nn, dtype, smoke)
   rows: list[dict[str, Any]] = []
+  fns: dict[int, Callable] = {}   # jitted fn of each passing row (by index), for the rounds
   for i, cfg in enumerate(grid):
     row: dict[str, Any] = {"config_type": type(cfg).__name__, "config": dataclasses.asdict(cfg),
                            "label": short(cfg), "baseline": i == 0}
@@ -235,14 +252,19 @@ def tune(op: str, backend: str, shape_name: str, shape: tuple[int, int, int, int
       continue
     row.update(status="ok", ms=ms, tflops=bc.tflops(flops, ms))
     print(f"{tag}: {ms:.3f} ms  {row['tflops']:.4g} TFLOP/s  err {err:.2e}", flush=True)
+    fns[len(rows)] = fn
     rows.append(row)
-  del args, ref
+  del ref
+  if interleave > 0:
+    interleaved_rounds(rows, fns, args, interleave, iters, flops,
+                       f"{shape_name} {op}/{backend}")
+  del args, fns
 
   ok = [r for r in rows if r["status"] == "ok"]
   record: dict[str, Any] = {
       "shape": shape_name, "M": m, "K": k, "N": n, "G": g, "dist": dist, "op": op,
       "backend": backend, "dtype": dtype_name, "key_k": kk, "key_n": nn, "flops": flops,
-      "candidates": rows, "chosen": None,
+      "interleave": interleave, "candidates": rows, "chosen": None,
   }
   if ok:
     best = min(ok, key=lambda r: r["ms"])
@@ -260,6 +282,41 @@ def tune(op: str, backend: str, shape_name: str, shape: tuple[int, int, int, int
   return record
 
 
+def interleaved_rounds(rows: list[dict[str, Any]], fns: dict[int, Callable], args: tuple,
+                       rounds: int, iters: int, flops: float, what: str) -> None:
+  """Times the passing rows again in `rounds` rounds, each visiting every one of them once
+  (bc.time_jax with 1 warmup and `iters` runs), and replaces each row's ms/tflops by the median
+  over the rounds (the sequential pass's number is kept as `sequential_ms`, the rounds' as
+  `round_ms`). Each round starts at another candidate (the visiting order of the n candidates
+  rotated by a further max(n // rounds, 1) places each round), so a slow drift of the GPU's
+  speed over the rounds lands on every candidate alike instead of on the last ones. A candidate
+  that raises is marked as an error and left out of the later rounds."""
+  live = [i for i in sorted(fns) if rows[i]["status"] == "ok"]
+  for i in live:
+    rows[i]["round_ms"] = []
+  for r in range(rounds):
+    if not live:
+      break
+    shift = (r * max(len(live) // rounds, 1)) % len(live)
+    order = live[shift:] + live[:shift]
+    for i in order:
+      try:
+        rows[i]["round_ms"].append(bc.time_jax(fns[i], *args, warmup=1, iters=iters))
+      except Exception as e:
+        rows[i].update(status="error", reason=f"interleaved round {r + 1}: {_error_text(e)}")
+        for key in ("ms", "tflops"):
+          rows[i].pop(key, None)
+    live = [i for i in live if rows[i]["status"] == "ok"]
+    times = "  ".join(f"[{i + 1}] {rows[i]['round_ms'][-1]:.3f}" for i in live)
+    print(f"  round {r + 1}/{rounds} {what} (visited from [{order[0] + 1}]): {times} ms",
+          flush=True)
+  for i in live:
+    row = rows[i]
+    row["sequential_ms"] = row["ms"]
+    row["ms"] = statistics.median(row["round_ms"])
+    row["tflops"] = bc.tflops(flops, row["ms"])
+
+
 def table_entry(record: dict[str, Any], device_kind: str, env: dict[str, Any]) -> dict | None:
   """The tuned-table entry of a record's chosen candidate (None when none passed)."""
   best = next((r for r in record["candidates"] if r.get("chosen")), None)
@@ -275,6 +332,8 @@ def table_entry(record: dict[str, Any], device_kind: str, env: dict[str, Any]) -
       "G": record["G"], "dist": record["dist"], "jax": env["jax"], "date": env["date"],
       "source": "experiments/autotune_gmm.py",
   }
+  if record.get("interleave"):
+    meta["interleave"] = record["interleave"]   # ms: median over this many interleaved rounds
   return tuning.make_entry(key, cfg, meta)
 
 
@@ -350,6 +409,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--iters", type=int, default=10, help="timed runs per candidate (median)")
   ap.add_argument("--min-gain", type=float, default=0.02,
                   help="keep the default unless the best is at least this much faster")
+  ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                  help="after the sequential pass, time every passing candidate again in R "
+                       "rounds (each round visits each candidate once, starting at a rotated "
+                       "position; 1 warmup + --iters runs per visit) and choose by the median "
+                       "over the rounds (default 0: the sequential timings decide)")
   ap.add_argument("--write", default=None,
                   help="table to merge the winners into (default kernels/tuned_configs.json; "
                        "smoke: a temp file)")
@@ -361,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--lower-only", action="store_true",
                   help="any machine: only lower every candidate for an H100 (no run, no table)")
   args = ap.parse_args(argv)
+  if args.interleave < 0:
+    raise SystemExit(f"--interleave must be >= 0, got {args.interleave}")
 
   env = bc.environment()
   device_kind = tuning.current_device_kind()
@@ -405,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for op in ops:
       for backend in backend_names:
         rec = tune(op, backend, shape_name, shape, dtype, args.dist, iters, warmup, interpret,
-                   args.smoke, args.min_gain)
+                   args.smoke, args.min_gain, args.interleave)
         records.append(rec)
         entry = table_entry(rec, device_kind, env)
         if entry is not None:
@@ -431,12 +497,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c in rec["candidates"]:
       rows.append({"shape": rec["shape"], "op": rec["op"], "backend": rec["backend"],
                    "config": c["label"], "status": c["status"] + (" *" if c.get("chosen") else ""),
-                   "ms": c.get("ms"), "TFLOP/s": c.get("tflops"),
+                   "ms": c.get("ms"), "seq ms": c.get("sequential_ms", ""),
+                   "TFLOP/s": c.get("tflops"),
                    "err": f"{c['rel_err']:.1e}" if "rel_err" in c else "",
                    "why": c.get("reason", "")[:60]})
   print(f"\nCandidates ({dtype.name}, {env['device']}, jax {env['jax']}; * = written to the table)")
-  print(bc.table(rows, ["shape", "op", "backend", "config", "status", "ms", "TFLOP/s", "err",
-                        "why"]))
+  columns = ["shape", "op", "backend", "config", "status", "ms", "TFLOP/s", "err", "why"]
+  if args.interleave:   # ms: median over the rounds; seq ms: the sequential pass
+    columns.insert(6, "seq ms")
+  print(bc.table(rows, columns))
   print(f"\nwrote {len(entries)} entries to {write} ({len(table.entries)} in the table); "
         f"candidate record {record_path}; {time.perf_counter() - t_start:.0f} s")
   return {"table": write, "record": record_path, "entries": entries, "records": records}

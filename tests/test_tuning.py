@@ -410,6 +410,34 @@ def test_autotune_smoke_writes_a_table_lookup_reads(tmp_path, monkeypatch):
     assert len(json.load(f)["results"]) == 3
 
 
+def test_autotune_smoke_interleaved_rounds(tmp_path, monkeypatch, capsys):
+  """--interleave 2: every passing candidate is timed in 2 more rounds, and its ms (which picks
+  the winner) is the median of those rounds; the sequential time is kept."""
+  import statistics
+
+  autotune_gmm = _autotune(monkeypatch)
+  out = autotune_gmm.main(["--smoke", "--backends", "triton", "--ops", "gmm,xty", "--interleave",
+                           "2", "--write", str(tmp_path / "tuned.json")])
+  assert len(out["records"]) == 2
+  for rec in out["records"]:
+    assert rec["interleave"] == 2
+    ok = [c for c in rec["candidates"] if c["status"] == "ok"]
+    assert len(ok) == 2
+    for c in ok:
+      assert len(c["round_ms"]) == 2 and all(t > 0 for t in c["round_ms"])
+      assert c["ms"] == statistics.median(c["round_ms"]) and c["sequential_ms"] > 0
+    chosen = next(c for c in ok if c.get("chosen"))
+    assert rec["default_ms"] == ok[0]["ms"]
+    faster = min(ok, key=lambda c: c["ms"])
+    assert chosen is faster or faster["ms"] > ok[0]["ms"] * (1 - 0.02)   # --min-gain
+  for e in out["entries"]:
+    assert e["meta"]["interleave"] == 2
+  printed = capsys.readouterr().out
+  assert printed.count("round 1/2 smoke") == 2 and printed.count("round 2/2 smoke") == 2
+  with pytest.raises(SystemExit, match="--interleave must be >= 0"):
+    autotune_gmm.main(["--smoke", "--interleave", "-1"])
+
+
 def _autotune(monkeypatch):
   monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from experiments import autotune_gmm
