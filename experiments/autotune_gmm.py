@@ -1,7 +1,7 @@
 """Autotune the grouped-matmul block sizes per shape; write the winners into the tuned table.
 
-For each shape (default: the three benchmark shapes of bench_grouped_matmul.SHAPES), op and
-backend, times a small candidate grid of kernel configs (at most 8, the kernel's default first):
+For each shape (default: the three benchmark shapes of bench_grouped_matmul.SHAPES and the
+Small preset's "small"), op and backend, times a small candidate grid of kernel configs (at most 8, the kernel's default first):
 
   op "gmm"    grouped_matmul forward     lhs (M, K) x rhs (G, K, N)        table key k=K, n=N
   op "gmm_t"  its data gradient          dy (M, N) x rhs (G, K, N)^T       table key k=N, n=K
@@ -69,6 +69,10 @@ from kernels import (  # noqa: E402
     backends, gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton, reference, tuning)
 
 SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile multiple
+# The benchmark shapes plus the Small preset's expert matmul at one 16 x 1024-token microbatch
+# (d 768, expert d_ff 3072, 64 experts, top-1: ~256 rows per expert; gmm_t covers the other
+# direction, K=3072 -> N=768).
+TUNE_SHAPES = {**SHAPES, "small": (16384, 768, 3072, 64)}
 OPS = tuning.OPS
 BACKENDS = tuning.TUNED_BACKENDS
 # Relative-error budget of a candidate's output against the float32 reference, by operand dtype.
@@ -130,11 +134,17 @@ def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = 
             _Wx(block_rows=128, max_concurrent_steps=2, grid_tile_width=16),
             _Wx(block_n=64, max_concurrent_steps=6),
             _Mx()]
-  else:  # Mosaic gmm / gmm_t: the warp-specialized kernel, plus the simple one as a baseline.
+  else:  # Mosaic gmm / gmm_t: the warp-specialized kernel around its default: a 4th stage (made
+    # room for by 64-column epilogue chunks), chained per-tile pipelines, and the narrower
+    # 128x128 CTA tile that won at the OLMoE-like shape, each with and without the chain.
     grid = [default_config(op, backend, k, n, dtype),
-            _Ws(grid_tile_width=4), _Ws(grid_tile_width=16), _Ws(max_concurrent_steps=2),
-            _Ws(block_n=64), _Ws(block_n=64, max_concurrent_steps=4),
-            _Ws(block_n=64, grid_tile_width=16), _Mg()]
+            _Ws(max_concurrent_steps=4, epi_cols=64),
+            _Ws(max_concurrent_steps=4, epi_cols=64, chain=True),
+            _Ws(max_concurrent_steps=4, epi_cols=64, chain=True, grid_tile_width=16),
+            _Ws(max_concurrent_steps=2, chain=True),
+            _Ws(block_n=64, max_concurrent_steps=4),
+            _Ws(block_n=64, max_concurrent_steps=4, chain=True),
+            _Ws(block_n=64, max_concurrent_steps=4, chain=True, grid_tile_width=16)]
   out: list[Any] = []
   for c in grid:
     if c not in out:
@@ -144,7 +154,8 @@ def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = 
 
 _SHORT = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "block_rows": "br",
           "max_concurrent_steps": "st", "grid_tile_width": "tw", "memory_registers": "mr",
-          "group_m": "gm", "num_warps": "nw", "num_stages": "ns", "largest_first": "lf"}
+          "group_m": "gm", "num_warps": "nw", "num_stages": "ns", "largest_first": "lf",
+          "epi_cols": "epi", "chain": "chain"}
 _KIND = {"MosaicWsGmmConfig": "ws", "MosaicGmmConfig": "simple", "MosaicXtyConfig": "xty",
          "MosaicWsXtyConfig": "wsxty",
          "TritonGmmConfig": "gmm", "TritonXtyConfig": "xty"}
@@ -152,8 +163,12 @@ _KIND = {"MosaicWsGmmConfig": "ws", "MosaicGmmConfig": "simple", "MosaicXtyConfi
 
 def short(cfg: Any) -> str:
   """A compact config label for tables, e.g. ws(bm128,bn128,bk64,st3,tw8,mr40)."""
-  fields = ",".join(f"{_SHORT.get(f.name, f.name)}{getattr(cfg, f.name)}"
-                    for f in dataclasses.fields(cfg))
+  def part(name, value):  # booleans by name when on, unset (None) fields left out
+    label = _SHORT.get(name, name)
+    if isinstance(value, bool):
+      return label if value else ("" if name == "chain" else f"{label}False")
+    return "" if value is None else f"{label}{value}"
+  fields = ",".join(p for f in dataclasses.fields(cfg) if (p := part(f.name, getattr(cfg, f.name))))
   return f"{_KIND.get(type(cfg).__name__, type(cfg).__name__)}({fields})"
 
 
@@ -400,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the autotune; returns {"table": path, "record": path, "entries": [...], "records": [...]}."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--shapes", default=None,
-                  help=f"comma-separated subset of {list(SHAPES)} (default: all; smoke: 'smoke')")
+                  help=f"comma-separated subset of {list(TUNE_SHAPES)} (default: all; smoke: 'smoke')")
   ap.add_argument("--ops", default=",".join(OPS), help=f"subset of {list(OPS)}")
   ap.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {list(BACKENDS)}")
   ap.add_argument("--dtype", default="bfloat16", choices=list(TOL))
@@ -432,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   device_kind = tuning.current_device_kind()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if args.lower_only:
-    shapes = {s: SHAPES[s] for s in _csv(args.shapes or ",".join(SHAPES), list(SHAPES), "shapes")}
+    shapes = {s: TUNE_SHAPES[s] for s in _csv(args.shapes or ",".join(TUNE_SHAPES),
+                                                list(TUNE_SHAPES), "shapes")}
     rows = lower_only(shapes, _csv(args.ops, OPS, "ops"),
                       _csv(args.backends, BACKENDS, "backends"), jnp.dtype(args.dtype))
     return {"lowered": rows}
@@ -447,7 +463,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   else:
     if not backends.on_gpu():
       raise SystemExit("autotune_gmm.py times GPU kernels: run it on a GPU, or use --smoke on CPU")
-    shapes = {s: SHAPES[s] for s in _csv(args.shapes or ",".join(SHAPES), list(SHAPES), "shapes")}
+    shapes = {s: TUNE_SHAPES[s] for s in _csv(args.shapes or ",".join(TUNE_SHAPES),
+                                                list(TUNE_SHAPES), "shapes")}
     iters, warmup, interpret = args.iters, 2, False
     write = args.write or os.path.join(root, "kernels", "tuned_configs.json")
     record_path = args.record or os.path.join(root, "experiments", "results",
