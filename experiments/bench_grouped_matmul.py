@@ -124,7 +124,15 @@ def main():
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--mosaic-sweep", action="store_true", help="also time a grid of Mosaic configs")
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--backends", default="triton,mosaic",
+                  help="kernel backends to check and time (subset of triton,mosaic)")
+  ap.add_argument("--no-ragged-dot", action="store_true",
+                  help="skip timing jax.lax.ragged_dot (slow: ~0.4 s per call at Mixtral-like)")
   args = ap.parse_args()
+  kernel_backends = [b for b in args.backends.split(",") if b]
+  if not kernel_backends or any(b not in ("triton", "mosaic") for b in kernel_backends):
+    raise SystemExit(f"--backends must be a comma-separated subset of triton,mosaic, got "
+                     f"{args.backends!r}")
 
   env = bc.environment()
   print("environment:", env, flush=True)
@@ -134,7 +142,7 @@ def main():
     shapes = {k: SHAPES[k] for k in args.shapes.split(",") if k}   # --shapes "": the edge check only
     if not args.no_check:
       shapes = {"edge": EDGE_SHAPE, **shapes}
-    backends, dtype, iters = ["triton", "mosaic"], jnp.bfloat16, args.iters
+    backends, dtype, iters = kernel_backends, jnp.bfloat16, args.iters
 
   results = []
   for shape_name, (m, k, n, g) in shapes.items():
@@ -181,7 +189,7 @@ def main():
       # value_and_grad: the loss value keeps the forward product alive (grad alone lets XLA
       # drop it, since d(loss)/d(x, w) does not need the product itself).
 
-      for b in backends + ["xla"]:
+      for b in backends + ([] if args.no_ragged_dot else ["xla"]):
         t = {}
         t["fwd_ms"], e1 = time_or_error(jax.jit(functools.partial(grouped_matmul, backend=b)), lhs, rhs, gs, iters=iters)
         if b != "xla":  # the xla path's gradients are ragged_dot's own (fwd+bwd below)
