@@ -84,3 +84,17 @@ def test_dsd_dds_loops_load_only_operand_tiles(ta, tb):
   for fn, a, b in cases:
     counts = _loop_loads(jax.make_jaxpr(fn)(S((E,), jnp.int32), a, b).jaxpr)
     assert counts == [2], counts
+
+
+@pytest.mark.parametrize("dtype,stages", [(BF, 3), (jnp.float32, 2)])
+def test_float32_operands_get_two_pipeline_stages(dtype, stages):
+  """3 software-pipelined stages of float32 tiles exceed the H100's shared memory (seen on the
+  GPU: 262144 > 232448 bytes); the default config drops to 2 for 32-bit operands."""
+  import re
+
+  topo = jax.eval_shape(lambda: _topo(jnp.zeros((E,), jnp.int32)))
+  _, ns = topo.sparse_shape
+  text = lower_for_gpu(lambda g, s, r: dsd(s, r, _topo(g), transpose_lhs=False,
+                                           transpose_rhs=False, backend="triton"),
+                       S((E,), jnp.int32), S(topo.data_shape, dtype), S((ns, D), dtype))
+  assert set(re.findall(r"num_stages = (\d+)", text)) == {str(stages)}
