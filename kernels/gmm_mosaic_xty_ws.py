@@ -72,7 +72,8 @@ class MosaicWsXtyConfig:
   # Visit the groups largest first (see the module docstring): the SMs take the tiles
   # round-robin, so in group order a skewed size distribution leaves some SMs with far more
   # rows to reduce than others (simulated makespan ~1.16x the average SM's work at Dirichlet(0.5)
-  # over 64 groups, ~1.05x largest first). Costs one argsort of G sizes on device.
+  # over 64 groups, ~1.05x largest first). Costs one argsort of G sizes on device. Measured on
+  # the H100 at the OLMoE-like shape, Dirichlet sizes: 0.789 -> 0.686 ms.
   largest_first: bool = True
 
 
