@@ -439,3 +439,40 @@ def test_router_jitter_runs_outside_shard_map_with_the_same_noise():
     outs.append(jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x, deterministic=False)[0])(
         state, x))
   assert_close(outs[1], outs[0], jnp.float32, name="y with jitter")
+
+
+def _cond_output_rows(jaxpr) -> set[int]:
+  """The leading dimensions of every lax.cond output in `jaxpr`, nested jaxprs included."""
+  rows = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      rows |= {v.aval.shape[0] for v in eqn.outvars if v.aval.ndim >= 2}
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          rows |= _cond_output_rows(inner)
+  return rows
+
+
+def test_fast_path_gradient_keeps_no_residuals_of_the_dropless_bound():
+  """Differentiating the a2a fast path's lax.cond must not keep the dropless-bound branch's
+  activations (the untaken branch's residuals are zero-filled every step): that branch is
+  rematerialized, so no cond output has the bound receive buffer's row count (EP x C)."""
+  cfg = _config()
+  mesh = sh.make_mesh(sh.MeshConfig(4, 2, 1))
+  pcfg = ep.ParallelConfig(mesh)
+  tokens = 64
+  t_send, e_local = tokens // 8, E // 2            # 8 token shards, 2 expert ranks
+  cap, cap_fast = pcfg.capacity(t_send, K, e_local), pcfg.fast_capacity(t_send, K, e_local)
+  assert (cap, cap_fast) == (16, 10)               # receive buffers of 32 and 20 rows
+  layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=pcfg)
+  graphdef, state = nnx.split(layer)
+
+  def loss(state, x):
+    return jnp.sum(nnx.merge(graphdef, state)(x)[0] ** 2)
+
+  x = jax.random.normal(jax.random.key(1), (tokens, D), jnp.float32)
+  rows = _cond_output_rows(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, x).jaxpr)
+  assert 2 * cap_fast in rows, rows      # the fast branch's activations are kept
+  assert 2 * cap not in rows, rows       # the bound branch's are not
