@@ -74,6 +74,23 @@ def _interpret_params(interpret: bool):
   return plgpu.InterpretGPUParams(detect_races=True) if interpret else None
 
 
+def store_rows(src_smem, dst_gmem, *, first: jax.Array, count: jax.Array, dst_offset: jax.Array,
+               max_rows: int) -> None:
+  """TMA-stores rows [first, first + count) of src_smem to rows dst_offset + [first, first + count)
+  of dst_gmem (both indexed rows first, same columns): one store per set bit of `count` (unrolled;
+  max_rows bounds count), so rows outside the range, which belong to another group's visit of
+  the same tile, are never written."""
+  row = first
+  rows = 1 << int(math.log2(max_rows))
+  while rows >= 1:
+    @pl.when((count & rows) != 0)
+    def _():
+      plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(row, rows)],
+                              dst_gmem.at[pl.ds(dst_offset + row, rows)])
+    row = row + (count & rows)
+    rows //= 2
+
+
 def gmm(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -141,18 +158,8 @@ def gmm(
         def _store(o_smem):
           o_smem[...] = acc.astype(o_smem.dtype)
           plgpu.commit_smem()
-          count = row_end - row_start
-          smem_row = row_start - block_start
-          rows = 1 << int(math.log2(min(bm, m)))
-          while rows >= 1:  # unrolled: one TMA store per set bit of `count`
-            @pl.when((count & rows) != 0)
-            def _():
-              plgpu.copy_smem_to_gmem(
-                  o_smem.at[pl.ds(smem_row, rows)],
-                  out_gmem.at[pl.ds(block_start + smem_row, rows), pl.ds(ni * bn, bn)],
-              )
-            smem_row = smem_row + (count & rows)
-            rows //= 2
+          store_rows(o_smem, out_gmem.at[:, pl.ds(ni * bn, bn)], first=row_start - block_start,
+                     count=row_end - row_start, dst_offset=block_start, max_rows=min(bm, m))
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = plgpu.kernel(

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import tiling
-from kernels.gmm_mosaic import _interpret_params, _num_sms, _smem_transforms
+from kernels.gmm_mosaic import _interpret_params, _num_sms, _smem_transforms, store_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,17 +175,8 @@ def gmm(
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           o_smem[wg] = chunk_values(c)
           plgpu.commit_smem()
-          smem_row = row_start - block_start
-          rows = 1 << int(math.log2(min(bm, m)))
-          while rows >= 1:  # unrolled: one TMA store per set bit of `count`
-            @pl.when((count & rows) != 0)
-            def _():
-              plgpu.copy_smem_to_gmem(
-                  o_smem.at[wg, pl.ds(smem_row, rows)],
-                  out_gmem.at[pl.ds(block_start + smem_row, rows), pl.ds(col0, epi)],
-              )
-            smem_row = smem_row + (count & rows)
-            rows //= 2
+          store_rows(o_smem.at[wg], out_gmem.at[:, pl.ds(col0, epi)], first=row_start - block_start,
+                     count=count, dst_offset=block_start, max_rows=min(bm, m))
 
       # Tiles of the real groups: the K pipeline per tile, chained across tiles when enabled.
       @plgpu.nd_loop((num_real * grid_n,), collective_axes="sm")
