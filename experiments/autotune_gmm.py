@@ -1,7 +1,8 @@
 """Autotune the grouped-matmul block sizes per shape; write the winners into the tuned table.
 
 For each shape (default: the three benchmark shapes of bench_grouped_matmul.SHAPES and the
-Small preset's "small"), op and backend, times a small candidate grid of kernel configs (at most 8, the kernel's default first):
+Small preset's "small"), op and backend, times a small candidate grid of kernel configs (at most
+8, the kernel's default first):
 
   op "gmm"    grouped_matmul forward     lhs (M, K) x rhs (G, K, N)        table key k=K, n=N
   op "gmm_t"  its data gradient          dy (M, N) x rhs (G, K, N)^T       table key k=N, n=K
@@ -163,10 +164,10 @@ _KIND = {"MosaicWsGmmConfig": "ws", "MosaicGmmConfig": "simple", "MosaicXtyConfi
 
 def short(cfg: Any) -> str:
   """A compact config label for tables, e.g. ws(bm128,bn128,bk64,st3,tw8,mr40)."""
-  def part(name, value):  # booleans by name when on, unset (None) fields left out
+  def part(name, value):  # booleans by name when on; off booleans and unset (None) left out
     label = _SHORT.get(name, name)
     if isinstance(value, bool):
-      return label if value else ("" if name == "chain" else f"{label}False")
+      return label if value else ""
     return "" if value is None else f"{label}{value}"
   fields = ",".join(p for f in dataclasses.fields(cfg) if (p := part(f.name, getattr(cfg, f.name))))
   return f"{_KIND.get(type(cfg).__name__, type(cfg).__name__)}({fields})"
@@ -411,6 +412,12 @@ def _csv(value: str, allowed: tuple[str, ...] | list[str], name: str) -> list[st
   return items
 
 
+def _chosen_shapes(value: str | None) -> dict[str, tuple[int, int, int, int]]:
+  """--shapes (default: all of TUNE_SHAPES) -> {name: (M, K, N, G)}."""
+  names = _csv(value or ",".join(TUNE_SHAPES), list(TUNE_SHAPES), "shapes")
+  return {name: TUNE_SHAPES[name] for name in names}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the autotune; returns {"table": path, "record": path, "entries": [...], "records": [...]}."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -447,8 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   device_kind = tuning.current_device_kind()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if args.lower_only:
-    shapes = {s: TUNE_SHAPES[s] for s in _csv(args.shapes or ",".join(TUNE_SHAPES),
-                                                list(TUNE_SHAPES), "shapes")}
+    shapes = _chosen_shapes(args.shapes)
     rows = lower_only(shapes, _csv(args.ops, OPS, "ops"),
                       _csv(args.backends, BACKENDS, "backends"), jnp.dtype(args.dtype))
     return {"lowered": rows}
@@ -463,8 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   else:
     if not backends.on_gpu():
       raise SystemExit("autotune_gmm.py times GPU kernels: run it on a GPU, or use --smoke on CPU")
-    shapes = {s: TUNE_SHAPES[s] for s in _csv(args.shapes or ",".join(TUNE_SHAPES),
-                                                list(TUNE_SHAPES), "shapes")}
+    shapes = _chosen_shapes(args.shapes)
     iters, warmup, interpret = args.iters, 2, False
     write = args.write or os.path.join(root, "kernels", "tuned_configs.json")
     record_path = args.record or os.path.join(root, "experiments", "results",
