@@ -6,11 +6,12 @@ SwiGLU MLP elsewhere and everywhere when ffn="dense". Attention is grouped-query
 rotary embeddings through `jax.nn.dot_product_attention`: cuDNN flash attention on GPU for bf16/fp16
 (`attention="auto"`), XLA's reference attention elsewhere (it materializes the (B, N, T, T) scores).
 Compute runs in `dtype` (bf16 by default) on float32 master parameters; the LM head's matmul runs
-in `dtype` (float32 accumulation), then logits and the loss are float32. The token embedding's
-gradient is a one-hot matmul (`embed_lookup`), not XLA's scatter-add, whose atomics serialize on
-repeated tokens (18.6 ms of a 62 ms step of the Small dense model on the H100).
+in `dtype` (float32 accumulation) and so do its logits; the loss does its math in float32
+(kernels.cross_entropy). The token embedding's gradient is a one-hot matmul (`embed_lookup`), not
+XLA's scatter-add, whose atomics serialize on repeated tokens (18.6 ms of a 62 ms step of the
+Small dense model on the H100).
 
-Shapes: tokens (B, T) int32 -> logits (B, T, vocab) float32.
+Shapes: tokens (B, T) int32 -> logits (B, T, vocab) in `dtype`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import cross_entropy as ce_lib
 from jaxmoe.config import IMPLS, MoEConfig
 from jaxmoe.moe import MoE, MoEStats
 
@@ -159,16 +161,22 @@ def attention_impl(cfg: ModelConfig, dtype) -> str:
 
 # Tokens per one-hot matmul in embed_lookup's backward: bounds its (chunk, vocab) one-hot operand.
 _EMBED_GRAD_CHUNK = 8192
+# Above this vocabulary a chunk's one-hot is taken over the chunk's own distinct ids instead.
+_EMBED_COMPACT_CHUNK = 4096
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def embed_lookup(table: jax.Array, ids: jax.Array, dtype: Any) -> jax.Array:
   """table (V, D), ids (...) int -> table[ids].astype(dtype) (..., D), one-hot-matmul gradient.
 
-  The backward computes d_table = onehot(ids)^T @ d_out in chunks of _EMBED_GRAD_CHUNK tokens,
-  with operands in `dtype` (the cotangent arrives in it) and float32 accumulation: 2 V D FLOPs
-  per token on the tensor cores instead of XLA's scatter-add, whose atomic adds serialize when many
-  tokens share an id (a byte-level corpus has at most 256). Out-of-range ids give zero rows.
+  The backward computes d_table = onehot(ids)^T @ d_out in chunks of tokens, with operands in
+  `dtype` (the cotangent arrives in it) and float32 accumulation, on the tensor cores instead of
+  XLA's scatter-add, whose atomic adds serialize when many tokens share an id (a byte-level corpus
+  has at most 256). A small vocabulary (V <= _EMBED_COMPACT_CHUNK) takes the one-hot over all V
+  ids, 2 V D FLOPs per token. A large one (GPT-2's 50304) would make that matmul as large as the
+  LM head's, so each chunk of C tokens takes its one-hot over its own distinct ids (jnp.unique,
+  at most C), 2 C D FLOPs per token, and adds the C summed rows into d_table with a scatter whose
+  indices are unique (no atomics contend). Out-of-range ids give zero rows.
   """
   return jnp.take(table, ids, axis=0).astype(dtype)
 
@@ -182,22 +190,33 @@ def _embed_bwd(dtype, res, g):
   ids, table_like = res
   vocab, table_dtype = table_like.shape[0], table_like.dtype
   d = g.shape[-1]
-  ids = ids.reshape(-1)
+  ids = ids.reshape(-1).astype(jnp.int32)
+  # Out-of-range ids (and the padding below) become `vocab`: a zero one-hot row, a dropped scatter.
+  ids = jnp.where((ids >= 0) & (ids < vocab), ids, vocab)
   g = g.reshape(-1, d)
   n = ids.shape[0]
-  chunk = min(n, _EMBED_GRAD_CHUNK)
+  compact = vocab > _EMBED_COMPACT_CHUNK
+  chunk = min(n, _EMBED_COMPACT_CHUNK if compact else _EMBED_GRAD_CHUNK)
   pad = (-n) % chunk
-  ids = jnp.pad(ids, (0, pad), constant_values=-1).reshape(-1, chunk)
+  ids = jnp.pad(ids, (0, pad), constant_values=vocab).reshape(-1, chunk)
   g = jnp.pad(g, ((0, pad), (0, 0))).reshape(-1, chunk, d)
   # A float32 model's cotangents multiply at full precision (the GPU default would be TF32);
   # bf16/fp16 ones go to the tensor cores as they are (one-hot entries are exact in any dtype).
   precision = jax.lax.Precision.HIGHEST if g.dtype == jnp.float32 else None
 
+  def onehot_t_matmul(cols, g_c, width):
+    onehot = jax.nn.one_hot(cols, width, dtype=g_c.dtype)             # (chunk, width)
+    return jax.lax.dot_general(onehot, g_c, (((0,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)    # (width, d)
+
   def body(acc, xs):
     ids_c, g_c = xs
-    onehot = jax.nn.one_hot(ids_c, vocab, dtype=g_c.dtype)          # (chunk, V)
-    return acc + jax.lax.dot_general(onehot, g_c, (((0,), (0,)), ((), ())), precision=precision,
-                                     preferred_element_type=jnp.float32), None
+    if not compact:
+      return acc + onehot_t_matmul(ids_c, g_c, vocab), None
+    # uniq: the chunk's distinct ids, ascending, padded with `vocab`; inv: each token's slot.
+    uniq, inv = jnp.unique(ids_c, size=chunk, fill_value=vocab, return_inverse=True)
+    rows = onehot_t_matmul(inv.reshape(-1), g_c, chunk)
+    return acc.at[uniq].add(rows, mode="drop", unique_indices=True, indices_are_sorted=True), None
 
   acc, _ = jax.lax.scan(body, jnp.zeros((vocab, d), jnp.float32), (ids, g))
   return acc.astype(table_dtype), None
@@ -293,7 +312,7 @@ def _remat_block(block: Block, x: jax.Array, deterministic: bool):
 
 
 class TransformerLM(nnx.Module):
-  """The LM. __call__(tokens (B, T) int) -> (logits (B, T, V) float32, ModelStats dict).
+  """The LM. __call__(tokens (B, T) int) -> (logits (B, T, V) in cfg.dtype, ModelStats dict).
 
   The stats dict holds float32 values: "aux_loss", "z_loss", "moe_loss" (the weighted sum to add
   to the objective), summed over MoE layers; "dropped_fraction" averaged over MoE layers; and
@@ -327,15 +346,17 @@ class TransformerLM(nnx.Module):
       if s is not None:
         stats.append(s)
     x = self.final_norm(x)
+    # Operands and logits in the compute dtype (float32 accumulation inside the matmul): a float32
+    # output would make the backward's cotangent float32 and its two matmuls TF32 (about a third
+    # of bf16's rate on the H100), and float32 logits are 4 B per (token, vocab) entry written and
+    # read again (kernels.cross_entropy does the loss's float32 math on the 16-bit logits).
     if self.lm_head is None:
-      # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits.
-      # Operands and the matmul's output in the compute dtype (float32 accumulation inside),
-      # then float32 for the loss: a float32 output would make the backward's cotangent float32
-      # and its two matmuls TF32 (about a third of bf16's rate on the H100).
-      w = self.embed.embedding[...].astype(x.dtype)
-      logits = jnp.dot(x, w.T).astype(jnp.float32) * cfg.d_model ** -0.5
+      # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits;
+      # the scale is folded into the table's cast to the compute dtype (one rounding, as before).
+      w = (self.embed.embedding[...] * cfg.d_model ** -0.5).astype(x.dtype)
+      logits = jnp.dot(x, w.T)
     else:
-      logits = self.lm_head(x).astype(jnp.float32)
+      logits = self.lm_head(x)
     return logits, _summarize(stats, cfg.num_experts)
 
 
@@ -354,9 +375,9 @@ def _summarize(stats: list[MoEStats], num_experts: int) -> dict[str, jax.Array]:
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy. logits (B, T, V) float32, targets (B, T) int -> scalar."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
+  """Mean next-token cross-entropy (float32 scalar). logits (B, T, V) in any float dtype (the
+  model's compute dtype; float32 math inside, see kernels.cross_entropy), targets (B, T) int."""
+  return jnp.mean(ce_lib.cross_entropy(logits, targets.astype(jnp.int32)))
 
 
 def update_router_biases(model: TransformerLM, tokens_per_expert: jax.Array, rate: float) -> None:

@@ -61,7 +61,7 @@ def generate(model: TransformerLM, prompt: np.ndarray, num_tokens: int, *, tempe
   @jax.jit
   def next_logits(state, tokens, length):
     logits, _ = nnx.merge(graphdef, state)(tokens[None])
-    return logits[0, length - 1]
+    return logits[0, length - 1].astype(jnp.float32)   # the model's logits are in its compute dtype
 
   window = cfg.max_seq_len
   tokens = [int(t) for t in prompt] or [10]  # an empty prompt starts at a newline

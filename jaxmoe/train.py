@@ -321,7 +321,9 @@ def cast_expert_weights(params, dtype):
   (XLA redoes the cast inside the scan body, forward and backward: on the Small preset's 3.6B
   expert parameters that was 89 ms of a 473 ms step at 8 microbatches). Their gradients then come
   back in `dtype`, as they already did through the cast inside the model; the accumulator and the
-  update stay float32. make_grad_fn does this only on meshes without a data axis (see there)."""
+  update stay float32. With remat and one microbatch the cast likewise runs once, outside the
+  checkpointed blocks, instead of again in the recompute. make_grad_fn does either only on meshes
+  without a data axis (see there)."""
   def cast(path, x):
     # A leaf's path ends [..., "experts", "w_gate"] or, through the Param, [..., "w_gate", "value"].
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
@@ -348,25 +350,35 @@ def make_grad_fn(graphdef, model_cfg: ModelConfig, train: TrainConfig, mesh: Mes
   microbatch's gradients inside the scan (k reductions per step, not one; none on one device).
   """
   k = train.grad_accum
-
+  dtype = DTYPES[model_cfg.dtype]
   loss_fn = _loss_fn(graphdef)
+  # With a data axis the expert weights' gradients are summed over it, in the dtype they have
+  # at that point: the bf16 copy's would be summed in bf16 (float32 through the model's own cast).
+  hoist = mesh is None or mesh.shape.get("data", 1) == 1
 
   def one(params, rest, x, y):
     (_, (ce, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y, False)
     return grads, ce, stats
 
   if k == 1:
-    return one
+    if not (hoist and model_cfg.remat):
+      return one
+
+    def one_cast_outside(params, rest, x, y):
+      # Under remat the cast inside the model would run twice (forward and recompute): here it
+      # runs once, outside the checkpointed blocks, and its transpose returns float32 gradients.
+      def loss_cast(p, *args):
+        return loss_fn(cast_expert_weights(p, dtype), *args)
+      (_, (ce, stats)), grads = jax.value_and_grad(loss_cast, has_aux=True)(
+          params, rest, x, y, False)
+      return grads, ce, stats
+    return one_cast_outside
 
   param_sh = None if mesh is None else state_shardings(model_cfg, train, mesh)["params"]
   batch_sh = None if mesh is None else batch_sharding(mesh)
 
-  # With a data axis the expert weights' gradients are summed over it, in the dtype they have
-  # at that point: the bf16 copy's would be summed in bf16 (float32 through the model's own cast).
-  hoist = mesh is None or mesh.shape.get("data", 1) == 1
-
   def accumulated(params, rest, x, y):
-    compute_params = cast_expert_weights(params, DTYPES[model_cfg.dtype]) if hoist else params
+    compute_params = cast_expert_weights(params, dtype) if hoist else params
     if param_sh is not None:
       compute_params = jax.lax.with_sharding_constraint(compute_params, param_sh)
 

@@ -121,10 +121,13 @@ def test_config_errors(override, match):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("chunk", [8192, 5])   # one chunk; several with a padded tail (21 = 4*5+1)
-def test_embed_lookup_gradient_matches_take(rng, monkeypatch, dtype, chunk):
+@pytest.mark.parametrize("compact", [False, True])
+def test_embed_lookup_gradient_matches_take(rng, monkeypatch, dtype, chunk, compact):
   """The one-hot-matmul gradient equals the scatter-add gradient of jnp.take, repeated ids
-  included (one id taking most tokens), for float32 and bf16 cotangents."""
+  included (one id taking most tokens), for float32 and bf16 cotangents; over the whole vocabulary
+  and (compact, a vocabulary larger than the chunk) over each chunk's distinct ids."""
   monkeypatch.setattr(model_lib, "_EMBED_GRAD_CHUNK", chunk)
+  monkeypatch.setattr(model_lib, "_EMBED_COMPACT_CHUNK", chunk if compact else 8192)
   table = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
   ids = jnp.asarray(np.where(rng.random((3, 7)) < 0.6, 7, rng.integers(0, 50, (3, 7))), jnp.int32)
   w = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
@@ -143,6 +146,17 @@ def test_embed_lookup_gradient_matches_take(rng, monkeypatch, dtype, chunk):
   # Rows of ids that never occur get exactly zero gradient.
   unused = np.setdiff1d(np.arange(50), np.asarray(ids))
   assert np.all(np.asarray(got)[unused] == 0)
+
+
+def test_embed_lookup_compact_gradient_ignores_out_of_range_ids(rng, monkeypatch):
+  monkeypatch.setattr(model_lib, "_EMBED_COMPACT_CHUNK", 4)
+  table = jnp.asarray(rng.standard_normal((10, 3)), jnp.float32)
+  ids = jnp.asarray([[9, -1, 10, 3, 9, 0, 12]], jnp.int32)
+  got = jax.grad(lambda t: jnp.sum(embed_lookup(t, ids, jnp.float32)))(table)
+  want = np.zeros((10, 3), np.float32)
+  want[9] = 2.0
+  want[3] = want[0] = 1.0
+  np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_attention_impl_choice():
