@@ -107,7 +107,7 @@ def summarize_trace(trace_dir: str, top: int) -> dict:
 
 def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
                     iters: int, trace_steps: int, out_dir: str, top: int,
-                    phases: bool = True) -> dict:
+                    phases: bool = True, dump_hlo: bool = False) -> dict:
   mesh = make_mesh(model_cfg, train_cfg)
   tx, _ = make_optimizer(train_cfg)
   bs = batch_sharding(mesh)
@@ -149,6 +149,14 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
     res["optimizer_ms"] = res["step_ms"] - res["fwdbwd_ms"]
     res["fwdbwd_tflops"] = fpt * tokens_per_step / (res["fwdbwd_ms"] * 1e-3) / 1e12
 
+  if dump_hlo:
+    # The optimized HLO of the train step: the profile's fusion names (loop_convert_fusion_11...)
+    # are its instruction names, so grep this file for what a hot fusion computes.
+    path = os.path.join(out_dir, f"hlo_{name}.txt.gz")
+    with gzip.open(path, "wt") as f:
+      f.write(jit_train.lower(state, x, y).compile().as_text())
+    res["hlo"] = path
+
   trace_dir = os.path.join(out_dir, f"trace_{name}")
   with jax.profiler.trace(trace_dir):
     for _ in range(trace_steps):
@@ -169,6 +177,8 @@ def main() -> int:
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--no-phases", action="store_true",
                   help="skip the separate fwd+bwd timing (it needs memory for a second gradient)")
+  ap.add_argument("--dump-hlo", action="store_true",
+                  help="write each variant's optimized train-step HLO to OUT/hlo_VARIANT.txt.gz")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                   help="extra ModelConfig override, e.g. --set tie_embeddings=false")
   args = ap.parse_args()
@@ -185,7 +195,8 @@ def main() -> int:
     model_cfg = ModelConfig(**{**model_base, **VARIANTS[name]})
     try:
       r = profile_variant(name, model_cfg, train_cfg, tokens, args.iters, args.trace_steps,
-                          args.out, args.top, phases=not args.no_phases)
+                          args.out, args.top, phases=not args.no_phases,
+                          dump_hlo=args.dump_hlo)
     except Exception as e:  # report and go on with the other variants
       import traceback
       traceback.print_exc()
