@@ -216,6 +216,10 @@ def _embed_bwd(dtype, res, g):
     # uniq: the chunk's distinct ids, ascending, padded with `vocab`; inv: each token's slot.
     uniq, inv = jnp.unique(ids_c, size=chunk, fill_value=vocab, return_inverse=True)
     rows = onehot_t_matmul(inv.reshape(-1), g_c, chunk)
+    # The barrier makes XLA write uniq before the scatter: fused into the scatter, unique's
+    # index arithmetic (reductions over the chunk) was redone per updated element, 1.5 ms per
+    # 4096-token chunk on the H100 instead of microseconds.
+    uniq, rows = jax.lax.optimization_barrier((uniq, rows))
     return acc.at[uniq].add(rows, mode="drop", unique_indices=True, indices_are_sorted=True), None
 
   acc, _ = jax.lax.scan(body, jnp.zeros((vocab, d), jnp.float32), (ids, g))
