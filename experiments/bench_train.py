@@ -70,7 +70,10 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
   batches = data_lib.Batches(tokens, train_cfg.batch_size, train_cfg.seq_len, seed=0)
   x0, y0 = batches.batch(0)
   x0, y0 = jax.device_put(x0, bs), jax.device_put(y0, bs)
+  t0 = time.perf_counter()
   initial_loss = float(jit_eval(state, x0, y0))
+  print(f"   {name}: state initialized, eval step compiled and run ({time.perf_counter() - t0:.0f} s)",
+        flush=True)
 
   t0 = time.perf_counter()
   compiled = jit_train.lower(state, x0, y0).compile()
@@ -78,6 +81,9 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
   mem = compiled.memory_analysis()
   planned = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                                           + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  print(f"   {name}: train step compiled in {compile_s:.0f} s, memory plan "
+        f"{'-' if planned is None else f'{planned / 2**30:.1f} GiB'}; {warmup} + "
+        f"{train_cfg.steps} steps", flush=True)
   times, losses, dropped = [], [], []
   for i in range(warmup + train_cfg.steps):
     x, y = batches.batch(i)
