@@ -108,6 +108,14 @@ def _jitter_stream(rngs: nnx.Rngs) -> nnx.RngStream:
                    f"'params', got streams {sorted(vars(rngs))}")
 
 
+@jax.checkpoint
+def _float32_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (T, d) any float dtype @ kernel (d, E) in float32 at full precision. Under jax.checkpoint
+  the backward pass keeps x as given (16-bit in a bf16 model) and recasts it, instead of keeping a
+  float32 copy of the (T, d) activations."""
+  return jnp.dot(x.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST)
+
+
 class Router(nnx.Module):
   """Linear router d_model -> E in float32, with optional jitter and selection bias."""
 
@@ -125,12 +133,11 @@ class Router(nnx.Module):
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> RouterOutput:
     """x (T, d_model) any float dtype -> RouterOutput."""
-    x = x.astype(jnp.float32)
     if self.jitter_rngs is not None and not deterministic:
       eps = self.config.jitter
       noise = jax.random.uniform(self.jitter_rngs(), x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
-      x = x * noise
-    logits = jnp.dot(x, self.kernel[...], precision=jax.lax.Precision.HIGHEST)
+      x = x.astype(jnp.float32) * noise
+    logits = _float32_logits(x, self.kernel[...])
     bias = None if self.bias is None else jax.lax.stop_gradient(self.bias[...])
     return route(logits, self.config.top_k, self.config.router,
                  renormalize=self.config.renormalize, selection_bias=bias)

@@ -165,3 +165,29 @@ def test_attention_impl_choice():
   assert attention_impl(cfg, jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
   assert attention_impl(cfg, jnp.float32) == "xla"
   assert attention_impl(ModelConfig(**{**SMALL, "attention": "xla"}), jnp.bfloat16) == "xla"
+
+
+@pytest.mark.parametrize("ffn", ["moe", "dense"])
+def test_bf16_model_keeps_no_float32_activations_for_the_backward_pass(ffn):
+  """The norms, the router's float32 logits, the MoE combine and the loss recompute their float32
+  math in the backward pass: of the residuals the loss's VJP keeps, none is a float32 array as
+  large as the (tokens, d_model) activations (they were 6 per layer; the attention scores of the
+  XLA attention used on CPU are (B, N, T, T) and not counted)."""
+  cfg = ModelConfig(**{**SMALL, "dtype": "bfloat16", "ffn": ffn})
+  model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  b, t = 2, 16
+  tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def residuals(params, tokens):
+    def loss(p):
+      logits, stats = nnx.merge(graphdef, p, rest)(tokens)
+      return cross_entropy(logits, tokens) + stats["moe_loss"]
+    return jax.vjp(loss, params)[1]
+
+  saved = [a for a in jax.tree.leaves(jax.eval_shape(residuals, params, tokens))
+           if hasattr(a, "shape")]
+  activation_sized = [a for a in saved if a.dtype == jnp.float32
+                      and np.prod(a.shape) >= b * t * cfg.d_model and a.ndim < 4]
+  assert not activation_sized, [(a.dtype, a.shape) for a in activation_sized]
+  assert any(a.dtype == jnp.bfloat16 and np.prod(a.shape) == b * t * cfg.d_model for a in saved)
