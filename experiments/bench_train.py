@@ -132,6 +132,8 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--adam-mu-dtype", default="float32", choices=("float32", "bfloat16"),
                   help="dtype of Adam's first moment (bfloat16: 2 bytes/parameter less)")
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--remat-skip", type=int, default=0, metavar="N",
+                  help="with --remat: the last N blocks keep their activations (not recomputed)")
   ap.add_argument("--mesh-expert", type=int, default=1,
                   help="expert-parallel ranks (the rest of the devices are data-parallel)")
   ap.add_argument("--mesh-tensor", type=int, default=1)
@@ -154,6 +156,8 @@ def preset_configs(args: argparse.Namespace, preset_name: str, steps: int,
     train_base["seq_len"] = args.seq_len
   train_base.update(grad_accum=args.grad_accum, adam_mu_dtype=args.adam_mu_dtype)
   model_base["remat"] = args.remat or model_base.get("remat", False)
+  if args.remat_skip:
+    model_base["remat_skip"] = args.remat_skip
   if args.num_experts:
     model_base["num_experts"] = args.num_experts
   train_cfg = TrainConfig(**{**train_base, "mesh_data": mesh_data, "mesh_expert": args.mesh_expert,

@@ -63,6 +63,7 @@ class ModelConfig:
   block_size: int = 128      # MegaBlocks block size for moe_impl="blocksparse"
   dtype: str = "bfloat16"    # compute dtype; parameters are always float32
   remat: bool = False
+  remat_skip: int = 0        # with remat: the last remat_skip blocks keep their activations
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
@@ -73,6 +74,13 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+    if not isinstance(self.remat_skip, int) or isinstance(self.remat_skip, bool) \
+        or not 0 <= self.remat_skip <= self.n_layers:
+      raise ValueError(f"model.remat_skip must be an int in [0, n_layers={self.n_layers}], got "
+                       f"{self.remat_skip!r}")
+    if self.remat_skip and not self.remat:
+      raise ValueError(f"model.remat_skip={self.remat_skip} needs remat=true (it is the number of "
+                       "blocks left out of the recomputation)")
     if self.d_model % self.n_heads:
       raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
     if (self.d_model // self.n_heads) % 2:
@@ -364,9 +372,11 @@ class TransformerLM(nnx.Module):
       raise ValueError(f"tokens seq length {tokens.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
     x = embed_lookup(self.embed.embedding[...], tokens, self.embed.dtype)
     stats = []
-    for block in self.blocks:
-      if cfg.remat:
-        # Recompute the block's activations in the backward pass instead of storing them.
+    for i, block in enumerate(self.blocks):
+      if cfg.remat and i < cfg.n_layers - cfg.remat_skip:
+        # Recompute the block's activations in the backward pass instead of storing them; the
+        # last remat_skip blocks keep theirs (each skips one block's forward recompute for ~one
+        # block's activations of memory).
         x, s = _remat_block(block, x, deterministic)
       else:
         x, s = block(x, deterministic)

@@ -94,6 +94,40 @@ def test_remat_same_loss_and_grads(rng):
   chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
 
 
+def _saved_residuals(cfg, tokens) -> list:
+  """The arrays (shapes and dtypes) the VJP of the loss keeps for the backward pass."""
+  model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def residuals(params, tokens):
+    def loss(p):
+      logits, stats = nnx.merge(graphdef, p, rest)(tokens)
+      return cross_entropy(logits, tokens) + stats["moe_loss"]
+    return jax.vjp(loss, params)[1]
+
+  return [a for a in jax.tree.leaves(jax.eval_shape(residuals, params, tokens))
+          if hasattr(a, "shape")]
+
+
+def _residual_bytes(cfg, tokens) -> int:
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in _saved_residuals(cfg, tokens))
+
+
+def test_remat_skip_keeps_the_last_blocks_activations(rng):
+  """remat_skip=1 of 2 blocks: same loss and gradients as full remat, and the backward pass keeps
+  more than with every block recomputed, less than with none."""
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+  full = ModelConfig(**SMALL, remat=True)
+  half = ModelConfig(**SMALL, remat=True, remat_skip=1)
+  l0, g0 = _loss_and_grads(TransformerLM(full, rngs=nnx.Rngs(3)), tokens)
+  l1, g1 = _loss_and_grads(TransformerLM(half, rngs=nnx.Rngs(3)), tokens)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
+  spec = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+  sizes = [_residual_bytes(c, spec) for c in (full, half, ModelConfig(**SMALL))]
+  assert sizes[0] < sizes[1] < sizes[2], sizes
+
+
 def test_bf16_compute_float32_params(rng):
   model = TransformerLM(ModelConfig(**{**SMALL, "dtype": "bfloat16"}), rngs=nnx.Rngs(4))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -113,6 +147,8 @@ def test_bf16_compute_float32_params(rng):
     ({"moe_impl": "blocksparse", "block_size": 32}, "multiple of block_size"),
     ({"attention": "flash"}, "attention must be one of"),
     ({"attention": "cudnn"}, "needs dtype bfloat16"),   # SMALL is float32
+    ({"remat": True, "remat_skip": 3}, "remat_skip must be an int in"),
+    ({"remat_skip": 1}, "needs remat=true"),
 ])
 def test_config_errors(override, match):
   with pytest.raises(ValueError, match=match):
@@ -174,19 +210,8 @@ def test_bf16_model_keeps_no_float32_activations_for_the_backward_pass(ffn):
   large as the (tokens, d_model) activations (they were 6 per layer; the attention scores of the
   XLA attention used on CPU are (B, N, T, T) and not counted)."""
   cfg = ModelConfig(**{**SMALL, "dtype": "bfloat16", "ffn": ffn})
-  model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   b, t = 2, 16
-  tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
-
-  def residuals(params, tokens):
-    def loss(p):
-      logits, stats = nnx.merge(graphdef, p, rest)(tokens)
-      return cross_entropy(logits, tokens) + stats["moe_loss"]
-    return jax.vjp(loss, params)[1]
-
-  saved = [a for a in jax.tree.leaves(jax.eval_shape(residuals, params, tokens))
-           if hasattr(a, "shape")]
+  saved = _saved_residuals(cfg, jax.ShapeDtypeStruct((b, t), jnp.int32))
   activation_sized = [a for a in saved if a.dtype == jnp.float32
                       and np.prod(a.shape) >= b * t * cfg.d_model and a.ndim < 4]
   assert not activation_sized, [(a.dtype, a.shape) for a in activation_sized]
