@@ -1,7 +1,7 @@
 """Autotune the grouped-matmul block sizes per shape; write the winners into the tuned table.
 
 For each shape (default: the three benchmark shapes of bench_grouped_matmul.SHAPES and the
-Small preset's "small"), op and backend, times a small candidate grid of kernel configs (at most
+Small preset's "small", "small64_up" and "small64_down"), op and backend, times a small candidate grid of kernel configs (at most
 8, the kernel's default first):
 
   op "gmm"    grouped_matmul forward     lhs (M, K) x rhs (G, K, N)        table key k=K, n=N
@@ -73,7 +73,11 @@ SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile 
 # The benchmark shapes plus the Small preset's expert matmul at one 16 x 1024-token microbatch
 # (d 768, expert d_ff 3072, 64 experts, top-1: ~256 rows per expert; gmm_t covers the other
 # direction, K=3072 -> N=768).
-TUNE_SHAPES = {**SHAPES, "small": (16384, 768, 3072, 64)}
+# "small64_up"/"small64_down": the same at the preset's batch of 64 x 1024 tokens in one step
+# (~1024 rows per expert), the first and the second expert matmul (each op: gmm, its gmm_t
+# gradient, xty), where a training step spends ~55 ms of ~260 (H100 profile, session 6).
+TUNE_SHAPES = {**SHAPES, "small": (16384, 768, 3072, 64),
+               "small64_up": (65536, 768, 3072, 64), "small64_down": (65536, 3072, 768, 64)}
 OPS = tuning.OPS
 BACKENDS = tuning.TUNED_BACKENDS
 # Relative-error budget of a candidate's output against the float32 reference, by operand dtype.
