@@ -1,8 +1,8 @@
 """Autotune the grouped-matmul block sizes per shape; write the winners into the tuned table.
 
 For each shape (default: the three benchmark shapes of bench_grouped_matmul.SHAPES and the
-Small preset's "small", "small64_up" and "small64_down"), op and backend, times a small candidate grid of kernel configs (at most
-8, the kernel's default first):
+Small preset's "small", "small64_up" and "small64_down"), op and backend, times a small
+candidate grid of kernel configs (at most 8, the kernel's default first):
 
   op "gmm"    grouped_matmul forward     lhs (M, K) x rhs (G, K, N)        table key k=K, n=N
   op "gmm_t"  its data gradient          dy (M, N) x rhs (G, K, N)^T       table key k=N, n=K
