@@ -104,7 +104,8 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
   return {
       "variant": name, "impl": model_cfg.moe_impl if model_cfg.ffn == "moe" else "dense",
       "batch_size": train_cfg.batch_size, "grad_accum": train_cfg.grad_accum,
-      "adam_mu_dtype": train_cfg.adam_mu_dtype,
+      "adam_mu_dtype": train_cfg.adam_mu_dtype, "remat": model_cfg.remat,
+      "remat_skip": model_cfg.remat_skip,
       "params_total": counts["total"], "params_active": counts["active"],
       "flops_per_token": fpt, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
       "tflops": fpt * tokens_per_s / 1e12, "mfu": fpt * tokens_per_s / peak if peak else None,
@@ -131,7 +132,9 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
                        "count the whole global batch)")
   ap.add_argument("--adam-mu-dtype", default="float32", choices=("float32", "bfloat16"),
                   help="dtype of Adam's first moment (bfloat16: 2 bytes/parameter less)")
-  ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--remat", nargs="?", const="true", default=None, choices=("true", "false"),
+                  help="recompute each block's activations in the backward pass (default: the "
+                       "preset's; Small and Medium have it on); '--remat' alone means true")
   ap.add_argument("--remat-skip", type=int, default=0, metavar="N",
                   help="with --remat: the last N blocks keep their activations (not recomputed)")
   ap.add_argument("--mesh-expert", type=int, default=1,
@@ -155,7 +158,8 @@ def preset_configs(args: argparse.Namespace, preset_name: str, steps: int,
   if args.seq_len:
     train_base["seq_len"] = args.seq_len
   train_base.update(grad_accum=args.grad_accum, adam_mu_dtype=args.adam_mu_dtype)
-  model_base["remat"] = args.remat or model_base.get("remat", False)
+  if args.remat is not None:
+    model_base["remat"] = args.remat == "true"
   if args.remat_skip:
     model_base["remat_skip"] = args.remat_skip
   if args.num_experts:
@@ -229,9 +233,9 @@ def main() -> int:
              "failures": failures}
   path = bc.write_json(args.out, "bench_train.json", payload)
   print(f"wrote {path}")
-  print(bc.table(rows, ["variant", "impl", "grad_accum", "params_active", "step_ms", "tokens_per_s",
-                        "tflops", "mfu", "planned_bytes", "peak_bytes", "dropped_fraction",
-                        "last_loss"]))
+  print(bc.table(rows, ["variant", "impl", "grad_accum", "remat", "params_active", "step_ms",
+                        "tokens_per_s", "tflops", "mfu", "planned_bytes", "peak_bytes",
+                        "dropped_fraction", "last_loss"]))
   return 1 if failures else 0
 
 
