@@ -105,7 +105,7 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
       "variant": name, "impl": model_cfg.moe_impl if model_cfg.ffn == "moe" else "dense",
       "batch_size": train_cfg.batch_size, "grad_accum": train_cfg.grad_accum,
       "adam_mu_dtype": train_cfg.adam_mu_dtype, "remat": model_cfg.remat,
-      "remat_skip": model_cfg.remat_skip,
+      "remat_skip": model_cfg.remat_skip, "remat_mlp": model_cfg.remat_mlp,
       "params_total": counts["total"], "params_active": counts["active"],
       "flops_per_token": fpt, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
       "tflops": fpt * tokens_per_s / 1e12, "mfu": fpt * tokens_per_s / peak if peak else None,
@@ -137,6 +137,8 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
                        "preset's; Small and Medium have it on); '--remat' alone means true")
   ap.add_argument("--remat-skip", type=int, default=0, metavar="N",
                   help="with --remat: the last N blocks keep their activations (not recomputed)")
+  ap.add_argument("--remat-mlp", action="store_true",
+                  help="recompute only the (expert) MLPs' hidden activations in the backward pass")
   ap.add_argument("--mesh-expert", type=int, default=1,
                   help="expert-parallel ranks (the rest of the devices are data-parallel)")
   ap.add_argument("--mesh-tensor", type=int, default=1)
@@ -162,6 +164,8 @@ def preset_configs(args: argparse.Namespace, preset_name: str, steps: int,
     model_base["remat"] = args.remat == "true"
   if args.remat_skip:
     model_base["remat_skip"] = args.remat_skip
+  if args.remat_mlp:
+    model_base["remat_mlp"] = True
   if args.num_experts:
     model_base["num_experts"] = args.num_experts
   train_cfg = TrainConfig(**{**train_base, "mesh_data": mesh_data, "mesh_expert": args.mesh_expert,

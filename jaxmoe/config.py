@@ -66,6 +66,10 @@ class MoEConfig:
     backend: kernels backend for impl="grouped", "scatter" and "blocksparse" (None: platform
       default; scatter and blocksparse run "mosaic" as their Triton kernels).
     block_size: block size of impl="blocksparse" (MegaBlocks uses 128).
+    remat_experts: recompute the expert MLP's hidden activations in the backward pass
+      (jax.checkpoint around it: only its input rows are kept, not the two (rows, d_ff) hidden
+      arrays; costs the first expert matmul and the activation once more). impl "grouped" and
+      "ragged_dot"; the expert-parallel layer has its own ParallelConfig.remat.
   """
 
   d_model: int
@@ -87,6 +91,7 @@ class MoEConfig:
   routed_scale: float = 1.0
   backend: str | None = None
   block_size: int = 128
+  remat_experts: bool = False
 
   def __post_init__(self):
     for name in ("d_model", "d_ff", "num_experts"):
@@ -126,6 +131,9 @@ class MoEConfig:
     if impl in ("blocksparse", "scatter") and self.use_bias:
       raise ValueError(f"MoEConfig.use_bias must be False with impl={impl!r} (its kernels have "
                        "no expert biases), got True")
+    if self.remat_experts and impl not in ("grouped", "ragged_dot"):
+      raise ValueError(f"MoEConfig.remat_experts=True is implemented for impl 'grouped' and "
+                       f"'ragged_dot', got impl={impl!r}")
     if impl == "blocksparse":
       if self.d_ff % self.block_size:
         raise ValueError(f"MoEConfig.d_ff must be a multiple of block_size={self.block_size} with "

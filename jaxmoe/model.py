@@ -64,6 +64,7 @@ class ModelConfig:
   dtype: str = "bfloat16"    # compute dtype; parameters are always float32
   remat: bool = False
   remat_skip: int = 0        # with remat: the last remat_skip blocks keep their activations
+  remat_mlp: bool = False    # recompute the (expert) MLPs' hidden activations in the backward
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
@@ -78,6 +79,11 @@ class ModelConfig:
         or not 0 <= self.remat_skip <= self.n_layers:
       raise ValueError(f"model.remat_skip must be an int in [0, n_layers={self.n_layers}], got "
                        f"{self.remat_skip!r}")
+    if not isinstance(self.remat_mlp, bool):
+      raise ValueError(f"model.remat_mlp must be true or false, got {self.remat_mlp!r}")
+    if self.remat_mlp and self.ffn == "moe" and self.moe_impl not in ("grouped", "ragged_dot"):
+      raise ValueError(f"model.remat_mlp is implemented for moe_impl 'grouped' and 'ragged_dot', "
+                       f"got moe_impl={self.moe_impl!r}")
     if self.remat_skip and not self.remat:
       raise ValueError(f"model.remat_skip={self.remat_skip} needs remat=true (it is the number of "
                        "blocks left out of the recomputation)")
@@ -129,7 +135,7 @@ class ModelConfig:
                      activation=self.activation, capacity_factor=self.capacity_factor,
                      aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
-                     block_size=self.block_size)
+                     block_size=self.block_size, remat_experts=self.remat_mlp)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -302,34 +308,37 @@ class Block(nnx.Module):
     self.ffn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
                                 param_dtype=jnp.float32, rngs=rngs)
     self.is_moe = cfg.is_moe_layer(layer)
+    self.remat_mlp = cfg.remat_mlp     # the MoE layer gets it as MoEConfig.remat_experts
     if self.is_moe:
       self.ffn = MoE(cfg.moe_config(), rngs=rngs, dtype=dtype, param_dtype=jnp.float32)
     else:
       self.ffn = DenseMLP(cfg, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, deterministic: bool = True):
-    x = x + self.attn(norm_recomputed(self.attn_norm, x))
-    h = norm_recomputed(self.ffn_norm, x)
+    x = x + self.attn(recomputed(self.attn_norm, x))
+    h = recomputed(self.ffn_norm, x)
     if self.is_moe:
       y, stats = self.ffn(h, deterministic=deterministic)
       return x + y, stats
-    return x + self.ffn(h), None
+    return x + (recomputed(self.ffn, h) if self.remat_mlp else self.ffn(h)), None
 
 
-def norm_recomputed(norm: nnx.Module, x: jax.Array) -> jax.Array:
-  """norm(x), with the backward pass recomputing the norm from x instead of keeping its internals.
+def recomputed(module: nnx.Module, *args: jax.Array) -> jax.Array:
+  """module(*args) under jax.checkpoint: the backward pass keeps only the arguments and the
+  module's parameters and recomputes everything in between (functional split/merge, as in
+  _remat_block). Used where what the module would keep is large and cheap to recompute:
 
-  Autodiff of nnx.RMSNorm with a 16-bit x keeps three float32 arrays of x's shape for the backward
-  pass (x squared, the centred x, the scaled rsqrt broadcast): at the Small preset's 65536 tokens
-  x 768 that is 0.6 GB per norm written in the forward pass and read in the backward one, 25 norms
-  a step. Under jax.checkpoint only x (16-bit) and the scale are kept, and the recompute is one
-  fused elementwise pass over x; the values are the same operations, so the same numbers."""
-  graphdef, state = nnx.split(norm)
+  - RMSNorm: autodiff of nnx.RMSNorm with a 16-bit x keeps three float32 arrays of x's shape
+    (x squared, the centred x, the scaled rsqrt broadcast): at the Small preset's 65536 tokens x
+    768 that is 0.6 GB per norm, 25 norms a step. Recomputing is one fused elementwise pass.
+  - the dense MLP with remat_mlp: its two (tokens, d_ff) hidden arrays, for one more first matmul.
+  The values are the same operations, so the same numbers."""
+  graphdef, state = nnx.split(module)
 
-  def run(state, x):
-    return nnx.merge(graphdef, state)(x)
+  def run(state, *args):
+    return nnx.merge(graphdef, state)(*args)
 
-  return jax.checkpoint(run)(state, x)
+  return jax.checkpoint(run)(state, *args)
 
 
 def _remat_block(block: Block, x: jax.Array, deterministic: bool):
@@ -382,7 +391,7 @@ class TransformerLM(nnx.Module):
         x, s = block(x, deterministic)
       if s is not None:
         stats.append(s)
-    x = norm_recomputed(self.final_norm, x)
+    x = recomputed(self.final_norm, x)
     # Operands and logits in the compute dtype (float32 accumulation inside the matmul): a float32
     # output would make the backward's cotangent float32 and its two matmuls TF32 (about a third
     # of bf16's rate on the H100), and float32 logits are 4 B per (token, vocab) entry written and

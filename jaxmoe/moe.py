@@ -106,6 +106,9 @@ class MoE(nnx.Module):
       raise ValueError(f"x must be a float array, got dtype {x.dtype}")
     tokens = x.reshape(-1, cfg.d_model)
     parallel = self.parallel
+    if parallel is not None and cfg.remat_experts:
+      raise ValueError("MoEConfig.remat_experts=True does not apply to the expert-parallel layer "
+                       "(its ParallelConfig.remat chooses what it recomputes)")
     if parallel is not None:
       from jaxmoe import expert_parallel  # here: it imports jaxmoe.experts/dispatch, not moe
       expert_parallel.check_call(parallel, cfg, tokens.shape[0], impl)
@@ -129,7 +132,10 @@ class MoE(nnx.Module):
       matmul = _ragged_dot if impl == "ragged_dot" else _grouped_matmul_fn(cfg.backend)
       d = dispatch.sort_by_expert(routing.indices, e)
       rows = dispatch.gather_sorted(tokens.astype(self.dtype), d)
-      y_sorted = self.experts.apply_sorted(rows, d.group_sizes, d.expert, matmul)
+      if cfg.remat_experts:
+        y_sorted = _apply_sorted_recomputed(self.experts, rows, d, matmul)
+      else:
+        y_sorted = self.experts.apply_sorted(rows, d.group_sizes, d.expert, matmul)
       y = dispatch.combine_sorted(y_sorted, d, routing.weights)
 
     if cfg.routed_scale != 1.0:
@@ -156,3 +162,17 @@ class MoE(nnx.Module):
     micro-batches. Needs MoEConfig.bias_balancing=True.
     """
     self.router.update_bias(tokens_per_expert, rate)
+
+
+def _apply_sorted_recomputed(experts: RoutedExperts, rows: jax.Array, d: dispatch.Dispatch,
+                             matmul) -> jax.Array:
+  """experts.apply_sorted under jax.checkpoint: the backward pass keeps the sorted rows (and the
+  weights, inputs anyway) and recomputes the first matmul and the activation, instead of keeping
+  the (rows, d_ff) gate [and up] and hidden arrays. The second matmul's forward is not redone:
+  its output is not needed by the backward pass, so it is dead code in the recomputation."""
+  graphdef, state = nnx.split(experts)
+
+  def run(state, rows, group_sizes, expert):
+    return nnx.merge(graphdef, state).apply_sorted(rows, group_sizes, expert, matmul)
+
+  return jax.checkpoint(run)(state, rows, d.group_sizes, d.expert)

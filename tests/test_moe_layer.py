@@ -276,3 +276,35 @@ def test_input_validation():
     biased(jnp.ones((3, D)), impl="blocksparse")
   with pytest.raises(ValueError, match="d_ff"):
     MoEConfig(d_model=D, d_ff=48, num_experts=E, impl="blocksparse", block_size=32)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("impl", ["grouped", "ragged_dot"])
+def test_remat_experts_same_values_smaller_residuals(name, impl, rng):
+  """remat_experts: outputs and gradients equal the plain layer's; the backward pass keeps no
+  (rows, d_ff) array (the plain layer keeps gate [and up] and the hidden); remat_experts is
+  refused for the impls it does not cover."""
+  plain = _layer(name, impl=impl)
+  remat = _layer(name, impl=impl, remat_experts=True)   # same seed: same parameters
+  x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  chex.assert_trees_all_close(remat(x)[0], plain(x)[0], rtol=1e-6, atol=1e-6)
+  gm, gx = nnx.grad(_loss(impl, x, g), argnums=(0, 1))(remat, x)
+  gm0, gx0 = nnx.grad(_loss(impl, x, g), argnums=(0, 1))(plain, x)
+  chex.assert_trees_all_close(gx, gx0, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(nnx.state(gm), nnx.state(gm0), rtol=1e-6, atol=1e-6)
+
+  def hidden_sized(layer):
+    graphdef, state = nnx.split(layer)
+
+    def residuals(state, x):
+      return jax.vjp(lambda s: nnx.merge(graphdef, s)(x)[0], state)[1]
+
+    saved = jax.tree.leaves(jax.eval_shape(residuals, state, x))
+    rows = x.size // D * layer.config.top_k
+    return [a for a in saved if getattr(a, "shape", None) == (rows, F)]
+
+  assert hidden_sized(plain)          # so this test can tell them apart
+  assert not hidden_sized(remat)
+  with pytest.raises(ValueError, match="remat_experts"):
+    MoEConfig(d_model=D, d_ff=F, num_experts=E, impl="scatter", remat_experts=True)
