@@ -13,12 +13,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import dispatch
-from jaxmoe.experts import RoutedExperts
+from jaxmoe.experts import RoutedExperts, recomputed
 
 
 def capacity_experts(experts: RoutedExperts, x: jax.Array, indices: jax.Array, weights: jax.Array,
-                     capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """x (T, d), indices/weights (T, k) -> (y (T, d), kept (T, k) bool, dropped_fraction f32 scalar)."""
+                     capacity: int, recompute: bool = False
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x (T, d), indices/weights (T, k) -> (y (T, d), kept (T, k) bool, dropped_fraction f32 scalar).
+
+  recompute: run the experts under jax.checkpoint (experts.recomputed; MoEConfig.remat_experts)."""
   t, k = indices.shape
   e = experts.config.num_experts
   d = x.shape[-1]
@@ -29,7 +32,9 @@ def capacity_experts(experts: RoutedExperts, x: jax.Array, indices: jax.Array, w
   slot = jnp.where(kept, indices * capacity + pos, e * capacity).reshape(-1)
   rows = jnp.repeat(x.astype(experts.dtype), k, axis=0)                           # (T*k, d)
   buf = jnp.zeros((e * capacity, d), rows.dtype).at[slot].set(rows, mode="drop")
-  out = experts.apply_batched(buf.reshape(e, capacity, d)).reshape(e * capacity, d)
+  buf = buf.reshape(e, capacity, d)
+  out = (recomputed(experts, RoutedExperts.apply_batched, buf) if recompute
+         else experts.apply_batched(buf)).reshape(e * capacity, d)
   y_slots = jnp.take(out, slot, axis=0, mode="fill", fill_value=0).reshape(t, k, d)
   y = jnp.einsum("tkd,tk->td", y_slots.astype(jnp.float32), weights.astype(jnp.float32))
   dropped = jnp.mean(jnp.logical_not(kept).astype(jnp.float32))  # exactly 0 when nothing drops

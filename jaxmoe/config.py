@@ -12,6 +12,8 @@ import math
 # Dropless implementations compute the same function; "capacity" is the token-dropping baseline.
 DROPLESS_IMPLS = ("grouped", "ragged_dot", "scatter", "blocksparse")
 IMPLS = DROPLESS_IMPLS + ("capacity",)
+# The impls whose expert MLP MoEConfig.remat_experts can recompute (the others run fused kernels).
+REMAT_EXPERTS_IMPLS = ("grouped", "ragged_dot", "capacity")
 
 # name -> is it a gated linear unit (two input projections)?
 ACTIVATIONS = {
@@ -68,8 +70,8 @@ class MoEConfig:
     block_size: block size of impl="blocksparse" (MegaBlocks uses 128).
     remat_experts: recompute the expert MLP's hidden activations in the backward pass
       (jax.checkpoint around it: only its input rows are kept, not the two (rows, d_ff) hidden
-      arrays; costs the first expert matmul and the activation once more). impl "grouped" and
-      "ragged_dot"; the expert-parallel layer has its own ParallelConfig.remat.
+      arrays; costs the first expert matmul and the activation once more). impl "grouped",
+      "ragged_dot" and "capacity"; the expert-parallel layer has its own ParallelConfig.remat.
   """
 
   d_model: int
@@ -131,9 +133,9 @@ class MoEConfig:
     if impl in ("blocksparse", "scatter") and self.use_bias:
       raise ValueError(f"MoEConfig.use_bias must be False with impl={impl!r} (its kernels have "
                        "no expert biases), got True")
-    if self.remat_experts and impl not in ("grouped", "ragged_dot"):
-      raise ValueError(f"MoEConfig.remat_experts=True is implemented for impl 'grouped' and "
-                       f"'ragged_dot', got impl={impl!r}")
+    if self.remat_experts and impl not in REMAT_EXPERTS_IMPLS:
+      raise ValueError(f"MoEConfig.remat_experts=True is implemented for impl in "
+                       f"{REMAT_EXPERTS_IMPLS}, got impl={impl!r}")
     if impl == "blocksparse":
       if self.d_ff % self.block_size:
         raise ValueError(f"MoEConfig.d_ff must be a multiple of block_size={self.block_size} with "

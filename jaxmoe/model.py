@@ -26,7 +26,7 @@ from flax import nnx
 
 from kernels import cross_entropy as ce_lib
 from kernels.hidden import hidden
-from jaxmoe.config import IMPLS, MoEConfig
+from jaxmoe.config import IMPLS, REMAT_EXPERTS_IMPLS, MoEConfig
 from jaxmoe.moe import MoE, MoEStats
 
 FFN_KINDS = ("moe", "dense")
@@ -81,8 +81,8 @@ class ModelConfig:
                        f"{self.remat_skip!r}")
     if not isinstance(self.remat_mlp, bool):
       raise ValueError(f"model.remat_mlp must be true or false, got {self.remat_mlp!r}")
-    if self.remat_mlp and self.ffn == "moe" and self.moe_impl not in ("grouped", "ragged_dot"):
-      raise ValueError(f"model.remat_mlp is implemented for moe_impl 'grouped' and 'ragged_dot', "
+    if self.remat_mlp and self.ffn == "moe" and self.moe_impl not in REMAT_EXPERTS_IMPLS:
+      raise ValueError(f"model.remat_mlp is implemented for moe_impl in {REMAT_EXPERTS_IMPLS}, "
                        f"got moe_impl={self.moe_impl!r}")
     if self.remat_skip and not self.remat:
       raise ValueError(f"model.remat_skip={self.remat_skip} needs remat=true (it is the number of "

@@ -26,6 +26,7 @@ from jaxmoe import capacity as capacity_lib
 from jaxmoe import dispatch
 from jaxmoe import router as router_lib
 from jaxmoe.config import MoEConfig
+from jaxmoe import experts as experts_lib
 from jaxmoe.experts import RoutedExperts, SharedExperts
 
 
@@ -123,7 +124,8 @@ class MoE(nnx.Module):
                                                   routing.weights, parallel, impl=impl)
     elif impl == "capacity":
       y, _, dropped = capacity_lib.capacity_experts(
-          self.experts, tokens, routing.indices, routing.weights, cfg.capacity(tokens.shape[0]))
+          self.experts, tokens, routing.indices, routing.weights, cfg.capacity(tokens.shape[0]),
+          recompute=cfg.remat_experts)
     elif impl == "scatter":
       y = self.experts.apply_scatter(tokens, routing.indices, routing.weights)
     elif impl == "blocksparse":
@@ -132,10 +134,12 @@ class MoE(nnx.Module):
       matmul = _ragged_dot if impl == "ragged_dot" else _grouped_matmul_fn(cfg.backend)
       d = dispatch.sort_by_expert(routing.indices, e)
       rows = dispatch.gather_sorted(tokens.astype(self.dtype), d)
+      def apply(experts, rows, group_sizes, expert):
+        return experts.apply_sorted(rows, group_sizes, expert, matmul)
       if cfg.remat_experts:
-        y_sorted = _apply_sorted_recomputed(self.experts, rows, d, matmul)
+        y_sorted = experts_lib.recomputed(self.experts, apply, rows, d.group_sizes, d.expert)
       else:
-        y_sorted = self.experts.apply_sorted(rows, d.group_sizes, d.expert, matmul)
+        y_sorted = apply(self.experts, rows, d.group_sizes, d.expert)
       y = dispatch.combine_sorted(y_sorted, d, routing.weights)
 
     if cfg.routed_scale != 1.0:
@@ -163,16 +167,3 @@ class MoE(nnx.Module):
     """
     self.router.update_bias(tokens_per_expert, rate)
 
-
-def _apply_sorted_recomputed(experts: RoutedExperts, rows: jax.Array, d: dispatch.Dispatch,
-                             matmul) -> jax.Array:
-  """experts.apply_sorted under jax.checkpoint: the backward pass keeps the sorted rows (and the
-  weights, inputs anyway) and recomputes the first matmul and the activation, instead of keeping
-  the (rows, d_ff) gate [and up] and hidden arrays. The second matmul's forward is not redone:
-  its output is not needed by the backward pass, so it is dead code in the recomputation."""
-  graphdef, state = nnx.split(experts)
-
-  def run(state, rows, group_sizes, expert):
-    return nnx.merge(graphdef, state).apply_sorted(rows, group_sizes, expert, matmul)
-
-  return jax.checkpoint(run)(state, rows, d.group_sizes, d.expert)

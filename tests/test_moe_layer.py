@@ -279,7 +279,7 @@ def test_input_validation():
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("impl", ["grouped", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["grouped", "ragged_dot", "capacity"])
 def test_remat_experts_same_values_smaller_residuals(name, impl, rng):
   """remat_experts: outputs and gradients equal the plain layer's; the backward pass keeps no
   (rows, d_ff) array (the plain layer keeps gate [and up] and the hidden); remat_experts is
@@ -301,8 +301,9 @@ def test_remat_experts_same_values_smaller_residuals(name, impl, rng):
       return jax.vjp(lambda s: nnx.merge(graphdef, s)(x)[0], state)[1]
 
     saved = jax.tree.leaves(jax.eval_shape(residuals, state, x))
-    rows = x.size // D * layer.config.top_k
-    return [a for a in saved if getattr(a, "shape", None) == (rows, F)]
+    rows = x.size // D * layer.config.top_k           # grouped: (rows, F); capacity: (E, C, F)
+    cap = layer.config.capacity(x.size // D)
+    return [a for a in saved if getattr(a, "shape", None) in ((rows, F), (E, cap, F))]
 
   assert hidden_sized(plain)          # so this test can tell them apart
   assert not hidden_sized(remat)
