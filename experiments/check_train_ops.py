@@ -1,12 +1,16 @@
-"""GPU check of the LM's loss and embedding ops against their plain autodiff forms, with timings.
+"""GPU check of the LM's loss and embedding ops and the recomputing expert MLP against their plain
+autodiff forms, with timings.
 
   cross_entropy  kernels.cross_entropy (custom VJP on the 16-bit logits) vs -log_softmax(f32)[t]
   embed_grad     jaxmoe.model.embed_lookup's gradient (one-hot over each chunk's distinct ids at
                  a GPT-2-sized vocabulary) vs jnp.take's scatter-add gradient
+  remat_experts  the Small preset's MoE layer (bf16, grouped, the platform's kernels) with
+                 MoEConfig.remat_experts vs without: outputs and gradients
 
 Shapes are the Small preset's at batch 64: 65536 tokens, vocabulary 50304, d_model 768, ids drawn
-from 256 values (a byte-level corpus). Each check compares values and gradients, then times the
-forward+backward of both forms in one process (ratios; absolute times only from a GPU).
+from 256 values (a byte-level corpus); the layer has 64 experts of width 3072, top-1. Each check
+compares values and gradients, then times the forward+backward of both forms in one process
+(ratios; absolute times only from a GPU).
 
 GPU:  python experiments/check_train_ops.py --out DIR     (PASS/FAIL lines; exit 1 on a failure)
 CPU:  python experiments/check_train_ops.py --out DIR --smoke   (small shapes, no timings)
@@ -20,10 +24,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common as bc  # noqa: E402
+from jaxmoe import MoE, MoEConfig  # noqa: E402
 from jaxmoe.model import embed_lookup  # noqa: E402
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference  # noqa: E402
 
@@ -72,16 +78,48 @@ def check_embed_grad(tokens: int, vocab: int, d: int, timed: bool) -> tuple[bool
   return ok, res
 
 
+def check_remat_experts(tokens: int, d: int, f: int, experts: int, timed: bool
+                        ) -> tuple[bool, dict]:
+  layers = [MoE(MoEConfig(d_model=d, d_ff=f, num_experts=experts, top_k=1, activation="gelu",
+                          remat_experts=r), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+            for r in (True, False)]
+  k1, k2 = jax.random.split(jax.random.key(2))
+  x = jax.random.normal(k1, (tokens, d), jnp.bfloat16)
+  g = jax.random.normal(k2, (tokens, d), jnp.bfloat16)
+
+  def fwd_bwd(layer):
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x):
+      y, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, x)
+      return y, vjp(g)
+    return jax.jit(run), state
+
+  (ours, state), (plain, state0) = fwd_bwd(layers[0]), fwd_bwd(layers[1])
+  (y, grads), (y0, grads0) = ours(state, x), plain(state0, x)
+  pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)))
+  res = {"y_rel_err": bc.rel_err(y, y0),
+         "grad_rel_err": max(bc.rel_err(a, b) for a, b in pairs if a.size)}
+  # The same kernels on the same operands: equal up to the order XLA schedules the sums in.
+  ok = res["y_rel_err"] < 1e-6 and res["grad_rel_err"] < 1e-2
+  if timed:
+    res["ms"] = bc.time_jax(ours, state, x)
+    res["reference_ms"] = bc.time_jax(plain, state0, x)
+  return ok, res
+
+
 def main() -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
   ap.add_argument("--smoke", action="store_true", help="small shapes on CPU, no timings")
   args = ap.parse_args()
-  tokens, vocab, d = (2048, 5000, 64) if args.smoke else (65536, 50304, 768)
+  small, full = (2048, 5000, 64, 128, 8), (65536, 50304, 768, 3072, 64)
+  tokens, vocab, d, f, e = small if args.smoke else full
   timed = not args.smoke
   results, fails = {}, 0
   for name, check in (("cross_entropy", lambda: check_cross_entropy(tokens, vocab, timed)),
-                      ("embed_grad", lambda: check_embed_grad(tokens, vocab, d, timed))):
+                      ("embed_grad", lambda: check_embed_grad(tokens, vocab, d, timed)),
+                      ("remat_experts", lambda: check_remat_experts(tokens, d, f, e, timed))):
     ok, res = check()
     results[name] = {"ok": ok, **res}
     fails += not ok
@@ -90,8 +128,8 @@ def main() -> int:
     print(f"{'PASS' if ok else 'FAIL'} {name}: " + ", ".join(
         f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
         if not k.endswith("ms")) + times, flush=True)
-  payload = {"env": bc.environment(), "tokens": tokens, "vocab": vocab, "d_model": d,
-             "results": results}
+  payload = {"env": bc.environment(), "tokens": tokens, "vocab": vocab, "d_model": d, "d_ff": f,
+             "num_experts": e, "results": results}
   print("wrote", bc.write_json(args.out, "check_train_ops.json", payload))
   return 1 if fails else 0
 
