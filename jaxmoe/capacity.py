@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import dispatch
-from jaxmoe.experts import RoutedExperts, recomputed
+from jaxmoe.experts import RoutedExperts
+from jaxmoe.recompute import checkpointed
 
 
 def capacity_experts(experts: RoutedExperts, x: jax.Array, indices: jax.Array, weights: jax.Array,
@@ -21,7 +22,8 @@ def capacity_experts(experts: RoutedExperts, x: jax.Array, indices: jax.Array, w
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """x (T, d), indices/weights (T, k) -> (y (T, d), kept (T, k) bool, dropped_fraction f32 scalar).
 
-  recompute: run the experts under jax.checkpoint (experts.recomputed; MoEConfig.remat_experts)."""
+  recompute: run the experts under jax.checkpoint (MoEConfig.remat_experts: the (E, C, d_ff)
+  hidden arrays are recomputed, not kept)."""
   t, k = indices.shape
   e = experts.config.num_experts
   d = x.shape[-1]
@@ -33,7 +35,7 @@ def capacity_experts(experts: RoutedExperts, x: jax.Array, indices: jax.Array, w
   rows = jnp.repeat(x.astype(experts.dtype), k, axis=0)                           # (T*k, d)
   buf = jnp.zeros((e * capacity, d), rows.dtype).at[slot].set(rows, mode="drop")
   buf = buf.reshape(e, capacity, d)
-  out = (recomputed(experts, RoutedExperts.apply_batched, buf) if recompute
+  out = (checkpointed(experts, buf, apply=RoutedExperts.apply_batched) if recompute
          else experts.apply_batched(buf)).reshape(e * capacity, d)
   y_slots = jnp.take(out, slot, axis=0, mode="fill", fill_value=0).reshape(t, k, d)
   y = jnp.einsum("tkd,tk->td", y_slots.astype(jnp.float32), weights.astype(jnp.float32))

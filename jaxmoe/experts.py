@@ -161,21 +161,6 @@ class RoutedExperts(nnx.Module):
     return proj(self.w_out, self.b_out, h)
 
 
-def recomputed(experts: RoutedExperts, apply: Callable[..., jax.Array], *args) -> jax.Array:
-  """apply(experts, *args) under jax.checkpoint (MoEConfig.remat_experts): the backward pass keeps
-  the arguments (the expert rows or buffers; the weights are inputs anyway) and recomputes the
-  first matmul and the activation, instead of keeping the (rows, d_ff) gate [and up] and hidden
-  arrays. The second matmul's forward is not redone: its output is not needed by the backward
-  pass, so it is dead code in the recomputation. Functional split/merge, so it works on a module
-  merged inside a jit."""
-  graphdef, state = nnx.split(experts)
-
-  def run(state, *args):
-    return apply(nnx.merge(graphdef, state), *args)
-
-  return jax.checkpoint(run)(state, *args)
-
-
 class SharedExperts(nnx.Module):
   """Always-on experts, fused into one dense MLP/GLU of width config.shared_width."""
 

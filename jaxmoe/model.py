@@ -28,6 +28,7 @@ from kernels import cross_entropy as ce_lib
 from kernels.hidden import hidden
 from jaxmoe.config import IMPLS, REMAT_EXPERTS_IMPLS, MoEConfig
 from jaxmoe.moe import MoE, MoEStats
+from jaxmoe.recompute import checkpointed
 
 FFN_KINDS = ("moe", "dense")
 # Feed-forward activations (dense MLP and experts): GLU (three matrices) or plain MLP (two).
@@ -315,44 +316,18 @@ class Block(nnx.Module):
       self.ffn = DenseMLP(cfg, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, deterministic: bool = True):
-    x = x + self.attn(recomputed(self.attn_norm, x))
-    h = recomputed(self.ffn_norm, x)
+    # The norms run under jax.checkpoint: autodiff of nnx.RMSNorm with a 16-bit x keeps three
+    # float32 arrays of x's shape (x squared, the centred x, the scaled rsqrt broadcast; at the
+    # Small preset's 65536 tokens x 768, 0.6 GB per norm, 25 norms a step), where recomputing
+    # from x is one fused elementwise pass. With remat_mlp the dense MLP's two (tokens, d_ff)
+    # hidden arrays are likewise recomputed, for one more first matmul. Same operations, same
+    # numbers.
+    x = x + self.attn(checkpointed(self.attn_norm, x))
+    h = checkpointed(self.ffn_norm, x)
     if self.is_moe:
       y, stats = self.ffn(h, deterministic=deterministic)
       return x + y, stats
-    return x + (recomputed(self.ffn, h) if self.remat_mlp else self.ffn(h)), None
-
-
-def recomputed(module: nnx.Module, *args: jax.Array) -> jax.Array:
-  """module(*args) under jax.checkpoint: the backward pass keeps only the arguments and the
-  module's parameters and recomputes everything in between (functional split/merge, as in
-  _remat_block). Used where what the module would keep is large and cheap to recompute:
-
-  - RMSNorm: autodiff of nnx.RMSNorm with a 16-bit x keeps three float32 arrays of x's shape
-    (x squared, the centred x, the scaled rsqrt broadcast): at the Small preset's 65536 tokens x
-    768 that is 0.6 GB per norm, 25 norms a step. Recomputing is one fused elementwise pass.
-  - the dense MLP with remat_mlp: its two (tokens, d_ff) hidden arrays, for one more first matmul.
-  The values are the same operations, so the same numbers."""
-  graphdef, state = nnx.split(module)
-
-  def run(state, *args):
-    return nnx.merge(graphdef, state)(*args)
-
-  return jax.checkpoint(run)(state, *args)
-
-
-def _remat_block(block: Block, x: jax.Array, deterministic: bool):
-  """block(x) under jax.checkpoint: activations are recomputed in the backward pass.
-
-  Functional split/merge rather than nnx.remat: the forward pass mutates no state (router-bias
-  updates happen outside the loss), and this works when the model was merged inside a jit.
-  """
-  graphdef, state = nnx.split(block)
-
-  def run(state, x):
-    return nnx.merge(graphdef, state)(x, deterministic)
-
-  return jax.checkpoint(run)(state, x)
+    return x + (checkpointed(self.ffn, h) if self.remat_mlp else self.ffn(h)), None
 
 
 class TransformerLM(nnx.Module):
@@ -386,12 +361,12 @@ class TransformerLM(nnx.Module):
         # Recompute the block's activations in the backward pass instead of storing them; the
         # last remat_skip blocks keep theirs (each skips one block's forward recompute for ~one
         # block's activations of memory).
-        x, s = _remat_block(block, x, deterministic)
+        x, s = checkpointed(block, x, apply=lambda b, x: b(x, deterministic))
       else:
         x, s = block(x, deterministic)
       if s is not None:
         stats.append(s)
-    x = recomputed(self.final_norm, x)
+    x = checkpointed(self.final_norm, x)   # as the blocks' norms
     # Operands and logits in the compute dtype (float32 accumulation inside the matmul): a float32
     # output would make the backward's cotangent float32 and its two matmuls TF32 (about a third
     # of bf16's rate on the H100), and float32 logits are 4 B per (token, vocab) entry written and

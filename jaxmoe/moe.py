@@ -26,7 +26,7 @@ from jaxmoe import capacity as capacity_lib
 from jaxmoe import dispatch
 from jaxmoe import router as router_lib
 from jaxmoe.config import MoEConfig
-from jaxmoe import experts as experts_lib
+from jaxmoe.recompute import checkpointed
 from jaxmoe.experts import RoutedExperts, SharedExperts
 
 
@@ -137,7 +137,11 @@ class MoE(nnx.Module):
       def apply(experts, rows, group_sizes, expert):
         return experts.apply_sorted(rows, group_sizes, expert, matmul)
       if cfg.remat_experts:
-        y_sorted = experts_lib.recomputed(self.experts, apply, rows, d.group_sizes, d.expert)
+        # Keeps the sorted rows (the weights are inputs anyway) and recomputes the first matmul
+        # and the activation, not the (rows, d_ff) gate [and up] and hidden arrays. The second
+        # matmul's forward is dead code in the recomputation (the backward pass does not need
+        # its output), so it is not redone.
+        y_sorted = checkpointed(self.experts, rows, d.group_sizes, d.expert, apply=apply)
       else:
         y_sorted = apply(self.experts, rows, d.group_sizes, d.expert)
       y = dispatch.combine_sorted(y_sorted, d, routing.weights)

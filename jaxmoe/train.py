@@ -359,27 +359,20 @@ def make_grad_fn(graphdef, model_cfg: ModelConfig, train: TrainConfig, mesh: Mes
   # at that point: the bf16 copy's would be summed in bf16 (float32 through the model's own cast).
   hoist = mesh is None or mesh.shape.get("data", 1) == 1
 
-  def one(params, rest, x, y):
-    (_, (ce, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y, False)
+  def one(params, rest, x, y, cast_outside: bool = False):
+    # cast_outside: differentiate through the expert weights' cast done here, outside the model
+    # (its transpose returns float32 gradients), so that the model's own cast is a no-op.
+    f = (lambda p, *a: loss_fn(cast_expert_weights(p, dtype), *a)) if cast_outside else loss_fn
+    (_, (ce, stats)), grads = jax.value_and_grad(f, has_aux=True)(params, rest, x, y, False)
     return grads, ce, stats
 
   if k == 1:
-    # Not for remat_mlp alone: there the bf16 copies would be kept for the backward pass (6.8 GiB
-    # at the Small preset), where the MLP's checkpoint keeps only the float32 parameters (no new
-    # memory) and recasts them (~7 ms a step, from the H100 profile's cast times): remat_mlp is
-    # chosen to save memory.
-    if not (hoist and model_cfg.remat):
-      return one
-
-    def one_cast_outside(params, rest, x, y):
-      # Under remat the cast inside the model would run twice (forward and recompute): here it
-      # runs once, outside the checkpointed blocks, and its transpose returns float32 gradients.
-      def loss_cast(p, *args):
-        return loss_fn(cast_expert_weights(p, dtype), *args)
-      (_, (ce, stats)), grads = jax.value_and_grad(loss_cast, has_aux=True)(
-          params, rest, x, y, False)
-      return grads, ce, stats
-    return one_cast_outside
+    # Under remat the cast inside the model would run twice (forward and recompute); cast once,
+    # outside the checkpointed blocks. Not for remat_mlp alone: there the bf16 copies would be
+    # kept for the backward pass (6.8 GiB at the Small preset), where the MLP's checkpoint keeps
+    # only the float32 parameters (no new memory) and recasts them (~7 ms a step, from the H100
+    # profile's cast times): remat_mlp is chosen to save memory.
+    return functools.partial(one, cast_outside=hoist and model_cfg.remat)
 
   param_sh = None if mesh is None else state_shardings(model_cfg, train, mesh)["params"]
   batch_sh = None if mesh is None else batch_sharding(mesh)
