@@ -260,17 +260,31 @@ def test_grad_accum_equals_the_full_batch_for_a_dense_model(tmp_path):
   chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-3 * train_cfg.lr)
 
 
+def _bf16_moe_case(model: dict, **train):
+  """(model_cfg, train_cfg, graphdef, params, rest, x, y): the test preset in bf16 with `model`
+  overrides, batch 8 of 32 tokens (`train` overrides the rest), its initial split parameters."""
+  model_cfg, train_cfg = _configs({"dtype": "bfloat16", **model}, batch_size=8, **train)
+  graphdef, params, rest = nnx.split(TransformerLM(model_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  rng = np.random.default_rng(0)
+  x, y = (jax.numpy.asarray(rng.integers(0, 256, (8, 32)), jax.numpy.int32) for _ in range(2))
+  return model_cfg, train_cfg, graphdef, params, rest, x, y
+
+
+def _assert_float32_grads_close(grads, want):
+  """Every leaf of grads is float32 and close to want's (relative to the leaf's largest value)."""
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want)):
+    assert a.dtype == np.float32, path
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(),
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   """bf16 MoE model, 2 microbatches, no mesh: the scan body gets the expert weights already in
   bf16 (make_grad_fn casts them once per step; XLA used to redo the cast in every microbatch;
   not on a mesh with a data axis, checked last), and
   the accumulated gradients equal the mean of per-microbatch gradients taken through the model's
   own cast of float32 parameters (the expert-weight cotangents are bf16 either way)."""
-  model_cfg, train_cfg = _configs({"dtype": "bfloat16"}, batch_size=8, grad_accum=2)
-  model = TransformerLM(model_cfg, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  rng = np.random.default_rng(0)
-  x, y = (jax.numpy.asarray(rng.integers(0, 256, (8, 32)), jax.numpy.int32) for _ in range(2))
+  model_cfg, train_cfg, graphdef, params, rest, x, y = _bf16_moe_case({}, grad_accum=2)
   grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
   grads, ce, _ = jax.jit(grad_fn)(params, rest, x, y)
 
@@ -283,10 +297,7 @@ def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
     want = g if want is None else jax.tree.map(np.add, want, g)
     ces.append(float(c))
   np.testing.assert_allclose(float(ce), np.mean(ces), rtol=1e-6)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want)):
-    assert a.dtype == np.float32, path
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(),
-                               err_msg=jax.tree_util.keystr(path))
+  _assert_float32_grads_close(grads, want)
 
   # The microbatch loop takes each expert weight in bf16 (so it casts none per microbatch); its
   # float32 (E, d, f) inputs are only the gradient accumulators of those weights.
@@ -318,21 +329,14 @@ def test_remat_casts_expert_weights_outside_the_checkpointed_blocks():
   already in bf16 (so the recompute casts none again), and the gradients are float32 and equal
   those taken through the model's own cast inside the blocks. (Not compared with remat off: in
   bf16 the recompute's fusions round differently, which can flip a near-tied routing choice.)"""
-  model_cfg, train_cfg = _configs({"dtype": "bfloat16", "remat": True}, batch_size=8)
-  model = TransformerLM(model_cfg, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  rng = np.random.default_rng(0)
-  x, y = (jax.numpy.asarray(rng.integers(0, 256, (8, 32)), jax.numpy.int32) for _ in range(2))
+  model_cfg, train_cfg, graphdef, params, rest, x, y = _bf16_moe_case({"remat": True})
   grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
   grads, ce, _ = jax.jit(grad_fn)(params, rest, x, y)
   loss_fn = _loss_fn(graphdef)
   (_, (ce0, _)), want = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=4)(
       params, rest, x, y, False)
   np.testing.assert_allclose(float(ce), float(ce0), rtol=1e-6)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want)):
-    assert a.dtype == np.float32, path
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(),
-                               err_msg=jax.tree_util.keystr(path))
+  _assert_float32_grads_close(grads, want)
 
   e, d, f = model_cfg.num_experts, model_cfg.d_model, model_cfg.d_ff
   top = jax.make_jaxpr(grad_fn)(params, rest, x, y).jaxpr
