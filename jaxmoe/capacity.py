@@ -38,6 +38,6 @@ def capacity_experts(experts: RoutedExperts, x: jax.Array, indices: jax.Array, w
   out = (checkpointed(experts, buf, apply=RoutedExperts.apply_batched) if recompute
          else experts.apply_batched(buf)).reshape(e * capacity, d)
   y_slots = jnp.take(out, slot, axis=0, mode="fill", fill_value=0).reshape(t, k, d)
-  y = jnp.einsum("tkd,tk->td", y_slots.astype(jnp.float32), weights.astype(jnp.float32))
+  y = dispatch.weighted_sum(y_slots, weights)                                     # out's dtype
   dropped = jnp.mean(jnp.logical_not(kept).astype(jnp.float32))  # exactly 0 when nothing drops
-  return y.astype(out.dtype), kept, dropped
+  return y, kept, dropped

@@ -91,13 +91,14 @@ def combine_sorted(y_sorted: jax.Array, dispatch: Dispatch, weights: jax.Array) 
   add a rounding the grouped kernels (float32 accumulation) do not have.
   """
   y = unsort(y_sorted, dispatch, weights.shape[1])
-  return _weighted_sum(y, weights)
+  return weighted_sum(y, weights)
 
 
 @jax.checkpoint
-def _weighted_sum(y: jax.Array, weights: jax.Array) -> jax.Array:
-  """(T, k, d), (T, k) -> (T, d) in y's dtype, the products and sum in float32. Under
-  jax.checkpoint the backward pass keeps y as given (16-bit) rather than its float32 copy."""
+def weighted_sum(y: jax.Array, weights: jax.Array) -> jax.Array:
+  """(T, k, d), (T, k) -> (T, d) in y's dtype, the products and sum in float32 (combine_sorted
+  and the capacity path). Under jax.checkpoint the backward pass keeps y as given (16-bit)
+  rather than its float32 copy."""
   out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights.astype(jnp.float32))
   return out.astype(y.dtype)
 

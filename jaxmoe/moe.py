@@ -26,8 +26,8 @@ from jaxmoe import capacity as capacity_lib
 from jaxmoe import dispatch
 from jaxmoe import router as router_lib
 from jaxmoe.config import MoEConfig
-from jaxmoe.recompute import checkpointed
 from jaxmoe.experts import RoutedExperts, SharedExperts
+from jaxmoe.recompute import checkpointed
 
 
 @struct.dataclass
@@ -170,4 +170,3 @@ class MoE(nnx.Module):
     micro-batches. Needs MoEConfig.bias_balancing=True.
     """
     self.router.update_bias(tokens_per_expert, rate)
-
