@@ -3,7 +3,10 @@ autodiff forms, with timings.
 
   cross_entropy  kernels.cross_entropy (custom VJP on the 16-bit logits) vs -log_softmax(f32)[t]
   embed_grad     jaxmoe.model.embed_lookup's gradient (one-hot over each chunk's distinct ids at
-                 a GPT-2-sized vocabulary) vs jnp.take's scatter-add gradient
+                 a GPT-2-sized vocabulary) vs jnp.take's scatter-add gradient, ids uniform over
+                 256 values
+  embed_grad_text  the same with the ids of the embedded corpus's first tokens (real text: a few
+                 bytes such as the space take a large share, where scatter-add atomics contend)
   remat_experts  the Small preset's MoE layer (bf16, grouped, the platform's kernels) with
                  MoEConfig.remat_experts vs without: outputs and gradients
 
@@ -12,7 +15,8 @@ from 256 values (a byte-level corpus); the layer has 64 experts of width 3072, t
 compares values and gradients, then times the forward+backward of both forms in one process
 (ratios; absolute times only from a GPU).
 
-GPU:  python experiments/check_train_ops.py --out DIR     (PASS/FAIL lines; exit 1 on a failure)
+GPU:  python experiments/check_train_ops.py --out DIR [--checks embed_grad,embed_grad_text]
+      (PASS/FAIL lines; exit 1 on a failure)
 CPU:  python experiments/check_train_ops.py --out DIR --smoke   (small shapes, no timings)
 """
 
@@ -24,12 +28,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common as bc  # noqa: E402
 from jaxmoe import MoE, MoEConfig  # noqa: E402
+from jaxmoe import data as data_lib  # noqa: E402
 from jaxmoe.model import embed_lookup  # noqa: E402
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference  # noqa: E402
 
@@ -57,10 +63,16 @@ def check_cross_entropy(tokens: int, vocab: int, timed: bool) -> tuple[bool, dic
   return ok, res
 
 
-def check_embed_grad(tokens: int, vocab: int, d: int, timed: bool) -> tuple[bool, dict]:
+def check_embed_grad(tokens: int, vocab: int, d: int, timed: bool, text: bool = False
+                     ) -> tuple[bool, dict]:
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   table = jax.random.normal(k1, (vocab, d), jnp.float32)
-  ids = jax.random.randint(k2, (tokens,), 0, 256, jnp.int32)
+  if text:
+    ids = jnp.asarray(np.asarray(data_lib.load_tokens(None, max_bytes=tokens)[:tokens], np.int32))
+    if ids.shape[0] < tokens:
+      raise ValueError(f"the embedded corpus has {ids.shape[0]} tokens, fewer than {tokens}")
+  else:
+    ids = jax.random.randint(k2, (tokens,), 0, 256, jnp.int32)
   g = jax.random.normal(k3, (tokens, d), jnp.float32).astype(jnp.bfloat16)
 
   def grad_of(lookup):
@@ -108,19 +120,30 @@ def check_remat_experts(tokens: int, d: int, f: int, experts: int, timed: bool
   return ok, res
 
 
+CHECKS = ("cross_entropy", "embed_grad", "embed_grad_text", "remat_experts")
+
+
 def main() -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
   ap.add_argument("--smoke", action="store_true", help="small shapes on CPU, no timings")
+  ap.add_argument("--checks", default=",".join(CHECKS),
+                  help=f"comma-separated subset of {','.join(CHECKS)}")
   args = ap.parse_args()
+  chosen = args.checks.split(",")
+  unknown = [c for c in chosen if c not in CHECKS]
+  if unknown:
+    ap.error(f"--checks: unknown {unknown}; allowed: {', '.join(CHECKS)}")
   small, full = (2048, 5000, 64, 128, 8), (65536, 50304, 768, 3072, 64)
   tokens, vocab, d, f, e = small if args.smoke else full
   timed = not args.smoke
   results, fails = {}, 0
-  for name, check in (("cross_entropy", lambda: check_cross_entropy(tokens, vocab, timed)),
-                      ("embed_grad", lambda: check_embed_grad(tokens, vocab, d, timed)),
-                      ("remat_experts", lambda: check_remat_experts(tokens, d, f, e, timed))):
-    ok, res = check()
+  checks = {"cross_entropy": lambda: check_cross_entropy(tokens, vocab, timed),
+            "embed_grad": lambda: check_embed_grad(tokens, vocab, d, timed),
+            "embed_grad_text": lambda: check_embed_grad(tokens, vocab, d, timed, text=True),
+            "remat_experts": lambda: check_remat_experts(tokens, d, f, e, timed)}
+  for name in chosen:
+    ok, res = checks[name]()
     results[name] = {"ok": ok, **res}
     fails += not ok
     times = (f"; {res['ms']:.2f} ms vs {res['reference_ms']:.2f} ms plain "

@@ -2,7 +2,7 @@
 
 Pre-norm blocks:  x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x)),  FFN = MoE (jaxmoe.MoE) in every
 `moe_every`-th layer (counting from the last: layers i with (i + 1) % moe_every == 0), a dense
-SwiGLU MLP elsewhere and everywhere when ffn="dense". Attention is grouped-query attention with
+MLP elsewhere and everywhere when ffn="dense". Attention is grouped-query attention with
 rotary embeddings through `jax.nn.dot_product_attention`: cuDNN flash attention on GPU for bf16/fp16
 (`attention="auto"`), XLA's reference attention elsewhere (it materializes the (B, N, T, T) scores).
 Compute runs in `dtype` (bf16 by default) on float32 master parameters; the LM head's matmul runs
@@ -26,13 +26,12 @@ from flax import nnx
 
 from kernels import cross_entropy as ce_lib
 from kernels.hidden import hidden
-from jaxmoe.config import IMPLS, REMAT_EXPERTS_IMPLS, MoEConfig
+from jaxmoe.config import ACTIVATIONS, IMPLS, REMAT_EXPERTS_IMPLS, MoEConfig
+from jaxmoe.experts import activation_fn
 from jaxmoe.moe import MoE, MoEStats
 from jaxmoe.recompute import checkpointed
 
 FFN_KINDS = ("moe", "dense")
-# Feed-forward activations (dense MLP and experts): GLU (three matrices) or plain MLP (two).
-ACTIVATIONS = {"swiglu": True, "gelu": False}
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
@@ -47,7 +46,9 @@ class ModelConfig:
   n_heads: int = 4
   n_kv_heads: int = 2
   d_ff: int = 256            # dense MLP width (and expert width unless expert_d_ff is set)
-  activation: str = "swiglu"  # "swiglu" (GLU) or "gelu" (plain 2-matrix MLP, as in MegaBlocks)
+  # Feed-forward activation, dense MLP and experts alike: a GLU (three matrices: "swiglu", "geglu",
+  # ...) or a plain 2-matrix MLP ("gelu_tanh" as in MegaBlocks, "gelu", ...); jaxmoe.config.ACTIVATIONS.
+  activation: str = "swiglu"
   max_seq_len: int = 256
   rope_theta: float = 10000.0
   ffn: str = "moe"           # "moe" or "dense"
@@ -275,15 +276,12 @@ class Attention(nnx.Module):
     return self.o(out.reshape(b, t, cfg.n_heads * h))
 
 
-def _gelu_exact(x: jax.Array) -> jax.Array:
-  return jax.nn.gelu(x, approximate=False)
-
-
 class DenseMLP(nnx.Module):
-  """MLP d_model -> d_ff -> d_model (the dense baseline's feed-forward): SwiGLU or GELU."""
+  """MLP d_model -> d_ff -> d_model (the dense baseline's feed-forward): a GLU or a plain MLP."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
     self.glu = ACTIVATIONS[cfg.activation]
+    self.activation = cfg.activation
     self.gate_up = _dense(rngs, cfg.d_model, (2 if self.glu else 1) * cfg.d_ff, dtype)
     self.down = _dense(rngs, cfg.d_ff, cfg.d_model, dtype)
 
@@ -291,11 +289,12 @@ class DenseMLP(nnx.Module):
     # act(gate) [* up] in float32 on the matmul's output dtype, recomputed from the 16-bit gate
     # and up in the backward pass (kernels.hidden), as in the experts.
     h = self.gate_up(x)
+    act = activation_fn(self.activation)
     if self.glu:
       gate, up = jnp.split(h, 2, axis=-1)
-      a = hidden(jax.nn.silu, gate, up)
+      a = hidden(act, gate, up)
     else:
-      a = hidden(_gelu_exact, h)
+      a = hidden(act, h)
     return self.down(a.astype(x.dtype))
 
 

@@ -182,7 +182,8 @@ def make_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
                       f"mesh's tensor axis (train.mesh_tensor={t})")
   if moe and (e > 1 or t > 1) and model.remat_mlp:
     raise ConfigError(f"model.remat_mlp does not apply to the expert-parallel MoE layers of "
-                      f"mesh_expert={e} / mesh_tensor={t}; leave it off there")
+                      f"mesh_expert={e} / mesh_tensor={t}; leave it off there (--remat-mlp false), or use "
+                      f"model.remat")
   if moe and (e > 1 or t > 1) and model.moe_impl not in ep.EP_IMPLS:
     raise ConfigError(f"model.moe_impl={model.moe_impl!r} has no expert-parallel version; with "
                       f"mesh_expert={e} / mesh_tensor={t} use one of {ep.EP_IMPLS}")

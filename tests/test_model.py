@@ -27,7 +27,8 @@ def _loss_and_grads(model, tokens):
 
 
 @pytest.mark.parametrize("ffn,moe_every,act", [("moe", 1, "swiglu"), ("moe", 2, "gelu"),
-                                               ("dense", 1, "swiglu"), ("dense", 1, "gelu")])
+                                               ("dense", 1, "swiglu"), ("dense", 1, "gelu"),
+                                               ("dense", 1, "geglu_tanh")])
 def test_shapes_stats_and_param_count(ffn, moe_every, act, rng):
   cfg = ModelConfig(**SMALL, ffn=ffn, moe_every=moe_every, activation=act)
   model = TransformerLM(cfg, rngs=nnx.Rngs(0))
@@ -42,6 +43,21 @@ def test_shapes_stats_and_param_count(ffn, moe_every, act, rng):
   np.testing.assert_allclose(np.asarray(stats["tokens_per_expert"]).sum(-1), 3 * 16 * 2)
   actual = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert param_counts(cfg)["total"] == actual
+
+
+@pytest.mark.parametrize("act,glu,fn", [
+    ("gelu_tanh", False, lambda x: jax.nn.gelu(x, approximate=True)),
+    ("gelu", False, lambda x: jax.nn.gelu(x, approximate=False)),
+    ("swiglu", True, jax.nn.silu), ("reglu", True, jax.nn.relu)])
+def test_dense_mlp_applies_the_configured_activation(act, glu, fn, rng):
+  """The dense MLP takes every activation the experts do (MegaBlocks' presets use gelu_tanh)."""
+  cfg = ModelConfig(**SMALL, ffn="dense", activation=act)
+  mlp = model_lib.DenseMLP(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  x = jnp.asarray(rng.standard_normal((5, 32)), jnp.float32)
+  h = x @ mlp.gate_up.kernel[...]
+  chex.assert_shape(h, (5, (2 if glu else 1) * 48))
+  a = fn(h[:, :48]) * h[:, 48:] if glu else fn(h)
+  assert_close(mlp(x), a @ mlp.down.kernel[...], jnp.float32)
 
 
 def test_causal(rng):
