@@ -6,6 +6,7 @@ For one preset and each variant (as in bench_train.py: dmoe, capacity, dense, ..
      the optimizer's share is the difference of the last two (with `--grad-accum K` all three
      run the global batch as K microbatches, the train step's own scan, so the optimizer share is
      that of one update per K microbatches; `--adam-mu-dtype bfloat16`: bf16 first moment);
+     `--no-phases` times the train step only (the other two are one compile each);
   2. traces `--trace-steps` full steps with jax.profiler and sums the GPU kernel time from the
      trace JSON the profiler writes (no TensorBoard needed): total busy time vs wall time (idle
      gaps = launch/host overhead), time per category (matmul, attention, Pallas kernels,
@@ -123,25 +124,46 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
   x, y = (jax.device_put(a, bs) for a in batches.batch(0))
   res = {"variant": name, "fwd_ms": None, "fwdbwd_ms": None, "optimizer_ms": None,
          "fwdbwd_tflops": None}
-  res["fwd_ms"] = bc.time_jax(jit_eval, state, x, y, warmup=2, iters=iters)
+  start = time.perf_counter()
+
+  def progress(what: str) -> None:
+    # A killed run keeps these lines (a Small dMoE step takes ~2.5 minutes to compile on the H100).
+    print(f"   {name}: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+  progress("state initialized")
   if phases:
-    # Gradients next to the whole state (not donated) need ~one more copy of the parameters:
-    # where that does not fit, report the step only.
+    # Each phase is one more compile. Gradients next to the whole state (not donated) need ~one
+    # more copy of the parameters: where that does not fit, report the step only.
+    res["fwd_ms"] = bc.time_jax(jit_eval, state, x, y, warmup=2, iters=iters)
+    progress(f"forward {res['fwd_ms']:.1f} ms")
     try:
       res["fwdbwd_ms"] = bc.time_jax(jit_grad, state, x, y, warmup=2, iters=iters)
+      progress(f"forward+backward {res['fwdbwd_ms']:.1f} ms")
     except jax.errors.JaxRuntimeError as e:
       print(f"   {name}: fwd+bwd phase not timed ({str(e)[:120]})")
   del jit_grad
+
+  # One compile serves the timed loop, the trace and the HLO dump.
+  compiled = jit_train.lower(state, x, y).compile()
+  progress("train step compiled")
+  if dump_hlo:
+    # The optimized HLO of the train step: the profile's fusion names (loop_convert_fusion_11...)
+    # are its instruction names, so grep this file for what a hot fusion computes.
+    path = os.path.join(out_dir, f"hlo_{name}.txt.gz")
+    with gzip.open(path, "wt") as f:
+      f.write(compiled.as_text())
+    res["hlo"] = path
 
   # The full step donates its state: run it as a loop, not through time_jax.
   times = []
   for i in range(2 + iters):
     t0 = time.perf_counter()
-    state, m = jit_train(state, x, y)
+    state, m = compiled(state, x, y)
     jax.block_until_ready(m["loss"])
     if i >= 2:
       times.append((time.perf_counter() - t0) * 1e3)
   res["step_ms"] = float(np.median(times))
+  progress(f"step {res['step_ms']:.1f} ms")
   tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
   fpt = flops_per_token(model_cfg, train_cfg.seq_len)
   res["step_tflops"] = fpt * tokens_per_step / (res["step_ms"] * 1e-3) / 1e12
@@ -149,19 +171,12 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
     res["optimizer_ms"] = res["step_ms"] - res["fwdbwd_ms"]
     res["fwdbwd_tflops"] = fpt * tokens_per_step / (res["fwdbwd_ms"] * 1e-3) / 1e12
 
-  if dump_hlo:
-    # The optimized HLO of the train step: the profile's fusion names (loop_convert_fusion_11...)
-    # are its instruction names, so grep this file for what a hot fusion computes.
-    path = os.path.join(out_dir, f"hlo_{name}.txt.gz")
-    with gzip.open(path, "wt") as f:
-      f.write(jit_train.lower(state, x, y).compile().as_text())
-    res["hlo"] = path
-
   trace_dir = os.path.join(out_dir, f"trace_{name}")
   with jax.profiler.trace(trace_dir):
     for _ in range(trace_steps):
-      state, m = jit_train(state, x, y)
+      state, m = compiled(state, x, y)
     jax.block_until_ready(m["loss"])
+  progress("traced")
   res["profile"] = summarize_trace(trace_dir, top)
   res["profile"]["steps"] = trace_steps
   return res
@@ -176,7 +191,8 @@ def main() -> int:
   ap.add_argument("--trace-steps", type=int, default=3)
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--no-phases", action="store_true",
-                  help="skip the separate fwd+bwd timing (it needs memory for a second gradient)")
+                  help="skip the separate forward and fwd+bwd timings (two more compiles; the "
+                       "second needs memory for a second gradient)")
   ap.add_argument("--dump-hlo", action="store_true",
                   help="write each variant's optimized train-step HLO to OUT/hlo_VARIANT.txt.gz")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",

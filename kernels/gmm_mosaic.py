@@ -28,7 +28,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import tiling
+from kernels import mosaic_kernel_cache, tiling
+
+# Every Mosaic kernel of this package is built through this module (the ws and xty kernels import
+# it): equal kernels at different call sites then compile once (see mosaic_kernel_cache).
+mosaic_kernel_cache.install()
 
 
 @dataclasses.dataclass(frozen=True)
