@@ -62,7 +62,10 @@ def _w_gate(params):
 
 def test_loss_falls_on_embedded_corpus(tmp_path):
   model_cfg, train_cfg = _configs(steps=40, log_every=5, tensorboard=True)
-  result = run(model_cfg, train_cfg, str(tmp_path), progress=False, log=lambda *a: None)
+  lines = []
+  result = run(model_cfg, train_cfg, str(tmp_path), progress=False, log=lines.append)
+  # The first step's compile is announced (on a GPU it can take minutes), and timed.
+  assert lines[1] == "compiling the train step" and lines[2].startswith("train step compiled in")
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   losses = [r["loss"] for r in records]
   assert len(records) == 8 and result.step == 40
