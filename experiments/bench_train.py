@@ -136,8 +136,10 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
                        "preset's; Small and Medium have it on); '--remat' alone means true")
   ap.add_argument("--remat-skip", type=int, default=0, metavar="N",
                   help="with --remat: the last N blocks keep their activations (not recomputed)")
-  ap.add_argument("--remat-mlp", action="store_true",
-                  help="recompute only the (expert) MLPs' hidden activations in the backward pass")
+  ap.add_argument("--remat-mlp", nargs="?", const="true", default=None, choices=("true", "false"),
+                  help="recompute only the (expert) MLPs' hidden activations in the backward pass "
+                       "(default: the preset's; Small has it on, and an expert-parallel mesh "
+                       "needs it off); '--remat-mlp' alone means true")
   ap.add_argument("--mesh-expert", type=int, default=1,
                   help="expert-parallel ranks (the rest of the devices are data-parallel)")
   ap.add_argument("--mesh-tensor", type=int, default=1)
@@ -163,8 +165,8 @@ def preset_configs(args: argparse.Namespace, preset_name: str, steps: int,
     model_base["remat"] = args.remat == "true"
   if args.remat_skip:
     model_base["remat_skip"] = args.remat_skip
-  if args.remat_mlp:
-    model_base["remat_mlp"] = True
+  if args.remat_mlp is not None:
+    model_base["remat_mlp"] = args.remat_mlp == "true"
   if args.num_experts:
     model_base["num_experts"] = args.num_experts
   train_cfg = TrainConfig(**{**train_base, "mesh_data": mesh_data, "mesh_expert": args.mesh_expert,

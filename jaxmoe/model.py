@@ -8,8 +8,10 @@ rotary embeddings through `jax.nn.dot_product_attention`: cuDNN flash attention 
 Compute runs in `dtype` (bf16 by default) on float32 master parameters; the LM head's matmul runs
 in `dtype` (float32 accumulation) and so do its logits; the loss does its math in float32
 (kernels.cross_entropy). The token embedding's gradient is a one-hot matmul (`embed_lookup`), not
-XLA's scatter-add, whose atomics serialize on repeated tokens (18.6 ms of a 62 ms step of the
-Small dense model on the H100).
+XLA's scatter-add: in session 3's profile that scatter took 18.6 ms of a 62 ms Small dense step on
+the H100, and its atomic adds make the sum's order, and so training, nondeterministic. (Alone, on
+the corpus's ids, the scatter-add takes 0.28 ms against 2.4 ms for this gradient: what made it
+slow in the step is not established; see experiments/NOTES.md, session 7.)
 
 Shapes: tokens (B, T) int32 -> logits (B, T, vocab) in `dtype`.
 """
@@ -188,8 +190,8 @@ def embed_lookup(table: jax.Array, ids: jax.Array, dtype: Any) -> jax.Array:
 
   The backward computes d_table = onehot(ids)^T @ d_out in chunks of tokens, with operands in
   `dtype` (the cotangent arrives in it) and float32 accumulation, on the tensor cores instead of
-  XLA's scatter-add, whose atomic adds serialize when many tokens share an id (a byte-level corpus
-  has at most 256). A small vocabulary (V <= _EMBED_COMPACT_CHUNK) takes the one-hot over all V
+  XLA's scatter-add, whose atomic adds sum in no fixed order (see the module docstring for its
+  timings). A small vocabulary (V <= _EMBED_COMPACT_CHUNK) takes the one-hot over all V
   ids, 2 V D FLOPs per token. A large one (GPT-2's 50304) would make that matmul as large as the
   LM head's, so each chunk of C tokens takes its one-hot over its own distinct ids (jnp.unique,
   at most C), 2 C D FLOPs per token, and adds the C summed rows into d_table with a scatter whose
