@@ -138,8 +138,8 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
                   help="with --remat: the last N blocks keep their activations (not recomputed)")
   ap.add_argument("--remat-mlp", nargs="?", const="true", default=None, choices=("true", "false"),
                   help="recompute only the (expert) MLPs' hidden activations in the backward pass "
-                       "(default: the preset's; Small has it on, and an expert-parallel mesh "
-                       "needs it off); '--remat-mlp' alone means true")
+                       "(default: the preset's; Small has it on; expert-parallel layers: "
+                       "their comm-aware remat); '--remat-mlp' alone means true")
   ap.add_argument("--mesh-expert", type=int, default=1,
                   help="expert-parallel ranks (the rest of the devices are data-parallel)")
   ap.add_argument("--mesh-tensor", type=int, default=1)

@@ -127,7 +127,7 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
   start = time.perf_counter()
 
   def progress(what: str) -> None:
-    # A killed run keeps these lines (a Small dMoE step takes ~2.5 minutes to compile on the H100).
+    # A killed run keeps these lines (a Small dMoE step takes over a minute to compile on the H100).
     print(f"   {name}: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
 
   progress("state initialized")

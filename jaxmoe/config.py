@@ -71,7 +71,8 @@ class MoEConfig:
     remat_experts: recompute the expert MLP's hidden activations in the backward pass
       (jax.checkpoint around it: only its input rows are kept, not the two (rows, d_ff) hidden
       arrays; costs the first expert matmul and the activation once more). impl "grouped",
-      "ragged_dot" and "capacity"; the expert-parallel layer has its own ParallelConfig.remat.
+      "ragged_dot" and "capacity". On the expert-parallel layer, ParallelConfig.remat chooses
+      what is recomputed, and remat_experts=True asks for one of its recomputing modes.
   """
 
   d_model: int

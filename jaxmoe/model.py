@@ -69,6 +69,7 @@ class ModelConfig:
   remat: bool = False
   remat_skip: int = 0        # with remat: the last remat_skip blocks keep their activations
   remat_mlp: bool = False    # recompute the (expert) MLPs' hidden activations in the backward
+                             # (expert-parallel MoE layers: their comm-aware remat)
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"

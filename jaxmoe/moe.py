@@ -107,9 +107,11 @@ class MoE(nnx.Module):
       raise ValueError(f"x must be a float array, got dtype {x.dtype}")
     tokens = x.reshape(-1, cfg.d_model)
     parallel = self.parallel
-    if parallel is not None and cfg.remat_experts:
-      raise ValueError("MoEConfig.remat_experts=True does not apply to the expert-parallel layer "
-                       "(its ParallelConfig.remat chooses what it recomputes)")
+    if parallel is not None and cfg.remat_experts and parallel.remat == "none":
+      # The expert-parallel layer recomputes what its ParallelConfig.remat says.
+      raise ValueError("MoEConfig.remat_experts=True on the expert-parallel layer needs "
+                       "ParallelConfig.remat 'comm_aware' (recompute the experts, keep the "
+                       "all-to-all results) or 'full', got 'none'")
     if parallel is not None:
       from jaxmoe import expert_parallel  # here: it imports jaxmoe.experts/dispatch, not moe
       expert_parallel.check_call(parallel, cfg, tokens.shape[0], impl)

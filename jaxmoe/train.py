@@ -180,10 +180,6 @@ def make_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
     field = "expert_d_ff" if model.expert_d_ff else "d_ff"
     raise ConfigError(f"model.{field}={expert_d_ff} (the expert width) must be divisible by the "
                       f"mesh's tensor axis (train.mesh_tensor={t})")
-  if moe and (e > 1 or t > 1) and model.remat_mlp:
-    raise ConfigError(f"model.remat_mlp does not apply to the expert-parallel MoE layers of "
-                      f"mesh_expert={e} / mesh_tensor={t}; leave it off there (--remat-mlp false), or use "
-                      f"model.remat")
   if moe and (e > 1 or t > 1) and model.moe_impl not in ep.EP_IMPLS:
     raise ConfigError(f"model.moe_impl={model.moe_impl!r} has no expert-parallel version; with "
                       f"mesh_expert={e} / mesh_tensor={t} use one of {ep.EP_IMPLS}")
@@ -210,11 +206,14 @@ def make_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
 def parallel_config(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> ep.ParallelConfig | None:
   """How the MoE layers run on `mesh`: expert-parallel (a ParallelConfig) when the mesh has
   expert > 1 or tensor > 1 and the model has MoE layers; else None (the single-device layer,
-  which XLA partitions over the batch axes like every other layer)."""
+  which XLA partitions over the batch axes like every other layer). model.remat_mlp becomes the
+  expert-parallel layer's communication-aware remat: its backward pass recomputes the expert
+  computation but keeps the all-to-all results."""
   shape = sh.mesh_shape(mesh)
   if model.num_moe_layers == 0 or (shape["expert"] == 1 and shape["tensor"] == 1):
     return None
-  return ep.ParallelConfig(mesh, a2a=train.ep_a2a)
+  return ep.ParallelConfig(mesh, a2a=train.ep_a2a,
+                           remat="comm_aware" if model.remat_mlp else "none")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -114,6 +114,7 @@ OPTIONS = [
     ((2, 2, 2), dict(duplicate_token_dropping=False), {}),
     ((1, 4, 2), dict(duplicate_token_dropping=False), dict(activation="gelu", use_bias=True)),
     ((1, 4, 2), dict(remat="comm_aware"), {}),
+    ((1, 4, 2), dict(remat="comm_aware"), dict(remat_experts=True)),   # model.remat_mlp on EP
     ((2, 2, 2), dict(remat="full", duplicate_token_dropping=False), {}),
     ((2, 4, 1), dict(a2a="ragged_emulated"), {}),
     ((1, 4, 2), dict(a2a="ragged_emulated", remat="comm_aware"), dict(use_bias=True)),
@@ -424,6 +425,10 @@ def test_layer_does_not_fit_mesh():
     layer(jnp.ones((4, D)))   # 1 token per device cannot be split over 2 tensor ranks
   with pytest.raises(ValueError, match="impl must be one of"):
     layer(jnp.ones((32, D)), impl="capacity")
+  recompute = MoE(_config(remat_experts=True), rngs=nnx.Rngs(0),
+                  parallel=ep.ParallelConfig(_mesh(2, 2, 2)))   # remat="none": nothing to recompute
+  with pytest.raises(ValueError, match="remat_experts=True on the expert-parallel layer needs"):
+    recompute(jnp.ones((32, D)))
 
 
 def test_router_jitter_runs_outside_shard_map_with_the_same_noise():

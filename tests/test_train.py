@@ -115,10 +115,6 @@ def test_mesh_validation():
   capacity = ModelConfig(**{**get_preset("test")["model"], "moe_impl": "capacity"})
   with pytest.raises(ConfigError, match="moe_impl='capacity' has no expert-parallel version"):
     make_mesh(capacity, TrainConfig(batch_size=8, mesh_data=4, mesh_expert=2))
-  remat_mlp = ModelConfig(**{**get_preset("test")["model"], "remat_mlp": True})
-  with pytest.raises(ConfigError, match="remat_mlp does not apply to the expert-parallel"):
-    make_mesh(remat_mlp, TrainConfig(batch_size=8, mesh_data=4, mesh_expert=2))
-  make_mesh(remat_mlp, TrainConfig(batch_size=8, mesh_data=8))     # data-parallel: fine
   with pytest.raises(ConfigError, match="tokens per device .* = 3 must be divisible"):
     make_mesh(model_cfg, TrainConfig(batch_size=4, seq_len=3, mesh_data=4, mesh_tensor=2))
   with pytest.raises(ConfigError, match="ep_a2a must be one of"):
@@ -136,24 +132,29 @@ def test_mesh_validation():
 
 def test_expert_and_tensor_meshes_train_like_data_parallel(tmp_path):
   """A few steps on (data, expert, tensor) = (2,4,1) and (1,4,2) (expert-parallel MoE layers,
-  sharded state) give the losses, final validation loss and parameters of (8,1,1) (plain data
-  parallelism). The model
+  sharded state; (1,4,2) also with remat_mlp) give the losses, final validation loss and
+  parameters of (8,1,1) (plain data parallelism). The model
   is float32 (the test preset), so the layouts differ only in float32 reduction order (gradient
   all-reduces over different device groups): losses within 1e-5 relative, parameters after 4 Adam
   steps within rtol 1e-4 / atol 1e-5 (measured differences ~1e-6 and ~3e-7)."""
   quiet = dict(progress=False, log=lambda *a: None)
   results = {}
-  for shape in ((8, 1, 1), (2, 4, 1), (1, 4, 2)):
-    model_cfg, train_cfg = _configs(steps=4, log_every=1, **_mesh_kw(shape))
+  # The last run: model.remat_mlp on an expert mesh is the layers' comm-aware remat (same values).
+  for shape, remat_mlp in (((8, 1, 1), False), ((2, 4, 1), False), ((1, 4, 2), False),
+                           ((1, 4, 2), True)):
+    model_cfg, train_cfg = _configs(model={"remat_mlp": remat_mlp}, steps=4, log_every=1,
+                                    **_mesh_kw(shape))
     assert model_cfg.dtype == "float32"
-    out = str(tmp_path / "x".join(map(str, shape)))
+    out = str(tmp_path / ("x".join(map(str, shape)) + ("_remat" if remat_mlp else "")))
     result = run(model_cfg, train_cfg, out, **quiet)
-    results[shape] = (_losses(out) + [_records(out)[-1]["val_loss"]], _params(result))
+    results[shape, remat_mlp] = (_losses(out) + [_records(out)[-1]["val_loss"]], _params(result))
     want_spec = {(8, 1, 1): P(), (2, 4, 1): P("expert"), (1, 4, 2): P("expert", None, "tensor")}
     assert _w_gate(result.state["params"]).sharding.spec == want_spec[shape]
-  want_losses, want_params = results[(8, 1, 1)]
+  mesh = make_mesh(model_cfg, train_cfg)
+  assert parallel_config(model_cfg, train_cfg, mesh).remat == "comm_aware"
+  want_losses, want_params = results[(8, 1, 1), False]
   assert len(want_losses) == 5     # 4 training losses, then the final eval step's val_loss
-  for shape in ((2, 4, 1), (1, 4, 2)):
+  for shape in (((2, 4, 1), False), ((1, 4, 2), False), ((1, 4, 2), True)):
     losses, params = results[shape]
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5, err_msg=str(shape))
     chex.assert_trees_all_close(params, want_params, rtol=1e-4, atol=1e-5)
