@@ -580,17 +580,17 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
 
   try:
     with _StopFlag() as stop:
-      first = True
+      # The first call compiles the step (minutes for a large GPU model) before it returns.
+      t_compile = None
+      if step < end:
+        log("compiling the train step")
+        t_compile = time.perf_counter()
       while step < end and stop.signum is None:
         x, y = next(batches)
-        if first:
-          # The first call compiles the step (minutes for a large GPU model) before it returns.
-          log("compiling the train step")
-          t_compile = time.perf_counter()
         state, m = jit_train(state, x, y)
-        if first:
+        if t_compile is not None:
           log(f"train step compiled in {time.perf_counter() - t_compile:.1f} s")
-          first = False
+          t_compile = None
         step += 1
         at_end = step == end
         if step % train.log_every == 0 or at_end or stop.signum is not None:
