@@ -48,7 +48,7 @@ def _optional(conv):
 
 _CONVERTERS = {"int": int, "float": float, "str": str, "bool": _bool,
                "int | None": _optional(int), "float | None": _optional(float),
-               "str | None": _optional(str)}
+               "str | None": _optional(str), "bool | None": _optional(_bool)}
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, group_name: str) -> None:

@@ -27,11 +27,16 @@ ACTIVATIONS = {
     "silu": False,
 }
 
-# softmax_topk: softmax over all experts, then top-k (Switch, GShard, DeepSeek-V2; renormalize=True
-#               makes it equal to Mixtral's).
-# topk_softmax: top-k of the logits, softmax over the k chosen (Mixtral's formulation).
-# sigmoid:      per-expert sigmoid scores, top-k, weights normalized to sum 1 (DeepSeek-V3).
+# softmax_topk: softmax over all experts, then top-k; the combine weights are the chosen
+#               probabilities (Switch, GShard, MegaBlocks, OLMoE, Qwen2-MoE), or those renormalized
+#               to sum 1 with renormalize=True (Mixtral, Qwen3-MoE: Hugging Face's norm_topk_prob).
+# topk_softmax: top-k of the logits, softmax over the k chosen (Mixtral's own formulation; equal to
+#               softmax_topk with renormalize=True, and always normalized).
+# sigmoid:      per-expert sigmoid scores, top-k; the chosen scores normalized to sum 1 by default
+#               (DeepSeek-V3), or used as they are with renormalize=False.
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
+# What renormalize=None means for each router: the published models' choice.
+DEFAULT_RENORMALIZE = {"softmax_topk": False, "topk_softmax": True, "sigmoid": True}
 
 BACKENDS = (None, "xla", "triton", "mosaic", "pallas", "triton_interpret", "mosaic_interpret")
 
@@ -51,9 +56,13 @@ class MoEConfig:
       multiple of block_size), or "capacity" (token dropping with a per-expert capacity, the
       Switch/GShard baseline).
     activation: one of ACTIVATIONS; the GLU ones ("swiglu", "geglu", ...) use gate and up projections.
-    router: one of ROUTERS.
-    renormalize: renormalize the k chosen softmax probabilities to sum 1 ("softmax_topk" only; the
-      other routers are normalized by construction).
+    router: one of ROUTERS (see the comment above ROUTERS for which published model uses which).
+    renormalize: divide the k chosen scores by their sum, so the combine weights sum to 1 (Hugging
+      Face's norm_topk_prob). None (the default) takes the router's published form,
+      DEFAULT_RENORMALIZE: no for "softmax_topk" (Switch/MegaBlocks weight each expert's output by
+      its router probability), yes for "sigmoid" (DeepSeek-V3); "topk_softmax" is normalized by
+      construction and refuses renormalize=False. With top_k=1 a normalized weight is the constant
+      1 and the router would learn nothing from the task loss: that combination is a ValueError.
     capacity_factor: impl="capacity" only: capacity = ceil(top_k * tokens * capacity_factor / E).
     num_shared_experts: always-on experts (DeepSeek style), run as one dense MLP of width
       num_shared_experts * shared_d_ff.
@@ -82,7 +91,7 @@ class MoEConfig:
   impl: str = "grouped"
   activation: str = "swiglu"
   router: str = "softmax_topk"
-  renormalize: bool = True
+  renormalize: bool | None = None
   capacity_factor: float = 1.25
   num_shared_experts: int = 0
   shared_d_ff: int | None = None
@@ -108,6 +117,7 @@ class MoEConfig:
     _check_choice("activation", self.activation, tuple(ACTIVATIONS))
     _check_choice("router", self.router, ROUTERS)
     _check_choice("backend", self.backend, BACKENDS)
+    self._check_routing()
     if not (isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
             and self.capacity_factor > 0):
       raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0, "
@@ -125,6 +135,32 @@ class MoEConfig:
         raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
     if not isinstance(self.routed_scale, (int, float)) or not math.isfinite(self.routed_scale):
       raise ValueError(f"MoEConfig.routed_scale must be a finite number, got {self.routed_scale!r}")
+
+  def _check_routing(self) -> None:
+    if self.renormalize is not None and not isinstance(self.renormalize, bool):
+      raise ValueError(f"MoEConfig.renormalize must be True, False or None (the router's default), "
+                       f"got {self.renormalize!r}")
+    if self.router == "topk_softmax" and self.renormalize is False:
+      raise ValueError("MoEConfig.renormalize=False cannot apply to router='topk_softmax' (a softmax "
+                       "over the k chosen logits always sums to 1); use router='softmax_topk' for "
+                       "unnormalized probabilities")
+    if self.top_k == 1 and self.normalizes_weights:
+      how = ("router='topk_softmax'" if self.router == "topk_softmax" else
+             f"router={self.router!r} with renormalize="
+             f"{self.renormalize if self.renormalize is not None else 'None (its default: True)'}")
+      raise ValueError(
+          f"MoEConfig: top_k=1 and {how} make every combine weight the constant 1, so the router "
+          "gets no gradient from the task loss; use "
+          + ("router='softmax_topk' with " if self.router == "topk_softmax" else "")
+          + "renormalize=False (the Switch/MegaBlocks form: the expert output weighted by its "
+          "router probability) or top_k >= 2")
+
+  @property
+  def normalizes_weights(self) -> bool:
+    """Whether the k combine weights are normalized to sum 1 (renormalize resolved)."""
+    if self.renormalize is None:
+      return DEFAULT_RENORMALIZE[self.router]
+    return self.renormalize
 
   def check_impl(self, impl: str) -> None:
     """ValueError if `impl` is unknown or cannot run this configuration (also used for the MoE

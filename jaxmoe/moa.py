@@ -49,7 +49,7 @@ class MoAConfig:
   top_k: int = 2
   impl: str = "scatter"
   router: str = "softmax_topk"
-  renormalize: bool = True
+  renormalize: bool | None = None
   causal: bool = True
   jitter: float = 0.0
   aux_loss_weight: float = 0.01

@@ -59,6 +59,12 @@ class ModelConfig:
   top_k: int = 2
   expert_d_ff: int | None = None
   moe_impl: str = "grouped"  # one of jaxmoe.config.IMPLS
+  # Routing (MoEConfig's fields of the same names): "softmax_topk", "topk_softmax" or "sigmoid";
+  # renormalize None is the router's published default (softmax_topk: no, as Switch/MegaBlocks;
+  # sigmoid: yes, as DeepSeek-V3); routed_scale multiplies the routed experts' output.
+  router: str = "softmax_topk"
+  renormalize: bool | None = None
+  routed_scale: float = 1.0
   capacity_factor: float = 1.25
   aux_loss_weight: float = 0.01
   z_loss_weight: float = 0.001
@@ -138,7 +144,8 @@ class ModelConfig:
     return MoEConfig(d_model=self.d_model, d_ff=self.expert_d_ff or self.d_ff,
                      num_experts=self.num_experts, top_k=self.top_k, impl=self.moe_impl,
                      activation=self.activation, capacity_factor=self.capacity_factor,
-                     aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
+                     router=self.router, renormalize=self.renormalize,
+                     routed_scale=self.routed_scale, aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
                      block_size=self.block_size, remat_experts=self.remat_mlp)
 
@@ -152,6 +159,31 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
     return cls(**d)
+
+  @classmethod
+  def from_saved(cls, d: dict[str, Any]) -> "ModelConfig":
+    """The config a checkpoint was trained with: from_dict, with the fields that an older save
+    lacks taken at the value they had then (SAVED_DEFAULTS), not at today's default."""
+    try:
+      return cls.from_dict(with_saved_defaults(d))
+    except ValueError as e:
+      if "renormalize" not in d and "combine weight" in str(e):
+        raise ValueError(
+            "this checkpoint predates router='softmax_topk' renormalize=False as the default: its "
+            "top-1 router combined every expert output with the constant weight 1, so it never "
+            "learned from the task loss, and jaxmoe no longer builds that model; train it again") \
+            from None
+      raise
+
+
+# Fields whose default changed, at the value a saved config without them was trained with: until
+# routing became explicit, MoE layers renormalized the top-k weights (MoEConfig.renormalize=True).
+SAVED_DEFAULTS: dict[str, Any] = {"renormalize": True}
+
+
+def with_saved_defaults(d: dict[str, Any]) -> dict[str, Any]:
+  """A saved model config dict with SAVED_DEFAULTS filled in where it lacks them."""
+  return {**{k: v for k, v in SAVED_DEFAULTS.items() if k not in d}, **d}
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -6,6 +6,11 @@ Small 125M, Medium 356M dense base models (GELU MLP with d_ff = 4 d_model, the t
 MegaBlocks' layers default to, seq 1024, GPT-2 vocabulary padded to 50304; ours adds
 RoPE/RMSNorm/no biases, so counts differ slightly), with 64 experts, top-1, in every layer for
 the MoE variants ("-dense" gives the base).
+
+Every MoE preset states its routing: the MegaBlocks sizes route as MegaBlocks and Switch do (softmax
+over the experts, top-1, the expert output weighted by its router probability, no
+renormalization); tiny and test route as Mixtral does (softmax, top-2, the two weights
+renormalized to sum 1).
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import copy
 from typing import Any
 
 _TINY_MODEL = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
-                   max_seq_len=128, ffn="moe", num_experts=8, top_k=2, moe_impl="grouped",
-                   dtype="bfloat16")
+                   max_seq_len=128, ffn="moe", num_experts=8, top_k=2, router="softmax_topk",
+                   renormalize=True, moe_impl="grouped", dtype="bfloat16")
 _TINY_TRAIN = dict(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20,
                    eval_every=50, eval_batches=4, ckpt_every=50, log_every=10)
 
@@ -25,7 +30,8 @@ def _megablocks(d_model: int, n_layers: int, n_heads: int, remat: bool = False,
   return {
       "model": dict(vocab_size=50304, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                     n_kv_heads=n_heads, d_ff=4 * d_model, activation="gelu_tanh", max_seq_len=1024,
-                    ffn="moe", num_experts=64, top_k=1, moe_impl="grouped", dtype="bfloat16",
+                    ffn="moe", num_experts=64, top_k=1, router="softmax_topk", renormalize=False,
+                    moe_impl="grouped", dtype="bfloat16",
                     remat=remat, remat_mlp=remat_mlp, capacity_factor=1.0),
       "train": dict(steps=20000, batch_size=64, seq_len=1024, lr=6e-4, warmup_steps=2000,
                     eval_every=1000, eval_batches=8, ckpt_every=1000, log_every=50),
@@ -39,8 +45,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # A few seconds per dozen steps on CPU: used by the tests.
     "test": {
         "model": dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      max_seq_len=32, ffn="moe", num_experts=4, top_k=2, moe_impl="grouped",
-                      dtype="float32"),
+                      max_seq_len=32, ffn="moe", num_experts=4, top_k=2, router="softmax_topk",
+                      renormalize=True, moe_impl="grouped", dtype="float32"),
         "train": dict(steps=30, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=3, eval_every=0,
                       eval_batches=2, ckpt_every=10, log_every=5, corpus_bytes=1 << 20),
     },

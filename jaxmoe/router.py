@@ -47,13 +47,15 @@ def route(
     top_k: int,
     router: str = "softmax_topk",
     *,
-    renormalize: bool = True,
+    renormalize: bool = False,
     selection_bias: jax.Array | None = None,
 ) -> RouterOutput:
   """Chooses top_k experts per token from float32 logits (T, E).
 
-  selection_bias (E,) is added to the scores used to *choose* experts only; the combine weights
-  come from the unbiased scores (DeepSeek-V3 auxiliary-loss-free balancing).
+  renormalize divides the chosen scores by their sum ("softmax_topk" and "sigmoid"; "topk_softmax"
+  is normalized by construction). selection_bias (E,) is added to the scores used to *choose*
+  experts only; the combine weights come from the unbiased scores (DeepSeek-V3
+  auxiliary-loss-free balancing).
   """
   logits = logits.astype(jnp.float32)
   if router == "sigmoid":
@@ -70,7 +72,7 @@ def route(
     weights = jax.nn.softmax(jnp.take_along_axis(logits, indices, axis=-1), axis=-1)
   else:
     weights = jnp.take_along_axis(scores, indices, axis=-1)
-    if router == "sigmoid" or renormalize:
+    if renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return RouterOutput(weights, indices, probs, logits)
 
@@ -140,7 +142,7 @@ class Router(nnx.Module):
     logits = _float32_logits(x, self.kernel[...])
     bias = None if self.bias is None else jax.lax.stop_gradient(self.bias[...])
     return route(logits, self.config.top_k, self.config.router,
-                 renormalize=self.config.renormalize, selection_bias=bias)
+                 renormalize=self.config.normalizes_weights, selection_bias=bias)
 
   def update_bias(self, tokens_per_expert: jax.Array, rate: float) -> None:
     """DeepSeek-V3 update  b_e += rate * sign(mean_load - load_e)  (no gradient involved)."""

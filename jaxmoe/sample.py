@@ -37,7 +37,7 @@ def load_model(path: str) -> tuple[TransformerLM, dict]:
   try:
     step, meta = ckpt.read_meta(step)
     try:
-      cfg = ModelConfig.from_dict(meta["model"])
+      cfg = ModelConfig.from_saved(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
       raise CheckpointError(f"checkpoint {directory}/{step} has no valid model config: {e}") from None
     model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))

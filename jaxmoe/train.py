@@ -64,7 +64,7 @@ from jaxmoe import sharding as sh
 from jaxmoe.checkpointing import Checkpointer, abstract_like
 from jaxmoe.metrics import MetricsLogger, ProgressBar
 from jaxmoe.model import DTYPES, ModelConfig, TransformerLM, cross_entropy, flops_per_token, \
-    param_counts, update_router_biases
+    param_counts, update_router_biases, with_saved_defaults
 
 # bf16 dense peak per device kind, TFLOP/s (MFU denominator).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -635,6 +635,7 @@ def _model_diff(saved: Any, model_cfg: ModelConfig) -> str:
   their defaults), else 'field: saved X, requested Y; ...'."""
   if not isinstance(saved, dict):
     return "no model config saved"
+  saved = with_saved_defaults(saved)
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   current = model_cfg.to_dict()
   keys = sorted(set(saved) | set(current))
