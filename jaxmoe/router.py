@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.config import MoEConfig
+from jaxmoe.config import DEFAULT_RENORMALIZE, MoEConfig
 
 
 class RouterOutput(NamedTuple):
@@ -47,13 +47,14 @@ def route(
     top_k: int,
     router: str = "softmax_topk",
     *,
-    renormalize: bool = False,
+    renormalize: bool | None = None,
     selection_bias: jax.Array | None = None,
 ) -> RouterOutput:
   """Chooses top_k experts per token from float32 logits (T, E).
 
   renormalize divides the chosen scores by their sum ("softmax_topk" and "sigmoid"; "topk_softmax"
-  is normalized by construction). selection_bias (E,) is added to the scores used to *choose*
+  is normalized by construction); None takes the router's published default
+  (jaxmoe.config.DEFAULT_RENORMALIZE). selection_bias (E,) is added to the scores used to *choose*
   experts only; the combine weights come from the unbiased scores (DeepSeek-V3
   auxiliary-loss-free balancing).
   """
@@ -72,7 +73,7 @@ def route(
     weights = jax.nn.softmax(jnp.take_along_axis(logits, indices, axis=-1), axis=-1)
   else:
     weights = jnp.take_along_axis(scores, indices, axis=-1)
-    if renormalize:
+    if DEFAULT_RENORMALIZE[router] if renormalize is None else renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return RouterOutput(weights, indices, probs, logits)
 
