@@ -1,8 +1,15 @@
-"""Training data: the embedded byte-level corpus, user text, pre-tokenized arrays; a resumable iterator.
+"""Training data: the embedded corpora, user text, pre-tokenized arrays; a resumable iterator.
 
-- Embedded corpus (no download): the running Python's own standard library source (its modules and
-  their docstrings, real English + code), read in sorted path order, byte-level (vocab 256). The
-  exact bytes depend on the Python build; the order and split are deterministic for a given one.
+Embedded corpora (no download; `--data` names them):
+- "builtin" (or no --data): the running Python's own standard library source (its modules and
+  their docstrings, real English + code), read in sorted path order, the first `corpus_bytes`.
+- "python": the standard library plus the Python sources of every installed package (about 100 MB
+  in the project's own .venv), one document per file: files over 1 MB (generated tables) and test
+  folders left out, exact duplicates kept once, in a fixed order (sorted by the path below its
+  root: "stdlib/...", then "site-packages/..."), so the order does not depend on where Python is
+  installed. The exact bytes depend on the Python build and the installed versions.
+Both are text: byte-level tokens (vocab 256), or BPE tokens when the run has a tokenizer
+(jaxmoe.tokenizer; the GPU presets train one on the corpus).
 - User text: a file or a folder (all files under it, sorted; binary files skipped), byte-level.
 - Pre-tokenized: a .npy array (memory-mapped) or a raw .bin memmap of `dtype` (default uint16).
 
@@ -14,6 +21,7 @@ the step counter: saving it and starting again from it reproduces the exact same
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sysconfig
 
@@ -38,6 +46,49 @@ def stdlib_corpus(max_bytes: int = 8 << 20) -> np.ndarray:
                                       "idlelib", "lib2to3", "turtledemo"))
     files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
   return _concat_files(sorted(files), max_bytes)
+
+
+# Folders never read into the "python" corpus: vendored copies, generated data, caches.
+_SKIP_DIRS = ("test", "tests", "__pycache__", "idlelib", "lib2to3", "turtledemo", "site-packages",
+              "dist-packages")
+MAX_FILE_BYTES = 1 << 20
+
+
+def python_corpus_documents(max_bytes: int | None = None) -> list[str]:
+  """The "python" corpus: one str per source file, deduplicated, in a fixed order (module doc).
+
+  max_bytes stops after the documents that reach it (None: all).
+  """
+  roots = [("stdlib", sysconfig.get_paths()["stdlib"])]
+  for key in ("purelib", "platlib"):
+    path = sysconfig.get_paths()[key]
+    if all(os.path.realpath(path) != os.path.realpath(r) for _, r in roots):
+      roots.append(("site-packages", path))
+  keyed = []
+  for label, root in roots:
+    for dirpath, dirnames, filenames in os.walk(root):
+      dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+      rel = os.path.relpath(dirpath, root)
+      keyed += [(f"{label}/{rel}/{f}", os.path.join(dirpath, f)) for f in filenames
+                if f.endswith(".py")]
+  docs, seen, total = [], set(), 0
+  for _, path in sorted(keyed):
+    try:
+      if os.path.getsize(path) > MAX_FILE_BYTES:
+        continue
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError:
+      continue
+    digest = hashlib.sha1(data).digest()
+    if digest in seen or not data.strip() or b"\0" in data:
+      continue
+    seen.add(digest)
+    docs.append(data.decode("utf-8", errors="replace"))
+    total += len(data)
+    if max_bytes is not None and total >= max_bytes:
+      break
+  return docs
 
 
 def _concat_files(paths: list[str], max_bytes: int) -> np.ndarray:
@@ -67,6 +118,14 @@ def text_tokens(path: str, max_bytes: int = 1 << 40) -> np.ndarray:
       paths += [os.path.join(dirpath, f) for f in sorted(filenames)
                 if not f.startswith(".") and not f.endswith(TEXT_SUFFIXES_SKIP)]
     return _concat_files(sorted(paths), max_bytes)
+  try:
+    with open(path, "rb") as f:
+      head = f.read(4096)
+  except OSError as e:
+    raise DataError(f"cannot read data file {path!r}: {e.strerror}") from None
+  if b"\0" in head:
+    raise DataError(f"data file {path!r} is binary, not text; token ids go in a .npy file or a "
+                    ".bin file with --data-dtype")
   return _concat_files([path], max_bytes)
 
 

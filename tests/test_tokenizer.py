@@ -1,0 +1,104 @@
+"""Tokenizers and the tokenized corpus: deterministic BPE training, exact round trips, caching,
+the embedded "python" corpus, and clear errors on data a tokenizer cannot take."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from jaxmoe import corpus as corpus_lib
+from jaxmoe import data as data_lib
+from jaxmoe import tokenizer as tok_lib
+
+TEXT = ["def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n",
+        "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n",
+        "# Ünïcode, emoji 🙂 and tabs\t survive a round trip.\n"] * 20
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXMOE_CACHE", str(tmp_path / "cache"))
+  return tmp_path / "cache"
+
+
+def test_bpe_training_is_deterministic_and_round_trips():
+  a = tok_lib.train_bpe(TEXT, 300)
+  b = tok_lib.train_bpe(TEXT, 300)
+  assert a.fingerprint() == b.fingerprint()
+  assert a.vocab_size == 300 and a.eot_id == 0
+  for text in TEXT[:3] + ["never seen: żółw ∑ 🙂\n"]:
+    ids = a.encode(text)
+    assert ids.dtype == np.int32 and ids.max() < 300
+    assert a.decode(ids) == text
+  # Merges compress: fewer ids than bytes on the training text.
+  assert a.encode(TEXT[0]).size < len(TEXT[0].encode())
+
+
+def test_bpe_vocab_size_is_checked():
+  with pytest.raises(tok_lib.TokenizerError, match="vocab_size >= 258"):
+    tok_lib.train_bpe(TEXT, 100)
+
+
+def test_cached_bpe_trains_once(cache):
+  logs = []
+  a = tok_lib.cached_bpe(TEXT, 300, str(cache), log=logs.append)
+  b = tok_lib.cached_bpe(TEXT, 300, str(cache), log=logs.append)
+  assert len(logs) == 1 and a.fingerprint() == b.fingerprint()
+  assert [f for f in os.listdir(cache) if f.endswith(".json")]
+
+
+def test_corpus_bpe_on_a_text_folder(tmp_path, cache):
+  folder = tmp_path / "text"
+  folder.mkdir()
+  for i, t in enumerate(TEXT[:3]):
+    (folder / f"{i}.py").write_text(t * 30)
+  logs = []
+  c = corpus_lib.load(str(folder), "bpe", vocab_size=320, log=logs.append)
+  assert isinstance(c.tokenizer, tok_lib.BPETokenizer) and c.tokenizer.vocab_size == 320
+  assert int(np.max(c.tokens)) < 320 and c.tokens.size > 100
+  assert "def add(a, b)" in c.tokenizer.decode(np.asarray(c.tokens[:200]))
+  again = corpus_lib.load(str(folder), "bpe", vocab_size=320, log=logs.append)
+  np.testing.assert_array_equal(c.tokens, again.tokens)
+  assert len(logs) == 2   # trained and encoded once; the second load reads both caches
+  # The user's tokenizer.json encodes the same text the same way.
+  path = tmp_path / "tokenizer.json"
+  c.tokenizer.save(str(path))
+  mine = corpus_lib.load(str(folder), str(path), vocab_size=320)
+  np.testing.assert_array_equal(c.tokens, mine.tokens)
+
+
+def test_corpus_refuses_what_a_tokenizer_cannot_take(tmp_path, cache):
+  np.save(tmp_path / "ids.npy", np.arange(100, dtype=np.uint16))
+  with pytest.raises(data_lib.DataError, match="holds token ids"):
+    corpus_lib.load(str(tmp_path / "ids.npy"), "bpe", vocab_size=512)
+  with pytest.raises(tok_lib.TokenizerError, match="no such file"):
+    corpus_lib.load(None, str(tmp_path / "missing.json"), vocab_size=512)
+  (tmp_path / "t.txt").write_text("some text " * 200)
+  small = tok_lib.train_bpe(["some text " * 50], 300)
+  small.save(str(tmp_path / "tok.json"))
+  with pytest.raises(tok_lib.TokenizerError, match="vocab_size=256"):
+    corpus_lib.load(str(tmp_path / "t.txt"), str(tmp_path / "tok.json"), vocab_size=256)
+
+
+def test_binary_file_as_text_data_is_named(tmp_path):
+  path = tmp_path / "blob.dat"
+  path.write_bytes(b"\x00\x01\x02" * 100)
+  with pytest.raises(data_lib.DataError, match="is binary, not text"):
+    data_lib.load_tokens(str(path))
+
+
+def test_python_corpus_is_deduplicated_and_ordered():
+  docs = data_lib.python_corpus_documents(4 << 20)
+  assert sum(len(d.encode()) for d in docs) >= 4 << 20   # it stops after reaching max_bytes
+  assert len(set(docs)) == len(docs)
+  assert docs == data_lib.python_corpus_documents(4 << 20)
+
+
+def test_run_tokenizer_falls_back_to_bytes(tmp_path):
+  assert isinstance(tok_lib.load_run_tokenizer(str(tmp_path), 256), tok_lib.ByteTokenizer)
+  with pytest.raises(tok_lib.TokenizerError, match="no tokenizer.json"):
+    tok_lib.load_run_tokenizer(str(tmp_path), 128)
+  tok_lib.train_bpe(TEXT, 300).save(str(tmp_path / "tokenizer.json"))
+  assert tok_lib.load_run_tokenizer(str(tmp_path), 300).vocab_size == 300
