@@ -1,0 +1,235 @@
+"""Whole MoE layers at SonicMoE's (arXiv 2512.14080, Figure 14) configurations, in one run.
+
+For each configuration (T tokens, model width d, expert width n, E experts, top-k) and every
+jaxmoe impl asked for, plus a PyTorch layer on `torch._grouped_mm` where torch imports with CUDA:
+  - forward and backward TFLOP/s separately, with SonicMoE's count: 6 T k d n FLOPs forward
+    (the SwiGLU up-projection 2 T k d 2n, the down-projection 2 T k n d), twice that backward;
+    backward time = (forward+backward) - forward, both timed on their own;
+  - activation memory: the bytes the backward keeps (the VJP residuals, less the parameters and
+    the input, from jax.eval_shape: what Figure 13 counts) and XLA's planned temporaries;
+  - SonicMoE's published numbers (read off Figure 14, H100) beside ours, as ratios.
+The layer is jaxmoe.MoE: router (float32 logits, softmax top-k, Mixtral's renormalized weights),
+dispatch, SwiGLU experts, combine; bf16 parameters and activations.
+
+Run on the GPU:  python -m experiments.bench_layer_configs --out DIR [--impls grouped,scatter]
+CPU smoke test:  python -m experiments.bench_layer_configs --smoke --out /tmp/x
+Writes DIR/layer_configs.json and DIR/layer_configs.png (bars laid out as their figure: one panel
+per configuration, forward and backward TFLOP/s per impl, SonicMoE's value as a line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import bench_common as bc
+from jaxmoe import MoE, MoEConfig
+from jaxmoe.config import DROPLESS_IMPLS
+
+# name: ((T, d, n, E, k), (SonicMoE forward, backward TFLOP/s read off Figure 14 on the H100)).
+# These are the five configurations whose values the project has on record; the figure has twelve.
+CONFIGS = {
+    "T40960-d768-n256-E128-k8": ((40960, 768, 256, 128, 8), (338, 365)),
+    "T24576-d1536-n512-E64-k4": ((24576, 1536, 512, 64, 4), (432, 438)),
+    "T32768-d4096-n1024-E64-k4": ((32768, 4096, 1024, 64, 4), (553, 556)),
+    "T32768-d4096-n2048-E64-k4": ((32768, 4096, 2048, 64, 4), (598, 585)),
+    "T32768-d4096-n256-E256-k16": ((32768, 4096, 256, 256, 16), (428, 460)),
+}
+SMOKE_CONFIGS = {"smoke": ((64, 32, 128, 4, 2), (None, None))}
+DEFAULT_IMPLS = ("grouped", "scatter", "blocksparse")
+
+
+def flops(shape) -> tuple[float, float]:
+  t, d, n, _, k = shape
+  fwd = 6.0 * t * k * d * n
+  return fwd, 2.0 * fwd
+
+
+def _bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def jax_layer(shape, impl: str, backend, iters: int) -> dict:
+  t, d, n, e, k = shape
+  cfg = MoEConfig(d_model=d, d_ff=n, num_experts=e, top_k=k, activation="swiglu", impl=impl,
+                  renormalize=True, backend=backend, block_size=min(128, n))
+  layer = MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  graphdef, state = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (t, d), jnp.float32).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.key(2), (t, d), jnp.float32).astype(jnp.bfloat16)
+
+  def forward(s, x):
+    return nnx.merge(graphdef, s)(x)[0]
+
+  def loss(s, x):
+    y, stats = nnx.merge(graphdef, s)(x)
+    return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)) + stats.loss
+
+  fwd = jax.jit(forward)
+  fwdbwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  row = {"impl": impl}
+  y = fwd(state, x)
+  row["finite"] = bool(jnp.all(jnp.isfinite(y)))
+  row["fwd_ms"] = bc.time_jax(fwd, state, x, iters=iters)
+  row["fwdbwd_ms"] = bc.time_jax(fwdbwd, state, x, iters=iters)
+  vjp_fn = jax.eval_shape(lambda s, x: jax.vjp(forward, s, x)[1], state, x)
+  row["residual_bytes"] = max(0, _bytes(vjp_fn) - _bytes(state) - _bytes(x))
+  analysis = fwdbwd.lower(state, x).compile().memory_analysis()
+  row["temp_bytes"] = None if analysis is None else int(analysis.temp_size_in_bytes)
+  return row, y
+
+
+def torch_layer(shape, iters: int) -> dict:
+  """The same layer in PyTorch: fp32 router, softmax top-k renormalized, sort, torch._grouped_mm
+  SwiGLU experts, weighted combine; forward and forward+backward CUDA-event times, peak bytes."""
+  import torch
+
+  t, d, n, e, k = shape
+  dev, bf = "cuda", torch.bfloat16
+  gen = torch.Generator(device=dev).manual_seed(0)
+  x = torch.randn(t, d, device=dev, generator=gen).to(bf).requires_grad_(True)
+  router = (torch.randn(d, e, device=dev, generator=gen) * d ** -0.5).requires_grad_(True)
+  # _grouped_mm takes the (K, N) operand column-major: store (E, N, K) and pass its transpose.
+  w_up = (torch.randn(e, 2 * n, d, device=dev, generator=gen) * d ** -0.5).to(bf).requires_grad_(True)
+  w_down = (torch.randn(e, d, n, device=dev, generator=gen) * n ** -0.5).to(bf).requires_grad_(True)
+  ct = torch.randn(t, d, device=dev, generator=gen).to(bf)
+
+  def forward():
+    probs = torch.softmax(x.float() @ router, dim=-1)
+    w, idx = torch.topk(probs, k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
+    xs = x[order // k]
+    h = torch._grouped_mm(xs, w_up.transpose(-2, -1), offs=offs)
+    gate, up = h[:, :n], h[:, n:]
+    a = (torch.nn.functional.silu(gate.float()) * up.float()).to(bf)
+    ys = torch._grouped_mm(a, w_down.transpose(-2, -1), offs=offs)
+    y = torch.empty_like(ys)
+    y[order] = ys
+    return torch.einsum("tk,tkd->td", w.to(bf), y.reshape(t, k, d))
+
+  def step():
+    (forward().float() * ct.float()).sum().backward()
+    for p in (x, router, w_up, w_down):
+      p.grad = None
+
+  with torch.no_grad():
+    fwd_ms = bc.time_torch(forward, iters=iters)
+  torch.cuda.synchronize()
+  torch.cuda.reset_peak_memory_stats()
+  base = torch.cuda.memory_allocated()
+  fwdbwd_ms = bc.time_torch(step, iters=iters)
+  return {"impl": "torch._grouped_mm", "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "finite": True,
+          "peak_bytes_above_inputs": torch.cuda.max_memory_allocated() - base}
+
+
+def torch_available() -> bool:
+  try:
+    import torch
+    return bool(torch.cuda.is_available()) and hasattr(torch, "_grouped_mm")
+  except Exception:
+    return False
+
+
+def finish(row: dict, shape, sonic) -> dict:
+  f_fwd, f_bwd = flops(shape)
+  bwd_ms = row["fwdbwd_ms"] - row["fwd_ms"]
+  row["bwd_ms"] = bwd_ms
+  row["fwd_tflops"] = bc.tflops(f_fwd, row["fwd_ms"])
+  row["bwd_tflops"] = bc.tflops(f_bwd, bwd_ms) if bwd_ms > 0 else None
+  if sonic[0]:
+    row["fwd_vs_sonicmoe"] = row["fwd_tflops"] / sonic[0]
+    row["bwd_vs_sonicmoe"] = None if row["bwd_tflops"] is None else row["bwd_tflops"] / sonic[1]
+  return row
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(results)
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    rows = [r for r in results[name]["rows"] if r.get("fwd_tflops")]
+    xs = np.arange(len(rows))
+    ax.bar(xs - 0.2, [r["fwd_tflops"] for r in rows], 0.4, label="forward")
+    ax.bar(xs + 0.2, [r.get("bwd_tflops") or 0 for r in rows], 0.4, label="backward")
+    sonic = results[name]["sonicmoe"]
+    if sonic[0]:
+      ax.axhline(sonic[0], color="C0", ls="--", lw=1, label="SonicMoE fwd (Fig. 14, H100)")
+      ax.axhline(sonic[1], color="C1", ls=":", lw=1, label="SonicMoE bwd (Fig. 14, H100)")
+    ax.set_xticks(xs, [r["impl"] for r in rows], rotation=30, ha="right")
+    ax.set_title(name, fontsize=9)
+    ax.set_ylabel("TFLOP/s")
+  axes[0][0].legend(fontsize=7)
+  env = bc.environment()
+  fig.suptitle(f"MoE layer forward / backward TFLOP/s ({env['device']}, JAX {env['jax']}, "
+               f"{env['date'][:10]}; SonicMoE FLOP count)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--smoke", action="store_true", help="a tiny config on CPU (interpret mode)")
+  ap.add_argument("--configs", default=None, help="comma-separated names (default: all)")
+  ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                  help=f"comma-separated, of {DROPLESS_IMPLS}")
+  ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--iters", type=int, default=10)
+  args = ap.parse_args()
+  table = SMOKE_CONFIGS if args.smoke else CONFIGS
+  names = args.configs.split(",") if args.configs else list(table)
+  impls = args.impls.split(",")
+  for bad in [c for c in names if c not in table] + [i for i in impls if i not in DROPLESS_IMPLS]:
+    ap.error(f"unknown config or impl {bad!r}; configs: {list(table)}; impls: {DROPLESS_IMPLS}")
+  backend = "triton_interpret" if args.smoke else None
+  use_torch = not args.no_torch and not args.smoke and torch_available()
+  results, summary = {}, []
+  for name in names:
+    shape, sonic = table[name]
+    print(f"== {name}", flush=True)
+    rows, ref = [], None
+    for impl in impls:
+      try:
+        row, y = jax_layer(shape, impl, backend, args.iters)
+        if ref is None:
+          ref = y
+        else:  # same parameters and routing: the dropless impls agree
+          row["rel_err_vs_first"] = bc.rel_err(y, ref)
+        rows.append(finish(row, shape, sonic))
+      except Exception as err:
+        traceback.print_exc()
+        rows.append({"impl": impl, "error": f"{type(err).__name__}: {err}"[:400]})
+      print(f"   {rows[-1]}", flush=True)
+    if use_torch:
+      try:
+        rows.append(finish(torch_layer(shape, args.iters), shape, sonic))
+      except Exception as err:
+        traceback.print_exc()
+        rows.append({"impl": "torch._grouped_mm", "error": f"{type(err).__name__}: {err}"[:400]})
+      print(f"   {rows[-1]}", flush=True)
+    results[name] = {"shape": dict(zip("T d n E k".split(), shape)), "sonicmoe": sonic,
+                     "rows": rows}
+    summary += [{"config": name, **{c: r.get(c) for c in (
+        "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops", "fwd_vs_sonicmoe",
+        "bwd_vs_sonicmoe")}, "resid_GiB": (r.get("residual_bytes") or 0) / 2 ** 30} for r in rows]
+  payload = {"environment": bc.environment(), "flop_count": "6 T k d n forward, 12 T k d n backward",
+             "results": results}
+  path = bc.write_json(args.out, "layer_configs.json", payload)
+  plot(results, path.replace(".json", ".png"))
+  print(bc.table(summary, ["config", "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops",
+                           "fwd_vs_sonicmoe", "bwd_vs_sonicmoe", "resid_GiB"]))
+
+
+if __name__ == "__main__":
+  main()
