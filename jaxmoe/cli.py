@@ -25,6 +25,17 @@ from jaxmoe.presets import PRESETS, get_preset
 
 USER_ERROR = 2
 
+DATA_HELP = """data (--data):
+  (none) or builtin  the Python standard library's source found on this machine (byte-level)
+  python             the standard library plus every installed package's Python source
+                     (about 100 MB in the project's .venv), deduplicated, in a fixed order
+  FILE or FOLDER     text: a file, or every non-hidden file under a folder in sorted order
+  FILE.npy           a 1-D integer array of token ids (memory-mapped)
+  FILE.bin           raw token ids of --data-dtype (default uint16), memory-mapped
+Text is split into tokens by --tokenizer: byte (one token per byte, vocab 256), bpe (a byte-level
+BPE of --vocab-size trained on the training share of the text, cached), or a tokenizer.json file.
+The last --val-fraction of the token stream is validation."""
+
 
 class UserError(Exception):
   """Reported as `jaxmoe: error: <message>` with exit status 2, without a traceback."""
@@ -64,10 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
   from jaxmoe.model import ModelConfig
   from jaxmoe.train import TrainConfig
 
-  parser = argparse.ArgumentParser(prog="jaxmoe", description="Train and use MoE language models.")
+  # allow_abbrev=False: a misspelt flag is an error, never taken as another flag's prefix.
+  parser = argparse.ArgumentParser(prog="jaxmoe", description="Train and use MoE language models.",
+                                   allow_abbrev=False)
   sub = parser.add_subparsers(dest="command", required=True)
-  tr = sub.add_parser("train", help="train (or resume) a model")
-  tr.add_argument("--preset", default="tiny", choices=sorted(PRESETS), metavar="NAME",
+  tr = sub.add_parser("train", help="train (or resume) a model", allow_abbrev=False,
+                      epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+  # Checked in resolve_configs (one line naming the presets), not by argparse's choices=, whose
+  # error repeats the whole usage first.
+  tr.add_argument("--preset", default="tiny", metavar="NAME",
                   help=f"one of: {', '.join(sorted(PRESETS))} (default tiny)")
   tr.add_argument("--config", help="JSON or TOML file with optional 'model' and 'train' tables")
   tr.add_argument("--out", help="run folder (default runs/<preset>); resumes if it has checkpoints")
@@ -75,17 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
   _add_fields(tr, ModelConfig, "model")
   _add_fields(tr, TrainConfig, "train")
 
-  sp = sub.add_parser("sample", help="generate text from a checkpoint")
+  sp = sub.add_parser("sample", help="generate text from a checkpoint", allow_abbrev=False)
   sp.add_argument("checkpoint", help="a run folder, its ckpt/ folder, or ckpt/<step>")
   sp.add_argument("--prompt", default="")
   sp.add_argument("--tokens", type=int, default=200)
-  sp.add_argument("--temperature", type=float, default=0.8)
-  sp.add_argument("--top-k", type=int, default=0)
+  sp.add_argument("--temperature", type=float, default=0.8, help="> 0, or 0 for greedy decoding")
+  sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
   sp.add_argument("--seed", type=int, default=0)
 
-  pp = sub.add_parser("plot", help="draw a run's curves to PNG")
+  pp = sub.add_parser("plot", help="draw a run's curves to PNG", allow_abbrev=False)
   pp.add_argument("run", help="run folder (holds metrics.jsonl)")
-  pp.add_argument("--out", help="PNG path (default RUN/curves.png)")
+  pp.add_argument("--out", help="image path (default RUN/curves.png; .png is added to a name "
+                                "without a suffix)")
   return parser
 
 
@@ -104,7 +121,36 @@ def _read_config_file(path: str) -> dict[str, Any]:
       not all(isinstance(v, dict) for v in cfg.values()):
     raise UserError(f"config file {path!r} must hold only 'model' and 'train' tables, got "
                     f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
+  from jaxmoe.model import ModelConfig
+  from jaxmoe.train import TrainConfig
+  for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+    for name, value in cfg.get(section, {}).items():
+      problem = _type_problem(cls, name, value)
+      if problem:
+        raise UserError(f"config file {path!r}: {section}.{name} {problem}")
   return cfg
+
+
+def _type_problem(cls, name: str, value) -> str | None:
+  """Why `value` does not fit field `name` of dataclass `cls` by its declared type, or None.
+  (JSON and TOML values keep their types: "false" is a string, and a string is no bool.)"""
+  fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+  if name not in fields:
+    return None  # from_dict names unknown keys with the allowed ones
+  kind = fields[name]
+  optional = kind.endswith(" | None")
+  base = kind.removesuffix(" | None")
+  if value is None:
+    return None if optional else f"must be {base}, got null"
+  ok = {"bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str)}.get(base, True)
+  if ok:
+    return None
+  want = {"bool": "true or false", "int": "an integer", "float": "a number",
+          "str": "a string"}[base]
+  return f"must be {want}{' or null' if optional else ''}, got {value!r}"
 
 
 def resolve_configs(args: argparse.Namespace):
@@ -112,6 +158,8 @@ def resolve_configs(args: argparse.Namespace):
   from jaxmoe.model import ModelConfig
   from jaxmoe.train import TrainConfig
 
+  if args.preset not in PRESETS:
+    raise UserError(f"unknown preset {args.preset!r}; allowed: {', '.join(sorted(PRESETS))}")
   preset = get_preset(args.preset)
   if args.config:
     for section, values in _read_config_file(args.config).items():
@@ -131,6 +179,8 @@ def _train(args) -> int:
 
   model_cfg, train_cfg = resolve_configs(args)
   out = args.out or os.path.join("runs", args.preset)
+  _check_platform(model_cfg, train_cfg)
+  _check_run_folder(out)
   result = run(model_cfg, train_cfg, out, progress=not args.no_progress)
   out = os.path.abspath(out)
   print(f"run folder: {out}\n  metrics: {out}/metrics.jsonl (TensorBoard: {out}/tb)\n"
@@ -142,6 +192,42 @@ def _train(args) -> int:
   return 128 + result.interrupted_by if result.interrupted_by else 0
 
 
+# Settings that only a GPU runs: (section, field, value) -> what to use instead on another platform.
+GPU_ONLY = {
+    ("model", "backend", "mosaic"): "--backend xla (or leave it unset)",
+    ("model", "backend", "triton"): "--backend xla (or leave it unset)",
+    ("model", "backend", "pallas"): "--backend xla (or leave it unset)",
+    ("model", "attention", "cudnn"): "--attention xla (or auto)",
+    ("train", "ep_a2a", "ragged"): "--ep-a2a padded",
+}
+
+
+def _check_platform(model_cfg, train_cfg) -> None:
+  """UserError, before anything is written, for a GPU-only setting on a machine without a GPU."""
+  import jax
+
+  platform = jax.default_backend()
+  if platform == "gpu":
+    return
+  for (section, name, value), instead in GPU_ONLY.items():
+    if getattr(model_cfg if section == "model" else train_cfg, name) == value:
+      raise UserError(f"--{name.replace('_', '-')} {value} needs a GPU, and JAX runs on {platform} "
+                      f"here; use {instead}")
+
+
+def _check_run_folder(out: str) -> None:
+  """UserError unless `out` is (or can become) a writable folder; creates nothing."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out {out!r} is a file, not a run folder")
+  probe = os.path.abspath(out)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UserError(f"--out {out!r}: {probe!r} is a file, so the run folder cannot be made there")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise UserError(f"--out {out!r}: {probe!r} is not writable")
+
+
 def _sample(args) -> int:
   import numpy as np
 
@@ -149,6 +235,10 @@ def _sample(args) -> int:
 
   if args.tokens < 0:
     raise UserError(f"--tokens must be >= 0, got {args.tokens}")
+  if not args.temperature >= 0:
+    raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+  if args.top_k < 0:
+    raise UserError(f"--top-k must be >= 0 (0: no limit), got {args.top_k}")
   model, _ = load_model(args.checkpoint)
   prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)
   if model.cfg.vocab_size < 256 and prompt.size and prompt.max() >= model.cfg.vocab_size:
@@ -171,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jaxmoe.checkpointing import CheckpointError
   from jaxmoe.data import DataError
   from jaxmoe.plot import PlotError
+  from jaxmoe.tokenizer import TokenizerError
   from jaxmoe.train import ConfigError
 
   args = build_parser().parse_args(argv)
@@ -179,8 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   try:
     return {"train": _train, "sample": _sample, "plot": _plot}[args.command](args)
-  except (UserError, ConfigError, DataError, CheckpointError, PlotError) as e:
+  except (UserError, ConfigError, DataError, CheckpointError, PlotError, TokenizerError) as e:
     print(f"jaxmoe: error: {e}", file=sys.stderr)
+    return USER_ERROR
+  except OSError as e:  # a folder or file the user named that cannot be read or written
+    where = f": {e.filename!r}" if e.filename else ""
+    print(f"jaxmoe: error: {e.strerror or e}{where}", file=sys.stderr)
     return USER_ERROR
   except KeyboardInterrupt:
     print("jaxmoe: interrupted", file=sys.stderr)

@@ -45,6 +45,17 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
   fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
   fig.tight_layout()
   out = out or os.path.join(run_dir, "curves.png")
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
+  suffix = os.path.splitext(out)[1].lower().lstrip(".")
+  if not suffix:
+    out += ".png"   # what matplotlib would write; said here so the printed path is the file's
+  elif suffix not in fig.canvas.get_supported_filetypes():
+    plt.close(fig)
+    raise PlotError(f"--out {out!r}: unknown image type {suffix!r}; use one of "
+                    f"{sorted(fig.canvas.get_supported_filetypes())}")
+  try:
+    fig.savefig(out, dpi=100)
+  except OSError as e:
+    raise PlotError(f"cannot write {out!r}: {e.strerror or e}") from None
+  finally:
+    plt.close(fig)
   return out

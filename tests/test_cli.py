@@ -31,7 +31,7 @@ def test_precedence_preset_file_flags(tmp_path):
   assert (model.n_layers, train.steps, train.lr, train.batch_size) == (2, 7, 0.25, 8)
 
 
-@pytest.mark.parametrize("argv", [["train", "--preset", "huge"], ["train", "--steps", "ten"],
+@pytest.mark.parametrize("argv", [["train", "--steps", "ten"],
                                   ["train", "--remat", "maybe"], ["frobnicate"]])
 def test_argparse_errors_exit_2(argv, capsys):
   with pytest.raises(SystemExit) as e:

@@ -1,0 +1,120 @@
+"""Every bad input tried against `jaxmoe train`, `sample` and `plot`, in one table: each gives one
+error line naming the mistake, exit status 2, no traceback, and leaves nothing behind.
+
+docs/bad-inputs.md lists the same cases (the last test holds the two together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from jaxmoe import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metrics_run(tmp_path) -> str:
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "loss": 5.0 - s, "tokens_per_s": 100.0}) + "\n" for s in (1, 2)))
+  return str(run)
+
+
+def _config_file(tmp_path, content: dict) -> str:
+  path = tmp_path / "cfg.json"
+  path.write_text(json.dumps(content))
+  return str(path)
+
+
+def _file(tmp_path, name="a_file", data=b"text\n") -> str:
+  path = tmp_path / name
+  path.write_bytes(data)
+  return str(path)
+
+
+# id -> (argv builder from tmp_path, a regular expression the one error line must match)
+CASES = {
+    "flag-prefix": (lambda p: ["train", "--preset", "test", "--num-expert", "8"],
+                    r"unrecognized arguments: --num-expert"),
+    "unknown-preset": (lambda p: ["train", "--preset", "bogus"],
+                       r"unknown preset 'bogus'; allowed: .*tiny"),
+    "config-bool-as-string": (
+        lambda p: ["train", "--preset", "test", "--config",
+                   _config_file(p, {"model": {"bias_balancing": "false"}})],
+        r"model\.bias_balancing must be true or false, got 'false'"),
+    "config-remat-yes": (
+        lambda p: ["train", "--preset", "test", "--config", _config_file(p, {"model": {"remat": "yes"}})],
+        r"model\.remat must be true or false, got 'yes'"),
+    "config-float-steps": (
+        lambda p: ["train", "--preset", "test", "--config", _config_file(p, {"train": {"steps": 1.5}})],
+        r"train\.steps must be an integer, got 1\.5"),
+    "config-string-lr": (
+        lambda p: ["train", "--preset", "test", "--config", _config_file(p, {"train": {"lr": "fast"}})],
+        r"train\.lr must be a number, got 'fast'"),
+    "out-is-a-file": (lambda p: ["train", "--preset", "test", "--out", _file(p)],
+                      r"is a file, not a run folder"),
+    "out-under-a-file": (lambda p: ["train", "--preset", "test", "--out",
+                                    os.path.join(_file(p), "run")],
+                         r"is a file, so the run folder cannot be made there"),
+    "gpu-only-backend": (lambda p: ["train", "--preset", "test", "--out", str(p / "r"),
+                                    "--backend", "mosaic"],
+                         r"--backend mosaic needs a GPU.*use --backend xla"),
+    "gpu-only-attention": (lambda p: ["train", "--preset", "test", "--out", str(p / "r"),
+                                      "--dtype", "bfloat16", "--attention", "cudnn"],
+                           r"--attention cudnn needs a GPU"),
+    "gpu-only-ragged-a2a": (lambda p: ["train", "--preset", "test", "--out", str(p / "r"),
+                                       "--ep-a2a", "ragged"],
+                            r"--ep-a2a ragged needs a GPU.*--ep-a2a padded"),
+    "binary-text-data": (lambda p: ["train", "--preset", "test", "--out", str(p / "r"),
+                                    "--data", _file(p, "blob.dat", b"\0\1\2" * 64)],
+                         r"is binary, not text"),
+    "sample-negative-temperature": (lambda p: ["sample", str(p), "--temperature", "-1"],
+                                    r"--temperature must be >= 0"),
+    "sample-negative-top-k": (lambda p: ["sample", str(p), "--top-k", "-3"],
+                              r"--top-k must be >= 0"),
+    "plot-missing-folder": (lambda p: ["plot", _metrics_run(p), "--out",
+                                       str(p / "no" / "such" / "dir" / "c.png")],
+                            r"cannot write .*c\.png"),
+    "plot-unknown-image-type": (lambda p: ["plot", _metrics_run(p), "--out", str(p / "c.xyz")],
+                                r"unknown image type 'xyz'"),
+    "plot-not-a-run": (lambda p: ["plot", str(p)], r"no metrics file"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_nothing_left(case, tmp_path, capsys):
+  build, pattern = CASES[case]
+  argv = build(tmp_path)
+  before = sorted(os.listdir(tmp_path))
+  try:
+    code = cli.main(argv)
+  except SystemExit as e:   # argparse's own errors (usage line + error line)
+    code = e.code
+  err = capsys.readouterr().err.strip()
+  assert code == 2, (code, err)
+  assert "Traceback" not in err
+  last = err.splitlines()[-1]
+  assert last.startswith("jaxmoe") and re.search(pattern, last), err
+  if not err.startswith("usage:"):
+    assert len(err.splitlines()) == 1, err
+  assert sorted(os.listdir(tmp_path)) == before or case.startswith("plot"), \
+      f"left behind: {set(os.listdir(tmp_path)) - set(before)}"
+
+
+def test_plot_prints_the_file_it_wrote(tmp_path, capsys):
+  run = _metrics_run(tmp_path)
+  assert cli.main(["plot", run, "--out", str(tmp_path / "curves")]) == 0
+  printed = capsys.readouterr().out.strip()
+  assert printed == str(tmp_path / "curves.png") and os.path.isfile(printed)
+
+
+def test_docs_table_lists_every_case():
+  with open(os.path.join(ROOT, "docs", "bad-inputs.md")) as f:
+    text = f.read()
+  missing = [case for case in CASES if f"`{case}`" not in text]
+  assert not missing, f"docs/bad-inputs.md lacks {missing}"
