@@ -67,6 +67,11 @@ class MoEConfig:
     num_shared_experts: always-on experts (DeepSeek style), run as one dense MLP of width
       num_shared_experts * shared_d_ff.
     shared_d_ff: hidden width of one shared expert (None: d_ff).
+    shared_expert_gate: scale the shared experts' output by sigmoid(x @ w_gate), a learned
+      (d_model, 1) float32 gate (Qwen2-MoE).
+    n_group, topk_group: group-limited routing (DeepSeek-V3): the experts form n_group equal
+      groups, each group scores the sum of its two best selection scores, and only the
+      topk_group best groups are eligible for the top-k. None: no grouping.
     use_bias: biases in the expert projections.
     jitter: multiplicative router-input noise x * U(1 - jitter, 1 + jitter) at train time (Switch).
     aux_loss_weight: weight of the load-balancing loss in MoEStats.loss.
@@ -95,6 +100,9 @@ class MoEConfig:
   capacity_factor: float = 1.25
   num_shared_experts: int = 0
   shared_d_ff: int | None = None
+  shared_expert_gate: bool = False
+  n_group: int | None = None
+  topk_group: int | None = None
   use_bias: bool = False
   jitter: float = 0.0
   aux_loss_weight: float = 0.01
@@ -118,6 +126,12 @@ class MoEConfig:
     _check_choice("router", self.router, ROUTERS)
     _check_choice("backend", self.backend, BACKENDS)
     self._check_routing()
+    self._check_groups()
+    if not isinstance(self.shared_expert_gate, bool) or (self.shared_expert_gate
+                                                         and not self.num_shared_experts):
+      raise ValueError(f"MoEConfig.shared_expert_gate must be a bool, and True needs "
+                       f"num_shared_experts >= 1; got {self.shared_expert_gate!r} with "
+                       f"num_shared_experts={self.num_shared_experts}")
     if not (isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
             and self.capacity_factor > 0):
       raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0, "
@@ -135,6 +149,24 @@ class MoEConfig:
         raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
     if not isinstance(self.routed_scale, (int, float)) or not math.isfinite(self.routed_scale):
       raise ValueError(f"MoEConfig.routed_scale must be a finite number, got {self.routed_scale!r}")
+
+  def _check_groups(self) -> None:
+    if (self.n_group is None) != (self.topk_group is None):
+      raise ValueError(f"MoEConfig.n_group and topk_group go together (group-limited routing), "
+                       f"got n_group={self.n_group!r}, topk_group={self.topk_group!r}")
+    if self.n_group is None:
+      return
+    _check_positive_int("n_group", self.n_group)
+    _check_positive_int("topk_group", self.topk_group)
+    if self.num_experts % self.n_group:
+      raise ValueError(f"MoEConfig.n_group={self.n_group} must divide num_experts="
+                       f"{self.num_experts}")
+    if self.topk_group > self.n_group:
+      raise ValueError(f"MoEConfig.topk_group={self.topk_group} must be <= n_group={self.n_group}")
+    if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+      raise ValueError(f"MoEConfig: topk_group={self.topk_group} groups of "
+                       f"{self.num_experts // self.n_group} experts hold fewer than top_k="
+                       f"{self.top_k} experts")
 
   def _check_routing(self) -> None:
     if self.renormalize is not None and not isinstance(self.renormalize, bool):

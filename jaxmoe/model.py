@@ -36,6 +36,7 @@ from jaxmoe.recompute import checkpointed
 FFN_KINDS = ("moe", "dense")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,20 @@ class ModelConfig:
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
+  # What published models add (jaxmoe convert sets them from a Hugging Face config):
+  attn_head_dim: int | None = None  # per-head width; None: d_model // n_heads (Qwen3 differs)
+  qk_norm: str = "none"      # RMSNorm on q and k before RoPE: "head" (each head over its own
+                             # dims, one weight shared by the heads: Qwen3-MoE) or "full" (all
+                             # heads' q, and all k, as one vector: OLMoE)
+  qkv_bias: bool = False     # biases on the q, k and v projections (Qwen2-MoE)
+  first_dense_layers: int = 0  # the first N layers have a dense MLP (DeepSeek's first_k_dense)
+  num_shared_experts: int = 0  # always-on experts in every MoE layer (MoEConfig's field)
+  shared_d_ff: int | None = None   # their width each (None: the expert width)
+  shared_expert_gate: bool = False  # scale the shared experts by sigmoid(x @ w) (Qwen2-MoE)
+  n_group: int | None = None     # group-limited routing (DeepSeek-V3): experts in n_group groups,
+  topk_group: int | None = None  # only the topk_group best groups eligible (MoEConfig's fields)
+  scale_tied_head: bool = True  # a tied LM head multiplies by d_model ** -0.5 (jaxmoe's own
+                                # models; the published ones do not)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
@@ -98,9 +113,9 @@ class ModelConfig:
     if self.remat_skip and not self.remat:
       raise ValueError(f"model.remat_skip={self.remat_skip} needs remat=true (it is the number of "
                        "blocks left out of the recomputation)")
-    if self.d_model % self.n_heads:
+    if self.attn_head_dim is None and self.d_model % self.n_heads:
       raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-    if (self.d_model // self.n_heads) % 2:
+    if self.attn_head_dim is None and (self.d_model // self.n_heads) % 2:
       raise ValueError(f"model head dim d_model/n_heads={self.d_model // self.n_heads} must be even "
                        "(rotary embeddings rotate pairs)")
     if self.n_heads % self.n_kv_heads:
@@ -128,13 +143,26 @@ class ModelConfig:
       self.moe_config()  # MoEConfig's own checks (e.g. blocksparse: d_ff a multiple of block_size)
     if self.expert_d_ff is not None and (not isinstance(self.expert_d_ff, int) or self.expert_d_ff < 1):
       raise ValueError(f"model.expert_d_ff must be a positive int or None, got {self.expert_d_ff!r}")
+    if self.attn_head_dim is not None and (not isinstance(self.attn_head_dim, int)
+                                           or self.attn_head_dim < 2 or self.attn_head_dim % 2):
+      raise ValueError(f"model.attn_head_dim must be an even int >= 2 or None, got "
+                       f"{self.attn_head_dim!r}")
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f"model.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+    if not isinstance(self.first_dense_layers, int) or isinstance(self.first_dense_layers, bool) \
+        or not 0 <= self.first_dense_layers <= self.n_layers:
+      raise ValueError(f"model.first_dense_layers must be an int in [0, n_layers={self.n_layers}], "
+                       f"got {self.first_dense_layers!r}")
+    for name in ("qkv_bias", "shared_expert_gate", "scale_tied_head", "tie_embeddings"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.attn_head_dim or self.d_model // self.n_heads
 
   def is_moe_layer(self, i: int) -> bool:
-    return self.ffn == "moe" and (i + 1) % self.moe_every == 0
+    return self.ffn == "moe" and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
 
   @property
   def num_moe_layers(self) -> int:
@@ -145,7 +173,10 @@ class ModelConfig:
                      num_experts=self.num_experts, top_k=self.top_k, impl=self.moe_impl,
                      activation=self.activation, capacity_factor=self.capacity_factor,
                      router=self.router, renormalize=self.renormalize,
-                     routed_scale=self.routed_scale, aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
+                     routed_scale=self.routed_scale, num_shared_experts=self.num_shared_experts,
+                     shared_d_ff=self.shared_d_ff, shared_expert_gate=self.shared_expert_gate,
+                     n_group=self.n_group, topk_group=self.topk_group,
+                     aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
                      block_size=self.block_size, remat_experts=self.remat_mlp)
 
@@ -281,8 +312,8 @@ def _embed_bwd(dtype, res, g):
 embed_lookup.defvjp(_embed_fwd, _embed_bwd)
 
 
-def _dense(rngs, d_in, d_out, dtype) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+def _dense(rngs, d_in, d_out, dtype, bias: bool = False) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                     rngs=rngs)
 
@@ -293,16 +324,32 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
     self.cfg = cfg
     h = cfg.head_dim
-    self.q = _dense(rngs, cfg.d_model, cfg.n_heads * h, dtype)
-    self.kv = _dense(rngs, cfg.d_model, 2 * cfg.n_kv_heads * h, dtype)
+    self.q = _dense(rngs, cfg.d_model, cfg.n_heads * h, dtype, bias=cfg.qkv_bias)
+    # K and V in one projection: columns [0, n_kv h) are K, [n_kv h, 2 n_kv h) are V.
+    self.kv = _dense(rngs, cfg.d_model, 2 * cfg.n_kv_heads * h, dtype, bias=cfg.qkv_bias)
     self.o = _dense(rngs, cfg.n_heads * h, cfg.d_model, dtype)
+    norm = lambda width: nnx.RMSNorm(width, epsilon=cfg.norm_eps, dtype=dtype,
+                                     param_dtype=jnp.float32, rngs=rngs)
+    if cfg.qk_norm == "head":
+      self.q_norm, self.k_norm = norm(h), norm(h)
+    elif cfg.qk_norm == "full":
+      self.q_norm, self.k_norm = norm(cfg.n_heads * h), norm(cfg.n_kv_heads * h)
+    else:
+      self.q_norm = self.k_norm = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
     b, t, _ = x.shape
     h = cfg.head_dim
-    q = self.q(x).reshape(b, t, cfg.n_heads, h)
-    k, v = jnp.split(self.kv(x).reshape(b, t, 2 * cfg.n_kv_heads, h), 2, axis=2)
+    q = self.q(x)
+    k, v = jnp.split(self.kv(x), 2, axis=-1)
+    if cfg.qk_norm == "full":   # over all heads at once, before the split into heads
+      q, k = checkpointed(self.q_norm, q), checkpointed(self.k_norm, k)
+    q = q.reshape(b, t, cfg.n_heads, h)
+    k = k.reshape(b, t, cfg.n_kv_heads, h)
+    v = v.reshape(b, t, cfg.n_kv_heads, h)
+    if cfg.qk_norm == "head":
+      q, k = checkpointed(self.q_norm, q), checkpointed(self.k_norm, k)
     pos = jnp.arange(t)
     q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
     # K/V with fewer heads than Q: dot_product_attention broadcasts them over query-head groups.
@@ -408,7 +455,8 @@ class TransformerLM(nnx.Module):
     if self.lm_head is None:
       # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits;
       # the scale is folded into the table's cast to the compute dtype (one rounding, as before).
-      w = (self.embed.embedding[...] * cfg.d_model ** -0.5).astype(x.dtype)
+      table = self.embed.embedding[...]
+      w = (table * cfg.d_model ** -0.5 if cfg.scale_tied_head else table).astype(x.dtype)
       logits = jnp.dot(x, w.T)
     else:
       logits = self.lm_head(x)
@@ -448,12 +496,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts: "total", "active" (per token: top_k of E experts), "embedding"."""
   d, h = cfg.d_model, cfg.head_dim
   attn = d * cfg.n_heads * h + d * 2 * cfg.n_kv_heads * h + cfg.n_heads * h * d
+  if cfg.qkv_bias:
+    attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * h
+  attn += {"none": 0, "head": 2 * h, "full": (cfg.n_heads + cfg.n_kv_heads) * h}[cfg.qk_norm]
   norms = 2 * d
   mats = 3 if ACTIVATIONS[cfg.activation] else 2
   dense_ffn = mats * d * cfg.d_ff
   e_ff = cfg.expert_d_ff or cfg.d_ff
   expert = mats * d * e_ff
-  router = d * cfg.num_experts
+  # The shared experts run on every token: the router's parameters count them as always active.
+  shared = cfg.num_shared_experts * mats * d * (cfg.shared_d_ff or e_ff)
+  router = d * cfg.num_experts + shared + (d if cfg.shared_expert_gate and shared else 0)
   total = active = 0
   for i in range(cfg.n_layers):
     total += attn + norms
