@@ -284,8 +284,8 @@ def _assert_float32_grads_close(grads, want):
 
 def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   """bf16 MoE model, 2 microbatches, no mesh: the scan body gets the expert weights already in
-  bf16 (make_grad_fn casts them once per step; XLA used to redo the cast in every microbatch;
-  not on a mesh with a data axis, checked last), and
+  bf16 (make_grad_fn casts them once per step, where XLA alone redoes the cast in every
+  microbatch; not on a mesh with a data axis, checked last), and
   the accumulated gradients equal the mean of per-microbatch gradients taken through the model's
   own cast of float32 parameters (the expert-weight cotangents are bf16 either way)."""
   model_cfg, train_cfg, graphdef, params, rest, x, y = _bf16_moe_case({}, grad_accum=2)
