@@ -458,7 +458,7 @@ def main():
   ap.add_argument("--backend", default=None, help="kernels backend (default: platform's)")
   ap.add_argument("--param-dtype", default="float32")
   ap.add_argument("--tokens-per-device", type=int, default=None)
-  ap.add_argument("--name", default=NAME,
+  ap.add_argument("--name", default="parallel",
                   help="what the JSON holds, in its name (<date>-<name>.json): one per invocation")
   args = ap.parse_args()
   global NAME
