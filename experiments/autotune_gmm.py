@@ -33,15 +33,15 @@ Progress is printed as it goes, then a table of candidates with TFLOP/s. The tab
 group-size distribution (--dist): a later run of the same key replaces the earlier entry.
 
 Run on the GPU (one shape per command keeps each under the 10-minute limit):
-  python experiments/autotune_gmm.py --shapes mixtral
-  python experiments/autotune_gmm.py --shapes olmoe
-  python experiments/autotune_gmm.py --shapes finegrained
-  python experiments/autotune_gmm.py --shapes olmoe --ops xty --dist skewed --interleave 5
+  python -m experiments.autotune_gmm --shapes mixtral
+  python -m experiments.autotune_gmm --shapes olmoe
+  python -m experiments.autotune_gmm --shapes finegrained
+  python -m experiments.autotune_gmm --shapes olmoe --ops xty --dist skewed --interleave 5
 CPU smoke test (tiny shape, interpret backends, 1 timing iteration, writes to a temp dir; about
 1.5-2.5 minutes, 20 s with --backends triton: the warp-specialized Mosaic kernel interprets slowly):
-  python experiments/autotune_gmm.py --smoke
+  python -m experiments.autotune_gmm --smoke
 CPU pre-flight (lowers every GPU candidate for an H100, runs nothing; about 50 s):
-  python experiments/autotune_gmm.py --lower-only
+  python -m experiments.autotune_gmm --lower-only
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -62,11 +61,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from experiments.bench_grouped_matmul import SHAPES, group_sizes_for  # noqa: E402
-from kernels import (  # noqa: E402
+from experiments import bench_common as bc
+from experiments.bench_grouped_matmul import SHAPES, group_sizes_for
+from kernels import (
     backends, gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton, reference, tuning)
 
 SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile multiple
@@ -75,7 +72,8 @@ SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile 
 # direction, K=3072 -> N=768).
 # "small64_up"/"small64_down": the same at the preset's batch of 64 x 1024 tokens in one step
 # (~1024 rows per expert), the first and the second expert matmul (each op: gmm, its gmm_t
-# gradient, xty), where a training step spends ~55 ms of ~260 (H100 profile, session 6).
+# gradient, xty), where a training step spends ~55 ms of ~260 (H100 profile,
+# experiments/results/h100/2026-11-23-profile-small-b64-remat-xla-loss.json).
 TUNE_SHAPES = {**SHAPES, "small": (16384, 768, 3072, 64),
                "small64_up": (65536, 768, 3072, 64), "small64_down": (65536, 3072, 768, 64)}
 OPS = tuning.OPS

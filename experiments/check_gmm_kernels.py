@@ -2,23 +2,20 @@
 empty and one-row groups, rows past sum(group_sizes)): the simple kernel, the warp-specialized
 default and its 4-stage chained variant, forward and transposed, against the float32 reference.
 
-GPU:  python experiments/check_gmm_kernels.py   (prints PASS/FAIL lines; exit 1 on a failure)
+GPU:  python -m experiments.check_gmm_kernels   (prints PASS/FAIL lines; exit 1 on a failure)
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from experiments.bench_grouped_matmul import EDGE_SHAPE, EDGE_SIZES  # noqa: E402
-from kernels import gmm_mosaic, gmm_mosaic_ws, reference  # noqa: E402
+from experiments import bench_common as bc
+from experiments.bench_grouped_matmul import EDGE_SHAPE, EDGE_SIZES
+from kernels import gmm_mosaic, gmm_mosaic_ws, reference
 
 KERNELS = {
     "simple": (gmm_mosaic.gmm, gmm_mosaic.MosaicGmmConfig()),

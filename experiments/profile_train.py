@@ -13,7 +13,7 @@ For one preset and each variant (as in bench_train.py: dmoe, capacity, dense, ..
      elementwise fusions, copies, collectives) and the top kernels by time;
   3. writes profile_train.json to --out and prints the tables.
 
-Run on the GPU:  python experiments/profile_train.py --out DIR --preset small --batch-size 8
+Run on the GPU:  python -m experiments.profile_train --out DIR --preset small --batch-size 8
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from experiments.bench_train import (VARIANTS, _train_json, add_config_args,  # noqa: E402
+from experiments import bench_common as bc
+from experiments.bench_train import (VARIANTS, _train_json, add_config_args,
                                      preset_configs)
-from jaxmoe import data as data_lib  # noqa: E402
-from jaxmoe.model import ModelConfig, flops_per_token  # noqa: E402
-from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,  # noqa: E402
+from jaxmoe import data as data_lib
+from jaxmoe.model import ModelConfig, flops_per_token
+from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,
                           make_grad_fn, make_mesh, make_optimizer, step_graphdef)
 
 # Kernel-name fragments -> category, first match wins (names as CUDA/XLA/Pallas report them).
