@@ -40,11 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common as bc  # noqa: E402
 from kernels import grouped_matmul  # noqa: E402
-from kernels.scatter_experts import scatter_glu, scatter_mlp  # noqa: E402
-from kernels.scatter_matmul import make_routing, scatter_matmul  # noqa: E402
-from kernels.scatter_reference import scatter_matmul_reference  # noqa: E402
-from kernels.scatter_triton import TritonScatterConfig, scatter2scatter  # noqa: E402
-from kernels.reference import row_group_ids  # noqa: E402
+from kernels.scatter import scatter_glu, scatter_mlp  # noqa: E402
+from kernels.scatter import make_routing, scatter_matmul  # noqa: E402
+from kernels.scatter import scatter_matmul_reference  # noqa: E402
+from kernels.scatter import TritonScatterConfig, scatter2scatter  # noqa: E402
+from kernels.common.groups import row_group_ids  # noqa: E402
 
 OP_SHAPES = {  # name: (rows M = T*k, K, N, E, k)
     "mixtral": (32768, 4096, 14336, 8, 2),
