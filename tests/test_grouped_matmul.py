@@ -290,6 +290,34 @@ def test_mosaic_group_xty_interpret(rng):
   _check_xty(out, x, dy, gs, MOSAIC_SIZES, jnp.bfloat16)
 
 
+def test_mosaic_group_xty_neighbour_rows_masked(rng):
+  """The single-warpgroup Mosaic group_xty: x rows of neighbouring groups and of the tail share
+  row blocks with a group and must add nothing, even when they hold NaN or inf (a select, not a
+  multiply by 0: NaN * 0 is NaN). This kernel masks x; dy stays finite here."""
+  m, sizes = 200, [30, 0, 70, 0, 45]   # rows 145..199 belong to no group
+  x = np.asarray(rng.standard_normal((m, 128)), np.float32)
+  dy = np.asarray(rng.standard_normal((m, 128)), np.float32)
+  x[150:] = np.nan                     # the tail, in group 4's last row block
+  x[100:145, :5] = np.inf              # group 4's own rows, in group 2's last row block
+  x_, dy_ = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = np.asarray(mosaic_kernel.group_xty(
+      x_, dy_, gs, out_dtype=jnp.float32, config=MOSAIC_XTY, interpret=True))
+  # The reference multiplies every row: give it finite values where the kernel must not look.
+  # Group 4's first 5 output rows (x columns 0..4) are inf by construction and left out.
+  x[150:] = 0.0
+  x[100:145, :5] = 0.0
+  want = np.asarray(group_xty_reference(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32),
+                                        dy_.astype(jnp.float32), gs))
+  for g in (0, 2):   # group 2's last row block holds group 4's inf rows
+    assert np.all(np.isfinite(out[g])), f"group {g}: a neighbour's inf leaked"
+    assert_close(out[g], want[g], jnp.float32, factor=10.0, name=f"group {g}")
+  np.testing.assert_array_equal(out[[1, 3]], 0.0)
+  # Group 4's last row block holds the tail's NaN rows.
+  assert np.all(np.isfinite(out[4][5:])), "group 4: the tail's NaN leaked"
+  assert_close(out[4][5:], want[4][5:], jnp.float32, factor=10.0, name="group 4")
+
+
 @pytest.fixture
 def two_sms(monkeypatch):
   """Run the warp-specialized group_xty on 2 SMs: each then loops over several output tiles, so
