@@ -58,7 +58,7 @@ class MoEConfig:
     num_experts: number of routed experts E.
     top_k: experts per token, 1..num_experts.
     impl: "grouped" (sort + kernels.grouped_matmul), "ragged_dot" (sort + jax.lax.ragged_dot),
-      "scatter" (ScatterMoE, kernels.scatter_experts: gather/scatter inside the kernel; needs
+      "scatter" (ScatterMoE, kernels.scatter: gather/scatter inside the kernel; needs
       use_bias=False), "blocksparse" (MegaBlocks dMoE, kernels.blocksparse.dmoe_mlp: needs use_bias=False and d_ff a
       multiple of block_size), or "capacity" (token dropping with a per-expert capacity, the
       Switch/GShard baseline).

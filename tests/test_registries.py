@@ -23,7 +23,8 @@ from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 M, K, N = 100, 128, 256
 SIZES = [30, 0, 50, 5]
 SHAPE = GroupedShape(M, K, N, len(SIZES))
-DT = make_dtypes(jnp.bfloat16)
+DT = make_dtypes(jnp.bfloat16)                  # what the scatter op and the choosers are given
+DT_F32_OUT = make_dtypes(jnp.bfloat16, jnp.float32)   # the grouped ops below write float32
 
 
 @pytest.fixture(autouse=True)
@@ -83,8 +84,8 @@ def test_grouped_matmul_backends(rng, transpose_rhs):
   rhs = _rand(rng, (len(SIZES), N, K) if transpose_rhs else (len(SIZES), K, N), scale=K ** -0.5)
   gs = jnp.asarray(SIZES, jnp.int32)
   want = kernels.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=jnp.float32)
-  for b in _runnable(kernels.GMM_BACKENDS, SHAPE, DT):
-    kw = {"config": _config(b, SHAPE, DT)} if b.config_classes else {}
+  for b in _runnable(kernels.GMM_BACKENDS, SHAPE, DT_F32_OUT):
+    kw = {"config": _config(b, SHAPE, DT_F32_OUT)} if b.config_classes else {}
     got = b.fn(lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=jnp.float32, **kw)
     assert np.all(np.isfinite(np.asarray(got))), b.name
     assert_close(got, want, jnp.bfloat16, name=b.name)
@@ -95,8 +96,8 @@ def test_group_xty_backends(rng):
   x, dy = _rand(rng, (M, K)), _rand(rng, (M, N))
   gs = jnp.asarray(SIZES, jnp.int32)
   want = kernels.group_xty_reference(x, dy, gs, out_dtype=jnp.float32)
-  for b in _runnable(kernels.XTY_BACKENDS, SHAPE, DT):
-    kw = {"config": _config(b, SHAPE, DT)} if b.config_classes else {}
+  for b in _runnable(kernels.XTY_BACKENDS, SHAPE, DT_F32_OUT):
+    kw = {"config": _config(b, SHAPE, DT_F32_OUT)} if b.config_classes else {}
     got = b.fn(x, dy, gs, out_dtype=jnp.float32, **kw)
     assert_close(got, want, jnp.bfloat16, name=b.name)
     np.testing.assert_array_equal(np.asarray(got)[1], 0.0)   # the empty group

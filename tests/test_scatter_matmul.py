@@ -241,7 +241,7 @@ def test_mosaic_grouped_products_lower_for_h100(layout):
 @pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[2], LAYOUTS[4]])
 def test_gradient_lowers_for_h100(layout):
   """The Triton kernels (gathers, scatters, gate epilogue) lower for an H100 at the default
-  128x128x64 tiles, forward and backward; no GPU needed (kernels.gpu_lowering)."""
+  128x128x64 tiles, forward and backward; no GPU needed (kernels.common.gpu_lowering)."""
   from kernels.common.gpu_lowering import lower_for_gpu
 
   s = jax.ShapeDtypeStruct

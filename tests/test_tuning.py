@@ -1,4 +1,4 @@
-"""kernels.tuning: the tuned-config table (lookup hits/misses, env override, validation errors),
+"""kernels.gmm.tuning: the tuned-config table (lookup hits/misses, env override, validation errors),
 its use by grouped_matmul/group_xty dispatch on a (faked) GPU, and the autotune's smoke mode
 writing a table that lookup reads back. CPU only; no Mosaic kernel runs outside interpret mode."""
 

@@ -51,7 +51,7 @@ def _always_fits(shapes: Any, dtypes: Any, config: Any) -> None:
   return None
 
 
-def _no_search_space(shapes: Any, dtypes: Any, smoke: bool = False) -> list[Any]:
+def _no_search_space(shapes: Any, dtypes: Any, smoke: bool = False) -> list[Any]:  # no config
   return []
 
 
@@ -83,7 +83,7 @@ class Backend:
     """The same kernels run by the Pallas interpreter, named "<name>_interpret"."""
     return dataclasses.replace(self, name=f"{self.name}_interpret",
                                fn=functools.partial(self.fn, interpret=True), needs_gpu=False,
-                               interpret=True, search_space=_no_search_space)
+                               interpret=True)
 
   def unavailable(self, shapes: Any, dtypes: Any, config: Any = None) -> str | None:
     """Why this backend cannot run these shapes here (no GPU, or `check`'s reason for `config`,

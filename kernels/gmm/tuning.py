@@ -3,7 +3,7 @@
 Why: each Pallas kernel takes a config dataclass (block sizes, pipeline depth, grid swizzle,
 warps), and one default per kernel is a compromise; the fastest config depends on the GPU and on
 the shape. `experiments/autotune_gmm.py` times a few candidates per shape on the GPU (each one
-checked against `kernels.reference` first) and writes the fastest into a JSON table;
+checked against `kernels.gmm.reference` first) and writes the fastest into a JSON table;
 `kernels.gmm.api` asks `lookup` for a config at trace time, on GPU only, and uses the
 kernel's default where the table has no entry. Tables are read once per file version (path,
 mtime, size); a function already traced keeps the config it was traced with.
