@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
-from kernels import gmm_mosaic, gmm_mosaic_ws, reference
-from kernels.grouped_matmul import group_xty, grouped_matmul
+from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, reference
+from kernels.gmm import group_xty, grouped_matmul
 
 SHAPES = {  # name: (M, K, N, G)
     "mixtral": (32768, 4096, 14336, 8),
@@ -208,22 +208,22 @@ def main():
       if args.mosaic_sweep:
         sweep = {}
         for bm, bn, steps, width in [(128, 128, 6, 4), (128, 128, 4, 8)]:
-          cfg = gmm_mosaic.MosaicGmmConfig(block_m=bm, block_n=bn, block_k=64,
+          cfg = mosaic_kernel.MosaicGmmConfig(block_m=bm, block_n=bn, block_k=64,
                                            max_concurrent_steps=steps, grid_tile_width=width)
-          f = jax.jit(lambda x, w, s, cfg=cfg: gmm_mosaic.gmm(x, w, s, transpose_rhs=False,
+          f = jax.jit(lambda x, w, s, cfg=cfg: mosaic_kernel.gmm(x, w, s, transpose_rhs=False,
                                                               out_dtype=x.dtype, config=cfg))
           ms, err = time_or_error(f, lhs, rhs, gs, iters=iters)
           sweep[str(cfg)] = ms if ms else err
           print(f"   {cfg}: {ms if ms else err}", flush=True)
         for bm, bn, steps, width in [(128, 128, 3, 8), (128, 128, 3, 4), (128, 128, 3, 16),
                                      (128, 64, 4, 8), (64, 128, 4, 8)]:
-          cfg = gmm_mosaic_ws.MosaicWsGmmConfig(block_m=bm, block_n=bn, block_k=64,
+          cfg = mosaic_ws_kernel.MosaicWsGmmConfig(block_m=bm, block_n=bn, block_k=64,
                                                 max_concurrent_steps=steps, grid_tile_width=width)
-          if not gmm_mosaic_ws.supports(k, n, cfg):
+          if not mosaic_ws_kernel.supports(k, n, cfg):
             continue
           for tr in (False, True):
             w_in = jnp.swapaxes(rhs, 1, 2) if tr else rhs
-            f = jax.jit(lambda x, w, s, cfg=cfg, tr=tr: gmm_mosaic_ws.gmm(
+            f = jax.jit(lambda x, w, s, cfg=cfg, tr=tr: mosaic_ws_kernel.gmm(
                 x, w, s, transpose_rhs=tr, out_dtype=x.dtype, config=cfg))
             ms, err = time_or_error(f, lhs, w_in, gs, iters=iters)
             sweep[f"{cfg} transpose_rhs={tr}"] = ms if ms else err

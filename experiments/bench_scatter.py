@@ -36,11 +36,11 @@ import numpy as np
 
 from experiments import bench_common as bc
 from kernels import grouped_matmul
-from kernels.scatter_experts import scatter_glu, scatter_mlp
-from kernels.scatter_matmul import make_routing, scatter_matmul
-from kernels.scatter_reference import scatter_matmul_reference
-from kernels.scatter_triton import TritonScatterConfig, scatter2scatter
-from kernels.reference import row_group_ids
+from kernels.scatter import scatter_glu, scatter_mlp
+from kernels.scatter import make_routing, scatter_matmul
+from kernels.scatter import scatter_matmul_reference
+from kernels.scatter import TritonScatterConfig, scatter2scatter
+from kernels.common.groups import row_group_ids
 
 OP_SHAPES = {  # name: (rows M = T*k, K, N, E, k)
     "mixtral": (32768, 4096, 14336, 8, 2),

@@ -15,12 +15,12 @@ import numpy as np
 
 from experiments import bench_common as bc
 from experiments.bench_grouped_matmul import EDGE_SHAPE, EDGE_SIZES
-from kernels import gmm_mosaic, gmm_mosaic_ws, reference
+from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, reference
 
 KERNELS = {
-    "simple": (gmm_mosaic.gmm, gmm_mosaic.MosaicGmmConfig()),
-    "ws": (gmm_mosaic_ws.gmm, gmm_mosaic_ws.MosaicWsGmmConfig()),
-    "ws_chained": (gmm_mosaic_ws.gmm, gmm_mosaic_ws.MosaicWsGmmConfig(
+    "simple": (mosaic_kernel.gmm, mosaic_kernel.MosaicGmmConfig()),
+    "ws": (mosaic_ws_kernel.gmm, mosaic_ws_kernel.MosaicWsGmmConfig()),
+    "ws_chained": (mosaic_ws_kernel.gmm, mosaic_ws_kernel.MosaicWsGmmConfig(
         max_concurrent_steps=4, epi_cols=64, chain=True)),
 }
 

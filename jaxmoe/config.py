@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import kernels
+
 # Dropless implementations compute the same function; "capacity" is the token-dropping baseline.
 DROPLESS_IMPLS = ("grouped", "ragged_dot", "scatter", "blocksparse")
 IMPLS = DROPLESS_IMPLS + ("capacity",)
@@ -38,7 +40,12 @@ ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
 # What renormalize=None means for each router: the published models' choice.
 DEFAULT_RENORMALIZE = {"softmax_topk": False, "topk_softmax": True, "sigmoid": True}
 
-BACKENDS = (None, "xla", "triton", "mosaic", "pallas", "triton_interpret", "mosaic_interpret")
+# The kernels registry of the op each impl runs its expert products on: MoEConfig.backend must be
+# one of that op's backends (or None, the platform default). The impls without a kernel op take
+# any name a kernels op has (they ignore it; the expert-parallel layer passes it to grouped_matmul).
+IMPL_BACKENDS = {"grouped": kernels.GMM_BACKENDS, "scatter": kernels.SCATTER_BACKENDS,
+                 "blocksparse": kernels.BLOCKSPARSE_BACKENDS}
+BACKENDS = (None,) + tuple(dict.fromkeys(n for r in kernels.REGISTRIES.values() for n in r.names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +58,7 @@ class MoEConfig:
     num_experts: number of routed experts E.
     top_k: experts per token, 1..num_experts.
     impl: "grouped" (sort + kernels.grouped_matmul), "ragged_dot" (sort + jax.lax.ragged_dot),
-      "scatter" (ScatterMoE, kernels.scatter_experts: gather/scatter inside the kernel; needs
+      "scatter" (ScatterMoE, kernels.scatter: gather/scatter inside the kernel; needs
       use_bias=False), "blocksparse" (MegaBlocks dMoE, kernels.blocksparse.dmoe_mlp: needs use_bias=False and d_ff a
       multiple of block_size), or "capacity" (token dropping with a per-expert capacity, the
       Switch/GShard baseline).
@@ -79,8 +86,9 @@ class MoEConfig:
     bias_balancing: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the
       scores for expert selection only, updated outside the gradient by MoE.update_router_bias.
     routed_scale: factor on the routed experts' combined output (DeepSeek-V3 uses 2.5).
-    backend: kernels backend for impl="grouped", "scatter" and "blocksparse" (None: platform
-      default; scatter and blocksparse run "mosaic" as their Triton kernels).
+    backend: kernels backend for impl="grouped", "scatter" and "blocksparse": a name of the
+      registry of the op the impl runs on (IMPL_BACKENDS; blocksparse has no "mosaic"), or None
+      for the platform default ("pallas" on GPU, "xla" elsewhere).
     block_size: block size of impl="blocksparse" (MegaBlocks uses 128).
     remat_experts: recompute the expert MLP's hidden activations in the backward pass
       (jax.checkpoint around it: only its input rows are kept, not the two (rows, d_ff) hidden
@@ -205,6 +213,10 @@ class MoEConfig:
     if self.remat_experts and impl not in REMAT_EXPERTS_IMPLS:
       raise ValueError(f"MoEConfig.remat_experts=True is implemented for impl in "
                        f"{REMAT_EXPERTS_IMPLS}, got impl={impl!r}")
+    if impl in IMPL_BACKENDS and self.backend not in (None, *IMPL_BACKENDS[impl].names):
+      raise ValueError(f"MoEConfig.backend must be one of {IMPL_BACKENDS[impl].names} (the "
+                       f"backends of {IMPL_BACKENDS[impl].op}) or None with impl={impl!r}, got "
+                       f"{self.backend!r}")
     if impl == "blocksparse":
       if self.d_ff % self.block_size:
         raise ValueError(f"MoEConfig.d_ff must be a multiple of block_size={self.block_size} with "

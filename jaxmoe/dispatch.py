@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels.reference import inverse_permutation
+from kernels.common.groups import inverse_permutation
 
 
 class Dispatch(NamedTuple):

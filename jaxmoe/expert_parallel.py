@@ -57,7 +57,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import kernels
 from kernels.hidden import hidden
-from kernels.reference import inverse_permutation
+from kernels.common.groups import inverse_permutation
 from jaxmoe import dispatch
 from jaxmoe.experts import RoutedExperts, activation_fn
 from jaxmoe.router import RouterOutput

@@ -1,6 +1,6 @@
 """Plain-jnp references for the ScatterMoE scatter matmul (readable, obviously right; tests only).
 
-Routing convention (kernels.scatter_matmul): T tokens each pick k experts; flat index f = t * k + j
+Routing convention (kernels.scatter.routing): T tokens each pick k experts; flat index f = t * k + j
 is token t's j-th choice. `sorted_flat` (M = T * k,) lists the flat indices in expert-sorted order,
 so sorted row p belongs to flat choice sorted_flat[p] and expert g(p) (from group_sizes).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.reference import row_group_ids
+from kernels.common.groups import row_group_ids
 
 
 def scatter_matmul_reference(
@@ -24,7 +24,7 @@ def scatter_matmul_reference(
     y_grouped: bool = False,
     transpose_w: bool = False,
 ) -> jax.Array:
-  """Float32 reference of kernels.scatter_matmul (same argument meanings), via per-row weights.
+  """Float32 reference of kernels.scatter.scatter_matmul (same argument meanings), via per-row weights.
 
   Builds the (M, K, N) per-row weight tensor, so use it on small shapes only.
   """

@@ -6,10 +6,11 @@
 gather and the scatter happen inside the kernel, so a routed input in token order is never copied
 into a (M, K) grouped buffer. Rows p at or past sum(group_sizes) write zeros at dst[p].
 
-Programs walk (row tile, column tile) pairs from `kernels.tiling`, in sorted order: each program
-owns the rows of one expert in one tile of `block_m` sorted rows, loads their row indices, gathers
-the input rows with a masked load per K step (float32 accumulation), and writes its rows to their
-scattered positions with a masked store. A tile shared by two experts is visited by two programs
+Programs walk (row tile, column tile) pairs from `kernels.common.tiling` (`for_owned_tile`, shared
+with the grouped-matmul Triton kernel), in sorted order: each program owns the rows of one expert
+in one tile of `block_m` sorted rows, loads their row indices, gathers the input rows with a
+masked load per K step (float32 accumulation), and writes its rows to their scattered positions
+with a masked store. A tile shared by two experts is visited by two programs
 whose store masks are disjoint, and since src/dst come from a permutation no two programs ever write
 the same output row: there is no read-modify-write anywhere.
 """
@@ -24,8 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from kernels import tiling
-from kernels.triton_dot import dot_f32
+from kernels.common import tiling
+from kernels.common.triton_dot import dot_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,23 +59,8 @@ def _kernel(*refs, m: int, k: int, n: int, num_groups: int, num_n: int, num_tile
   x_ref, w_ref, *_, out_ref = rest   # (a poison buffer aliased to out_ref may sit between)
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
 
-  # Swizzled 1-D grid: bands of group_m row tiles, column tiles inside a band, so the programs
-  # that run together share weight column tiles in L2.
-  pid = pl.program_id(0)
-  band_size = cfg.group_m * num_n
-  first_tile = (pid // band_size) * cfg.group_m
-  band_rows = jnp.minimum(num_tiles - first_tile, cfg.group_m)
-  tile = first_tile + (pid % band_size) % band_rows
-  ni = (pid % band_size) // band_rows
-
-  @pl.when(tile < num_active_ref[0])
-  def _():
-    g = tile_group_ref[tile]
-    row0 = tile_block_ref[tile] * bm
-    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
-    own = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
-    cols = ni * bn + jnp.arange(bn, dtype=jnp.int32)
-    col_ok = cols < n
+  def visit(t: tiling.OwnedTile):
+    g, row0, own, cols, col_ok = t.group, t.row0, t.own, t.cols, t.col_ok
     store_mask = own[:, None] & col_ok[None, :]
     if has_dst:
       # Rows we do not own get the out-of-range index m: masked on the GPU, and dropped by the
@@ -83,7 +69,7 @@ def _kernel(*refs, m: int, k: int, n: int, num_groups: int, num_n: int, num_tile
       dst = plt.load(dst_ref.at[pl.ds(row0, bm)], mask=own, other=m)
       out_block = out_ref.at[dst[:, None], cols[None, :]]
     else:
-      out_block = out_ref.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)]
+      out_block = out_ref.at[pl.ds(row0, bm), pl.ds(t.ni * bn, bn)]
 
     @pl.when(g == num_groups)  # rows past the last group: zeros
     def _():
@@ -102,11 +88,11 @@ def _kernel(*refs, m: int, k: int, n: int, num_groups: int, num_n: int, num_tile
                   else x_ref.at[pl.ds(row0, bm), pl.ds(ki * bk, bk)])
         a = plt.load(x_view, mask=load_rows & k_ok[None, :], other=0.0)
         if transpose_w:  # w[g] stored (N, K): contract both K axes.
-          b = plt.load(w_ref.at[g, pl.ds(ni * bn, bn), pl.ds(ki * bk, bk)],
+          b = plt.load(w_ref.at[g, pl.ds(t.ni * bn, bn), pl.ds(ki * bk, bk)],
                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
           dims = (((1,), (1,)), ((), ()))
         else:
-          b = plt.load(w_ref.at[g, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)],
+          b = plt.load(w_ref.at[g, pl.ds(ki * bk, bk), pl.ds(t.ni * bn, bn)],
                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
           dims = (((1,), (0,)), ((), ()))
         return acc + dot_f32(a, b, dims)
@@ -116,6 +102,12 @@ def _kernel(*refs, m: int, k: int, n: int, num_groups: int, num_n: int, num_tile
         scale = plt.load(scale_ref.at[pl.ds(row0, bm)], mask=own, other=0.0)
         acc = acc * scale.astype(jnp.float32)[:, None]
       plt.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
+
+  # Swizzled 1-D grid: bands of group_m row tiles, column tiles inside a band, so the programs
+  # that run together share weight column tiles in L2.
+  tiling.for_owned_tile(tile_group_ref, tile_block_ref, offsets_ref, num_active_ref,
+                        num_tiles=num_tiles, num_n=num_n, group_m=cfg.group_m, block_m=bm,
+                        block_n=bn, n=n, body=visit)
 
 
 def scatter2scatter(
@@ -146,7 +138,7 @@ def scatter2scatter(
       NaNs to prove every row is written.
   Returns:
     (M, N) array of out_dtype.
-  Inputs are validated by the public op (kernels.scatter_matmul).
+  Inputs are validated by the public op (kernels.scatter.scatter_matmul).
   """
   cfg = config or TritonScatterConfig()
   k = x.shape[1]

@@ -15,9 +15,10 @@ from typing import Any, Callable
 
 import jax
 
-from kernels import validation
+from kernels.common import validation
 from kernels.hidden import hidden
-from kernels.scatter_matmul import ScatterRouting, scatter_matmul
+from kernels.scatter.api import scatter_matmul
+from kernels.scatter.routing import ScatterRouting
 
 
 def _check(x, routing, gates, named_weights):
@@ -27,7 +28,7 @@ def _check(x, routing, gates, named_weights):
     validation.check_float_operand(name, w, 3)
   validation.check_same_dtype(x=x, **named_weights)
   if not isinstance(routing, ScatterRouting):
-    raise ValueError(f"routing must be a ScatterRouting (see kernels.scatter_matmul.make_routing), "
+    raise ValueError(f"routing must be a ScatterRouting (see kernels.scatter.make_routing), "
                      f"got {type(routing).__name__}")
   validation.check_float_operand("gates", gates, 2)
   if gates.shape[0] != t or gates.shape[0] * gates.shape[1] != routing.sorted_flat.shape[0]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.reference import clipped_group_offsets
+from kernels.common.groups import clipped_group_offsets
+from kernels.common.registry import Backend
 
 
 def clip_group_sizes(group_sizes: jax.Array, m: int) -> jax.Array:
@@ -37,3 +38,7 @@ def group_xty(x, dy, group_sizes, *, out_dtype) -> jax.Array:
       x, dy, sizes, _XTY_DIMS, preferred_element_type=jnp.float32
   )
   return out.astype(out_dtype)
+
+
+GMM = Backend(name="xla", fn=gmm)
+XTY = Backend(name="xla", fn=group_xty)

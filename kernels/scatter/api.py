@@ -20,92 +20,63 @@ when x is in token order.
 Backward as in the paper: the data gradient is the same scatter kernel with the weights
 transposed, gathering dy (by token when the output was combined) and writing straight to x's
 layout (summed over the k copies when x was in token order); the weight gradient is
-`kernels.group_xty` over grouped x and grouped dy (gathered here: transient, backward only); the
+`kernels.gmm.group_xty` over grouped x and grouped dy (gathered here: transient, backward only); the
 gate gradient is d gates[f] = <dy[t], x_in @ W> = <dy[t] @ W^T, x_in>, taken from the unscaled
 data-gradient rows, so the forward keeps no output activations for it.
 
-Backends. "triton" / "triton_interpret" run every product in the scatter kernel, as the paper
-does. "pallas" (the GPU default), "mosaic" and "mosaic_interpret" keep the scatter kernel (Triton)
-for the products that gather token-order rows, the point of the method, and run the products
-whose input rows are already grouped on the grouped-matmul kernels (`kernels.grouped_matmul`: the
-Mosaic TMA + wgmma kernels on Hopper, faster than Triton's): the forward of a grouped input, and
-in the backward the data gradient, whose grouped dy the weight gradient gathers anyway. Their
-grouped output rows are then put in flat order (or combined) by an XLA gather of the (M, N)
-rows, where the scatter kernel would have written the same (M, N) rows in flat order, so no
-extra (M, ·) buffer is made.
+Backends (`kernels.scatter.backends.SCATTER_BACKENDS`, which says what each name runs): "triton"
+runs every product in the scatter kernel, as the paper does. "pallas" (the GPU default) and
+"mosaic" keep the scatter kernel (Triton) for the products that gather token-order rows, the
+point of the method, and run the products whose input rows are already grouped on the
+grouped-matmul kernels (`kernels.gmm`: the Mosaic TMA + wgmma kernels on Hopper, faster than
+Triton's): the forward of a grouped input, and in the backward the data gradient, whose grouped
+dy the weight gradient gathers anyway. Their grouped output rows are then put in flat order (or
+combined) by an XLA gather of the (M, N) rows, where the scatter kernel would have written the
+same (M, N) rows in flat order, so no extra (M, ·) buffer is made.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from kernels import backends, validation, xla_gmm
-from kernels.grouped_matmul import group_xty, grouped_matmul
-from kernels.reference import inverse_permutation
+from kernels.common import validation
+from kernels.common.groups import inverse_permutation
+from kernels.gmm.api import group_xty, grouped_matmul
+from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
+from kernels.scatter.backends import SCATTER_BACKENDS, ScatterBackend
+from kernels.scatter.routing import ScatterRouting
+from kernels.scatter.triton import TritonScatterConfig
 
 
-class ScatterRouting(NamedTuple):
-  """Expert-sorted routing metadata (a pytree of two int32 arrays)."""
-  sorted_flat: jax.Array   # (M,) flat choice index t * k + j of each sorted row
-  group_sizes: jax.Array   # (E,) sorted rows per expert
-
-
-def make_routing(expert_idx: jax.Array, num_experts: int) -> ScatterRouting:
-  """Routing metadata from a (T, k) int32 top-k expert assignment (computed on device)."""
-  if not hasattr(expert_idx, "ndim") or expert_idx.ndim != 2:
-    raise ValueError(
-        f"expert_idx must be a (T, k) integer array, got {getattr(expert_idx, 'shape', expert_idx)}"
-    )
-  if not jnp.issubdtype(expert_idx.dtype, jnp.integer):
-    raise ValueError(f"expert_idx must have an integer dtype, got {expert_idx.dtype}")
-  if not isinstance(num_experts, int) or num_experts < 1:
-    raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-  flat = expert_idx.reshape(-1).astype(jnp.int32)
-  sorted_flat = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return ScatterRouting(sorted_flat, group_sizes)
-
-
-def _grouped_backend(backend: str) -> str | None:
-  """The grouped_matmul backend for this backend's grouped-input products, or None where the
-  scatter kernel runs every product (see the module docstring)."""
-  return backend if backend in ("pallas", "mosaic", "mosaic_interpret") else None
-
-
-def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend, out_dtype, config):
+def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend: ScatterBackend,
+         out_dtype, config):
   """out[dst[p]] = scale[p] * x[src[p]] @ W[g(p)]; None = identity index / no scale."""
-  grouped = _grouped_backend(backend)
-  if grouped is not None and src is None and scale is None:
-    out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w, backend=grouped,
+  if backend.gmm_backend is not None and src is None and scale is None:
+    out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w, backend=backend.gmm_backend,
                          out_dtype=out_dtype)
     # dst is a permutation of the M rows (sorted_flat): a gather puts them in flat order.
     return out if dst is None else jnp.take(out, inverse_permutation(dst), axis=0)
-  if backend != "xla":
-    from kernels import scatter_triton
+  tuned = {"config": config} if backend.config_classes else {}
+  return backend.fn(x, w, group_sizes, src, dst, scale, m=m, transpose_w=transpose_w,
+                    out_dtype=out_dtype, **tuned)
 
-    return scatter_triton.scatter2scatter(
-        x, w, group_sizes, src, dst, scale, m=m, transpose_w=transpose_w, out_dtype=out_dtype,
-        config=config, interpret=backend.endswith("_interpret"),
-    )
-  # The plain XLA path: materialize the gather, ragged_dot, scale, scatter.
-  xin = x if src is None else jnp.take(x, src, axis=0)
-  out = xla_gmm.gmm(xin, w, group_sizes, transpose_rhs=transpose_w, out_dtype=jnp.float32)
-  if scale is not None:
-    out = out * scale.astype(jnp.float32)[:, None]
-  out = out.astype(out_dtype)
-  if dst is not None:
-    out = jnp.zeros_like(out).at[dst].set(out, unique_indices=True)
-  return out
+
+def _select(x, w, sorted_flat, transpose_w, backend: str) -> ScatterBackend:
+  """The record of `backend` (validated by the public op)."""
+  n = w.shape[1] if transpose_w else w.shape[2]
+  shape = GroupedShape(sorted_flat.shape[0], x.shape[1], n, w.shape[0])
+  return SCATTER_BACKENDS.select(backend, shape, make_dtypes(x.dtype))
 
 
 def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
              out_dtype, config):
   m = sorted_flat.shape[0]
-  if x_grouped and gates is not None and _grouped_backend(backend) is not None:
+  backend = _select(x, w, sorted_flat, transpose_w, backend)
+  if x_grouped and gates is not None and backend.gmm_backend is not None:
     # The grouped kernel's rows in flat order (_s2s), then the gates multiply in the fused
     # combine (each product rounded to out_dtype, then scaled and summed in float32, as the
     # grouped path's combine does; the scatter kernel rounds the gate-scaled product instead).
@@ -144,6 +115,7 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
   x, w, gates, sorted_flat, group_sizes = res
   m = sorted_flat.shape[0]
   dy = dy.astype(x.dtype)
+  backend = _select(x, w, sorted_flat, transpose_w, backend)
   # Where sorted row p's output gradient lives in dy.
   if y_grouped:
     dy_src = None
@@ -160,7 +132,7 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
   # Where grouped products run on the grouped kernels, gather dy once (the weight gradient needs
   # the grouped rows too) and run the data gradient on the grouped rows.
   dyg = None
-  if _grouped_backend(backend) is not None and dy_src is not None:
+  if backend.gmm_backend is not None and dy_src is not None:
     dyg, dy_src_dx = jnp.take(dy, dy_src, axis=0), None
   else:
     dy_src_dx = dy_src
@@ -185,11 +157,12 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
     dyg = dy if dy_src is None else jnp.take(dy, dy_src, axis=0)
   if gates is not None:
     dyg = (dyg.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]).astype(x.dtype)
-  # The same backend name: group_xty resolves "pallas" to the best kernel for the shape.
+  # The weight gradient always runs on the grouped kernels: the gmm backend of this backend's
+  # record (group_xty resolves "pallas" to the best kernel for the shape).
   if transpose_w:
-    dw = group_xty(dyg, xg, group_sizes, backend=backend, out_dtype=w.dtype)
+    dw = group_xty(dyg, xg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
   else:
-    dw = group_xty(xg, dyg, group_sizes, backend=backend, out_dtype=w.dtype)
+    dw = group_xty(xg, dyg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
   return dx, dw, dgates, None, None
 
 
@@ -217,16 +190,17 @@ def scatter_matmul(
     routing: ScatterRouting from make_routing (sorted_flat (M,), group_sizes (E,), int32).
     gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
     x_grouped, y_grouped: input / output already in expert-sorted order.
-    backend: "xla" (plain XLA; CPU default), "triton" / "triton_interpret" (every product in the
-      scatter kernel), "pallas" (GPU default), "mosaic" / "mosaic_interpret" (grouped-input
-      products on the grouped-matmul kernels; see the module docstring) or None.
+    backend: a name of `SCATTER_BACKENDS` (kernels.scatter.backends): "xla" (plain XLA; CPU
+      default), "triton" / "triton_interpret" (every product in the scatter kernel), "pallas"
+      (GPU default), "mosaic" / "mosaic_interpret" (grouped-input products on the
+      grouped-matmul kernels; see the module docstring) or None.
     out_dtype: defaults to x.dtype; accumulation is float32.
-    config: optional kernels.scatter_triton.TritonScatterConfig (tile sizes, warps, stages).
+    config: optional kernels.scatter.TritonScatterConfig (tile sizes, warps, stages).
 
   Returns:
     (M, N) sorted (y_grouped), (M, N) flat order, or (T, N) with gates.
   """
-  backend = backends.resolve_backend(backend)
+  backend = SCATTER_BACKENDS.validate(backend)
   validation.check_float_operand("x", x, 2)
   validation.check_float_operand("w", w, 3)
   validation.check_same_dtype(x=x, w=w)
@@ -257,12 +231,9 @@ def scatter_matmul(
                        f"{tuple(gates.shape)}")
     if not x_grouped and x.shape[0] not in (gates.shape[0], m):
       raise ValueError(f"gates: T={gates.shape[0]} does not match x.shape[0]={x.shape[0]}")
-  if config is not None:
-    from kernels.scatter_triton import TritonScatterConfig
-
-    if not isinstance(config, TritonScatterConfig):
-      raise ValueError(f"config must be a kernels.scatter_triton.TritonScatterConfig or None, got "
-                       f"{type(config).__name__}")
+  if config is not None and not isinstance(config, TritonScatterConfig):
+    raise ValueError(f"config must be a kernels.scatter.TritonScatterConfig or None, got "
+                     f"{type(config).__name__}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   return _scatter_matmul(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
                          backend, out_dtype, config)

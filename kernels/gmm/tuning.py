@@ -3,12 +3,12 @@
 Why: each Pallas kernel takes a config dataclass (block sizes, pipeline depth, grid swizzle,
 warps), and one default per kernel is a compromise; the fastest config depends on the GPU and on
 the shape. `experiments/autotune_gmm.py` times a few candidates per shape on the GPU (each one
-checked against `kernels.reference` first) and writes the fastest into a JSON table;
-`kernels.grouped_matmul` asks `lookup` for a config at trace time, on GPU only, and uses the
+checked against `kernels.gmm.reference` first) and writes the fastest into a JSON table;
+`kernels.gmm.api` asks `lookup` for a config at trace time, on GPU only, and uses the
 kernel's default where the table has no entry. Tables are read once per file version (path,
 mtime, size); a function already traced keeps the config it was traced with.
 
-The table (kernels/tuned_configs.json, shipped as package data; the environment variable
+The table (kernels/gmm/tuned_configs.json, shipped as package data; the environment variable
 JAXMOE_TUNED_CONFIGS=path replaces it with another file):
 
   {"version": 1,
@@ -20,7 +20,8 @@ JAXMOE_TUNED_CONFIGS=path replaces it with another file):
       "dtype": "bfloat16",       # operand dtype: "bfloat16" | "float16" | "float32"
       "k": 4096, "n": 14336,     # gmm/gmm_t: contraction and output columns; xty: x and dy columns
       "m_bucket": 32768,         # rows M rounded up to a power of two (`m_bucket`)
-      "config_type": "MosaicWsGmmConfig",   # allowed types: CONFIG_TYPES[(op, backend)]
+      "config_type": "MosaicWsGmmConfig",   # allowed: CONFIG_TYPES[(op, backend)], the config
+                                 # classes of the backend's record in kernels.gmm.backends
       "config": {"block_m": 128, "block_n": 128, ...},   # fields; missing ones take defaults
                                  # (sizes: ints >= 1, or null where the default is None;
                                  # flags such as "chain", "largest_first": true / false)
@@ -43,27 +44,33 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels.common.registry import Registry
+from kernels.gmm.backends import GMM_BACKENDS, XTY_BACKENDS
+from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
+
 ENV_VAR = "JAXMOE_TUNED_CONFIGS"
 TABLE_VERSION = 1
-OPS = ("gmm", "gmm_t", "xty")
-TUNED_BACKENDS = ("mosaic", "triton")
 DTYPES = ("bfloat16", "float16", "float32")
+# The registry of each tuned op: "gmm_t" is grouped_matmul with transpose_rhs=True (the data
+# gradient's shape).
+REGISTRIES: dict[str, Registry] = {"gmm": GMM_BACKENDS, "gmm_t": GMM_BACKENDS, "xty": XTY_BACKENDS}
+OPS = tuple(REGISTRIES)
+# The backends with a config to tune: the compiled (GPU) Pallas ones.
+TUNED_BACKENDS = tuple(sorted({b.name for r in REGISTRIES.values() for b in r
+                               if b.config_classes and b.needs_gpu}))
 
-# Config dataclass names allowed per (op, backend). The Mosaic gmm and group_xty may name either
-# the warp-specialized kernel's config or the simple kernel's: the type picks the kernel.
+# Config dataclass names allowed per (op, backend), from the backends' records. The Mosaic gmm and
+# group_xty may name either the warp-specialized kernel's config or the simple kernel's: the type
+# picks the kernel.
 CONFIG_TYPES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("gmm", "mosaic"): ("MosaicWsGmmConfig", "MosaicGmmConfig"),
-    ("gmm_t", "mosaic"): ("MosaicWsGmmConfig", "MosaicGmmConfig"),
-    ("xty", "mosaic"): ("MosaicWsXtyConfig", "MosaicXtyConfig"),
-    ("gmm", "triton"): ("TritonGmmConfig",),
-    ("gmm_t", "triton"): ("TritonGmmConfig",),
-    ("xty", "triton"): ("TritonXtyConfig",),
+    (op, name): tuple(c.__name__ for c in REGISTRIES[op].get(name).config_classes)
+    for op in OPS for name in TUNED_BACKENDS
 }
 
 # The comment experiments/autotune_gmm.py writes into the tables it fills.
 TABLE_COMMENT = (
     "Tuned grouped-matmul configs keyed by (device_kind, op, backend, dtype, k, n, m_bucket); "
-    "schema and lookup in kernels/tuning.py. Filled by experiments/autotune_gmm.py on the GPU; "
+    "schema and lookup in kernels/gmm/tuning.py. Filled by experiments/autotune_gmm.py on the GPU; "
     "each entry's meta records its timing, the default's, the date and the jax version."
 )
 
@@ -93,17 +100,9 @@ class Table:
 
 
 def config_classes() -> dict[str, type]:
-  """Config dataclasses by name (imported lazily: the Mosaic modules pull in Mosaic GPU)."""
-  from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton
-
-  return {
-      "MosaicGmmConfig": gmm_mosaic.MosaicGmmConfig,
-      "MosaicWsGmmConfig": gmm_mosaic_ws.MosaicWsGmmConfig,
-      "MosaicXtyConfig": gmm_mosaic.MosaicXtyConfig,
-      "MosaicWsXtyConfig": gmm_mosaic_xty_ws.MosaicWsXtyConfig,
-      "TritonGmmConfig": gmm_triton.TritonGmmConfig,
-      "TritonXtyConfig": gmm_triton.TritonXtyConfig,
-  }
+  """Config dataclasses by name: those of the tuned backends' records."""
+  return {c.__name__: c for r in REGISTRIES.values() for name in TUNED_BACKENDS
+          for c in r.get(name).config_classes}
 
 
 def m_bucket(m: int) -> int:
@@ -120,8 +119,8 @@ def current_device_kind() -> str:
 
 
 def default_table_path() -> str:
-  """The table shipped with the package (kernels/tuned_configs.json)."""
-  return str(importlib.resources.files("kernels").joinpath("tuned_configs.json"))
+  """The table shipped with the package (kernels/gmm/tuned_configs.json)."""
+  return str(importlib.resources.files("kernels.gmm").joinpath("tuned_configs.json"))
 
 
 def table_path() -> str:
@@ -282,7 +281,7 @@ def lookup(op: str, backend: str, dtype: Any, k: int, n: int, m: int, *,
 
   Args:
     op: "gmm", "gmm_t" (grouped_matmul with transpose_rhs=True) or "xty" (group_xty).
-    backend: "mosaic" or "triton".
+    backend: one of TUNED_BACKENDS ("mosaic", "triton").
     dtype: operand dtype.
     k, n: gmm/gmm_t: contraction size and output columns; xty: columns of x and of dy.
     m: rows (lhs / x rows); matched by its power-of-two bucket.
@@ -299,19 +298,17 @@ def lookup(op: str, backend: str, dtype: Any, k: int, n: int, m: int, *,
 
 
 def fits(config: Any, k: int, n: int, in_dtype: Any, out_dtype: Any) -> bool:
-  """Whether a (tuned) config can run this call: Mosaic tiles must divide K and N, and the
-  warp-specialized kernels' stages plus output staging must fit in shared memory for these
-  dtypes (`gmm_mosaic_ws.supports`, `gmm_mosaic_xty_ws.supports`). Triton kernels mask ragged
-  edges: always True."""
-  from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws
-
-  if isinstance(config, gmm_mosaic_ws.MosaicWsGmmConfig):
-    return gmm_mosaic_ws.supports(k, n, config, in_dtype, out_dtype)
-  if isinstance(config, gmm_mosaic_xty_ws.MosaicWsXtyConfig):
-    return gmm_mosaic_xty_ws.supports(k, n, config, in_dtype, out_dtype)
-  if isinstance(config, (gmm_mosaic.MosaicGmmConfig, gmm_mosaic.MosaicXtyConfig)):
-    return k % config.block_k == 0 and n % config.block_n == 0
-  return True
+  """Whether a (tuned) config can run this call: the check of the tuned backend whose record
+  owns the config's class (Mosaic: tiles dividing K and N, stages and output staging within
+  shared memory for these dtypes; Triton kernels mask ragged edges: always True)."""
+  shape, dtypes = GroupedShape(1, k, n, 1), make_dtypes(in_dtype, out_dtype)
+  for r in (GMM_BACKENDS, XTY_BACKENDS):
+    for name in TUNED_BACKENDS:
+      backend = r.get(name)
+      if isinstance(config, backend.config_classes):
+        return backend.check(shape, dtypes, config) is None
+  raise ValueError(f"config must be an instance of one of {sorted(config_classes())}, got "
+                   f"{type(config).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 gmm:        lhs (M, K) x rhs (G, K, N) [or (G, N, K) transposed] -> (M, N)
 group_xty:  x (M, K), dy (M, N) -> (G, K, N),  out[g] = x[g rows]^T dy[g rows]
 
-gmm: one CTA per SM loops over (row tile, column tile) pairs of `kernels.tiling`. Each pair runs
+gmm: one CTA per SM loops over (row tile, column tile) pairs of `kernels.common.tiling`. Each pair runs
 a TMA + wgmma software pipeline over K into a register accumulator, then writes only its own
 group's rows of the tile: the accumulator goes to shared memory and out with TMA stores of
 2^i rows each (TMA boxes have static shapes, the row count is dynamic, so the count is written
@@ -12,7 +12,9 @@ the pipeline and store zeros.
 
 group_xty: one CTA per SM loops over (group, K tile, N tile). The pipeline walks the group's
 rows in blocks of `block_rows`; the first and last block of a group can hold rows of its
-neighbours, which are zeroed in shared memory before the wgmma.
+neighbours (or of the tail past sum(group_sizes)), whose x rows are replaced by zeros in shared
+memory before the wgmma (a select: a NaN or inf there adds nothing). dy is not masked, so the
+rows outside the group must hold finite dy values.
 
 Shape limits (see `supports`): K and N multiples of the block sizes; M is free.
 """
@@ -28,11 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import mosaic_kernel_cache, tiling
-
-# Every Mosaic kernel of this package is built through this module (the ws and xty kernels import
-# it): equal kernels at different call sites then compile once (see mosaic_kernel_cache).
-mosaic_kernel_cache.install()
+from kernels.common import tiling
+from kernels.gmm import mosaic_common as common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,48 +50,6 @@ class MosaicXtyConfig:
   block_rows: int = 64   # rows of x / dy reduced per pipeline step
   max_concurrent_steps: int = 4
   grid_tile_width: int = 8
-
-
-def _num_sms() -> int:
-  abstract = jax.sharding.get_abstract_mesh().abstract_device
-  if abstract is not None and abstract.num_cores:
-    return abstract.num_cores
-  dev = jax.devices()[0]
-  return getattr(dev, "core_count", None) or 132
-
-
-def supports(m: int, k: int, n: int) -> bool:
-  """Whether the default configs handle this shape (used by backend="pallas")."""
-  gc, xc = MosaicGmmConfig(), MosaicXtyConfig()
-  return k % gc.block_k == 0 and n % gc.block_n == 0 and k % xc.block_k == 0 and m >= 1
-
-
-def _smem_transforms(minor: int, dtype) -> tuple:
-  """Tiling + swizzle for a shared-memory tile whose minor dimension has `minor` elements."""
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def _interpret_params(interpret: bool):
-  return plgpu.InterpretGPUParams(detect_races=True) if interpret else None
-
-
-def store_rows(src_smem, dst_gmem, *, first: jax.Array, count: jax.Array, dst_offset: jax.Array,
-               max_rows: int) -> None:
-  """TMA-stores rows [first, first + count) of src_smem to rows dst_offset + [first, first + count)
-  of dst_gmem (both indexed rows first, same columns): one store per set bit of `count` (unrolled;
-  max_rows bounds count), so rows outside the range, which belong to another group's visit of
-  the same tile, are never written."""
-  row = first
-  rows = 1 << int(math.log2(max_rows))
-  while rows >= 1:
-    @pl.when((count & rows) != 0)
-    def _():
-      plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(row, rows)],
-                              dst_gmem.at[pl.ds(dst_offset + row, rows)])
-    row = row + (count & rows)
-    rows //= 2
 
 
 def gmm(
@@ -162,19 +119,19 @@ def gmm(
         def _store(o_smem):
           o_smem[...] = acc.astype(o_smem.dtype)
           plgpu.commit_smem()
-          store_rows(o_smem, out_gmem.at[:, pl.ds(ni * bn, bn)], first=row_start - block_start,
+          common.store_rows(o_smem, out_gmem.at[:, pl.ds(ni * bn, bn)], first=row_start - block_start,
                      count=row_end - row_start, dst_offset=block_start, max_rows=min(bm, m))
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(_num_sms(),),
+      grid=(common.num_sms(),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup
       ),
-      interpret=_interpret_params(interpret),
+      interpret=common.interpret_params(interpret),
   )
   return kernel(meta.tile_group, meta.tile_block, meta.offsets, meta.num_active, lhs, rhs)
 
@@ -200,9 +157,9 @@ def group_xty(
   grid_k, grid_n = k // bk, n // bn
   tile_width = math.gcd(cfg.grid_tile_width, grid_n)
 
-  x_transforms = _smem_transforms(bk, x.dtype)
-  dy_transforms = _smem_transforms(bn, dy.dtype)
-  out_transforms = _smem_transforms(bn, out_dtype)
+  x_transforms = common.smem_transforms(bk, x.dtype)
+  dy_transforms = common.smem_transforms(bn, dy.dtype)
+  out_transforms = common.smem_transforms(bn, out_dtype)
 
   def body(offsets_gmem, first_block_gmem, num_blocks_gmem, x_gmem, dy_gmem, out_gmem):
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
@@ -226,8 +183,11 @@ def group_xty(
             rows = row0 + plgpu.layout_cast(
                 jax.lax.broadcasted_iota(jnp.int32, (br, bk), 0), plgpu.Layout.WGMMA
             )
-            keep = ((rows >= start) & (rows < end)).astype(x_smem.dtype)
-            x_smem[...] = x_smem[...] * keep
+            keep = (rows >= start) & (rows < end)
+            # A select, not a multiply by 0/1: a NaN or inf in a neighbour's row must not leak
+            # (NaN * 0 is NaN).
+            vals = x_smem[...]
+            x_smem[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
             plgpu.commit_smem()
 
           plgpu.wgmma(acc_ref, x_smem.transpose((1, 0)), dy_smem)
@@ -268,11 +228,11 @@ def group_xty(
   kernel = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      grid=(_num_sms(),),
+      grid=(common.num_sms(),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup
       ),
-      interpret=_interpret_params(interpret),
+      interpret=common.interpret_params(interpret),
   )
   return kernel(offsets, first_block, num_blocks, x, dy)

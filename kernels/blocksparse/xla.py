@@ -10,7 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.blocksparse.products import BlockSparseKernels
 from kernels.blocksparse.topology import Topology
+from kernels.common.registry import Backend
 
 
 def _valid(topo: Topology) -> jax.Array:
@@ -61,3 +63,6 @@ def dds(lhs, data, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype):
     seg, lines = topo.column_indices, topo.num_col_blocks
   out = jax.ops.segment_sum(part, seg, num_segments=lines)   # (lines, M, b)
   return out.transpose(1, 0, 2).reshape(m, lines * b).astype(out_dtype)
+
+
+XLA = Backend(name="xla", fn=BlockSparseKernels(sdd, dsd, dds))

@@ -11,9 +11,10 @@ when the flag is set (the operand is stored transposed) and X otherwise:
 Every op is a jax.custom_vjp whose backward is made of the same three ops (with the transpose
 flags the gradient needs), so the backward runs on the same backend as the forward.
 
-backend: "xla" (block gathers + batched matmuls, the CPU default), "triton" / "pallas" (the Triton
-kernels; the GPU default), "triton_interpret" (the same kernels in the Pallas interpreter).
-"mosaic" and "mosaic_interpret" map to the Triton kernels: there is no Mosaic block-sparse kernel.
+backend: a name of `kernels.blocksparse.backends.BLOCKSPARSE_BACKENDS`: "xla" (block gathers +
+batched matmuls, the CPU default), "triton" (the Triton kernels), "pallas" (the GPU default: the
+Triton kernels, the only Pallas ones), "triton_interpret" (the same kernels in the Pallas
+interpreter). There is no Mosaic block-sparse kernel: "mosaic" is a ValueError listing these.
 """
 
 from __future__ import annotations
@@ -23,20 +24,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import validation
-from kernels.backends import resolve_backend
-from kernels.blocksparse import triton_ops, xla_ops
+from kernels.blocksparse.backends import BLOCKSPARSE_BACKENDS
 from kernels.blocksparse.topology import Topology
-from kernels.blocksparse.triton_ops import BlockSparseConfig
+from kernels.blocksparse.triton import BlockSparseConfig
+from kernels.common import validation
 
 _FLAGS = ("transpose_lhs", "transpose_rhs")
 
 
 def _impl(name: str, backend: str, config: BlockSparseConfig | None):
-  if backend == "xla":
-    return getattr(xla_ops, name)
-  interpret = backend.endswith("_interpret")
-  return functools.partial(getattr(triton_ops, name), config=config, interpret=interpret)
+  """The `name` ("sdd", "dsd" or "dds") function of a validated backend name."""
+  record = BLOCKSPARSE_BACKENDS.select(backend, None, None)
+  fn = getattr(record.fn, name)
+  return functools.partial(fn, config=config) if record.config_classes else fn
 
 
 # ---- the custom_vjp core: static = (transpose_lhs, transpose_rhs, backend, config) -------------
@@ -115,9 +115,7 @@ _dds.defvjp(_fwd(_dds), _dds_bwd)
 # ---- public ops ---------------------------------------------------------------------------------
 
 def _setup(backend, config, out_dtype, default_dtype):
-  backend = resolve_backend(backend)
-  backend = {"mosaic": "triton", "pallas": "triton", "mosaic_interpret": "triton_interpret"}.get(
-      backend, backend)
+  backend = BLOCKSPARSE_BACKENDS.validate(backend)
   if config is not None:
     if not isinstance(config, BlockSparseConfig):
       raise ValueError(f"config must be a BlockSparseConfig or None, got {type(config).__name__}")

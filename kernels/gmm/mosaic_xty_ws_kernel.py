@@ -4,7 +4,7 @@ group_xty:  x (M, K), dy (M, N), group_sizes (G,) -> (G, K, N)
             out[g] = x[rows of g]^T dy[rows of g]; zeros for empty groups; rows at or past
             sum(group_sizes) belong to no group (boundaries clipped to M like the reference).
 
-Work split: one CTA per SM loops over (group, K tile, N tile), as `kernels.gmm_mosaic.group_xty`
+Work split: one CTA per SM loops over (group, K tile, N tile), as `kernels.gmm.mosaic_kernel.group_xty`
 does; the pipeline walks the group's rows in blocks of `block_rows`. The loop hands out the
 tiles round-robin (the SM's i-th tile is tile i * num_sms + sm), groups outermost, and a tile's
 work is proportional to its group's row-block count; with skewed group sizes, visiting the groups
@@ -50,9 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import tiling
-from kernels.gmm_mosaic import _interpret_params, _num_sms, _smem_transforms
-from kernels.gmm_mosaic_ws import _SMEM_BUDGET
+from kernels.common import tiling
+from kernels.gmm import mosaic_common as common
 
 # Output chunk staged in shared memory per compute warpgroup and TMA store: at most (64, 64).
 _EPI_ROWS = 64
@@ -98,7 +97,7 @@ def smem_bytes(config: MosaicWsXtyConfig, in_dtype: Any, out_dtype: Any) -> int:
   return cfg.max_concurrent_steps * stage + out
 
 
-def _check(k: int, n: int, cfg: MosaicWsXtyConfig, in_dtype: Any, out_dtype: Any) -> str | None:
+def check(k: int, n: int, cfg: MosaicWsXtyConfig, in_dtype: Any, out_dtype: Any) -> str | None:
   """Why `cfg` cannot run this call, or None when it can."""
   if jnp.dtype(in_dtype).itemsize != 2:
     return (f"16-bit operands (wgmma reads transposed x only for 16-bit types), got "
@@ -111,8 +110,8 @@ def _check(k: int, n: int, cfg: MosaicWsXtyConfig, in_dtype: Any, out_dtype: Any
   if k % cfg.block_k or n % (2 * cfg.block_n):
     return f"K % {cfg.block_k} == 0 and N % {2 * cfg.block_n} == 0, got K={k}, N={n}"
   used = smem_bytes(cfg, in_dtype, out_dtype)
-  if used > _SMEM_BUDGET:
-    return (f"at most {_SMEM_BUDGET} bytes of shared memory, got {used} bytes for "
+  if used > common.SMEM_BUDGET:
+    return (f"at most {common.SMEM_BUDGET} bytes of shared memory, got {used} bytes for "
             f"{jnp.dtype(in_dtype).name} inputs and {jnp.dtype(out_dtype).name} output")
   return None
 
@@ -122,7 +121,7 @@ def supports(k: int, n: int, config: MosaicWsXtyConfig | None = None, in_dtype: 
   """Whether `config` (default: `default_config`'s choice) runs this call: 16-bit operands, tiles
   dividing K and N, and stages plus output staging within the H100's shared memory."""
   cfg = config or default_config(k, n, in_dtype, out_dtype)
-  return cfg is not None and _check(k, n, cfg, in_dtype, out_dtype) is None
+  return cfg is not None and check(k, n, cfg, in_dtype, out_dtype) is None
 
 
 def default_config(k: int, n: int, in_dtype: Any = jnp.bfloat16,
@@ -131,7 +130,7 @@ def default_config(k: int, n: int, in_dtype: Any = jnp.bfloat16,
   float32 one), or None when no depth of at least 2 fits this call."""
   for steps in (4, 3, 2):
     cfg = MosaicWsXtyConfig(max_concurrent_steps=steps)
-    if _check(k, n, cfg, in_dtype, out_dtype) is None:
+    if check(k, n, cfg, in_dtype, out_dtype) is None:
       return cfg
   return None
 
@@ -149,7 +148,7 @@ def group_xty(
   m, k = x.shape
   n = dy.shape[1]
   cfg = config or default_config(k, n, x.dtype, out_dtype) or MosaicWsXtyConfig()
-  why = _check(k, n, cfg, x.dtype, out_dtype)
+  why = check(k, n, cfg, x.dtype, out_dtype)
   if why is not None:
     raise ValueError(f"mosaic ws group_xty (config {cfg}) needs {why}")
   bk, bn, br = cfg.block_k, cfg.block_n, cfg.block_rows
@@ -159,9 +158,9 @@ def group_xty(
   offsets, first_block, num_blocks = tiling.group_row_blocks(group_sizes, m, br)
   grid_k, grid_n = k // bk, n // cta_n
   tile_width = math.gcd(cfg.grid_tile_width, grid_n)
-  x_transforms = _smem_transforms(bk, x.dtype)
-  dy_transforms = _smem_transforms(cta_n, dy.dtype)
-  out_transforms = _smem_transforms(epi_cols, out_dtype)
+  x_transforms = common.smem_transforms(bk, x.dtype)
+  dy_transforms = common.smem_transforms(cta_n, dy.dtype)
+  out_transforms = common.smem_transforms(epi_cols, out_dtype)
 
   def make_pipeline(step, compute_context, num_steps, first):
     # Block indices count block_rows-row blocks from the array's first row: the group's row
@@ -267,13 +266,13 @@ def group_xty(
   kernel = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      grid=(_num_sms(),),
+      grid=(common.num_sms(),),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup
       ),
-      interpret=_interpret_params(interpret),
+      interpret=common.interpret_params(interpret),
   )
   return kernel(offsets, first_block, num_blocks, *orders, x, dy)

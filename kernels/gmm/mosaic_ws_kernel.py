@@ -2,7 +2,7 @@
 
 gmm:  lhs (M, K) x rhs (G, K, N) [or (G, N, K) transposed] -> (M, N)
 
-Same tiling and semantics as `kernels.gmm_mosaic.gmm` (row tiles from `kernels.tiling`, masked
+Same tiling and semantics as `kernels.gmm.mosaic_kernel.gmm` (row tiles from `kernels.common.tiling`, masked
 row stores written as TMA stores of 2^i rows, zeros for the tail past sum(group_sizes)), but each
 CTA runs three warpgroups: one issues the TMA loads, two compute. A CTA tile is block_m rows x
 2 * block_n columns; both compute warpgroups read the same lhs tile from shared memory and each
@@ -12,7 +12,7 @@ single-warpgroup kernel and the loads run ahead of the math without stealing its
 Each CTA (one per SM) first walks the tiles of the real groups, then the tail tiles (rows past
 the last group, sum(group_sizes) <= row < M), which store zeros without running the K pipeline:
 an expert-parallel receive buffer padded to 1.25x its expected rows has ~20% of them, and
-running the K loop there, as this kernel first did, cost that share of the whole matmul.
+running the K loop there would cost that share of the whole matmul.
 
 Two options shorten the time between one tile's last wgmma and the next tile's first:
 - `chain`: the per-tile pipelines run as one pipeline of pipelines (`pipeline_state` START,
@@ -22,9 +22,8 @@ Two options shorten the time between one tile's last wgmma and the next tile's f
 - `epi_cols`: the accumulator leaves through shared memory in (block_m, epi_cols) chunks, one
   staging slot per compute warpgroup; the smaller staging buffer leaves room for a 4th pipeline
   stage at the 128 x 256 CTA tile (see `smem_bytes`).
-Both are off by default. On the H100 (experiments/results/h100/session5/) the 4th stage gains
-3-7% at the K=2048 benchmark shapes and loses 10-25% at the Mixtral-like one; the chain adds
-nothing measurable on top. The tuned table (kernels/tuned_configs.json) picks per shape.
+Both are off by default. On the H100 the 4th stage gains 3-7% at the K=2048 benchmark shapes and
+loses 10-25% at the Mixtral-like one; the chain adds nothing measurable on top. The tuned table (kernels/gmm/tuned_configs.json) picks per shape.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import tiling
-from kernels.gmm_mosaic import _interpret_params, _num_sms, _smem_transforms, store_rows
+from kernels.common import tiling
+from kernels.gmm import mosaic_common as common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +56,6 @@ class MosaicWsGmmConfig:
   epi_cols: int | None = None
   # Chain the per-tile pipelines (see the module docstring); used only where the steps line up.
   chain: bool = False
-
-
-# Shared memory a CTA may use on Hopper (227 KiB), less a margin for the pipeline's barriers.
-_SMEM_BUDGET = 227 * 1024 - 1024
 
 
 def smem_bytes(config: MosaicWsGmmConfig, in_dtype, out_dtype) -> int:
@@ -81,15 +76,27 @@ def chains(k: int, config: MosaicWsGmmConfig) -> bool:
   return config.chain and (k // config.block_k) % config.max_concurrent_steps == 0
 
 
+def check(k: int, n: int, config: MosaicWsGmmConfig, in_dtype, out_dtype) -> str | None:
+  """Why `config` cannot run this call, or None: the tiles must divide K and N and fit in shared
+  memory (a float32 output doubles the staging buffer: 128 KiB, which with 3 stages exceeds the
+  H100's 227 KiB, seen on the GPU)."""
+  cfg = config
+  epi = _epi_cols(cfg)
+  if k % cfg.block_k or n % (2 * cfg.block_n):
+    return f"K % {cfg.block_k} == 0 and N % {2 * cfg.block_n} == 0, got K={k}, N={n}"
+  if not (epi > 0 and cfg.block_n % epi == 0 and epi % 8 == 0):
+    return f"epi_cols dividing block_n={cfg.block_n} (a multiple of 8), got {cfg.epi_cols}"
+  used = smem_bytes(cfg, in_dtype, out_dtype)
+  if used > common.SMEM_BUDGET:
+    return (f"at most {common.SMEM_BUDGET} bytes of shared memory, got {used} bytes for "
+            f"{jnp.dtype(in_dtype).name} inputs and {jnp.dtype(out_dtype).name} output")
+  return None
+
+
 def supports(k: int, n: int, config: MosaicWsGmmConfig | None = None, in_dtype=jnp.bfloat16,
              out_dtype=jnp.bfloat16) -> bool:
-  """Whether the tiles divide the shape and fit in shared memory: a float32 output doubles the
-  staging buffer (128 KiB), which with 3 stages exceeds the H100's 227 KiB (seen on the GPU)."""
-  cfg = config or MosaicWsGmmConfig()
-  epi = _epi_cols(cfg)
-  return (k % cfg.block_k == 0 and n % (2 * cfg.block_n) == 0
-          and epi > 0 and cfg.block_n % epi == 0 and epi % 8 == 0
-          and smem_bytes(cfg, in_dtype, out_dtype) <= _SMEM_BUDGET)
+  """Whether `config` (default: the default config) runs this call (`check` says why not)."""
+  return check(k, n, config or MosaicWsGmmConfig(), in_dtype, out_dtype) is None
 
 
 def gmm(
@@ -111,7 +118,7 @@ def gmm(
   if not supports(k, n, cfg, lhs.dtype, out_dtype):
     raise ValueError(
         f"mosaic ws gmm needs K % {bk} == 0, N % {cta_n} == 0, epi_cols dividing block_n={bn} "
-        f"(a multiple of 8) and at most {_SMEM_BUDGET} bytes of shared memory, got K={k}, N={n}, "
+        f"(a multiple of 8) and at most {common.SMEM_BUDGET} bytes of shared memory, got K={k}, N={n}, "
         f"epi_cols={cfg.epi_cols}, {smem_bytes(cfg, lhs.dtype, out_dtype)} bytes for "
         f"{jnp.dtype(lhs.dtype).name} inputs and {jnp.dtype(out_dtype).name} output")
   meta = tiling.tile_metadata(group_sizes, m, bm)
@@ -119,11 +126,11 @@ def gmm(
   tile_width = math.gcd(cfg.grid_tile_width, grid_n)
   epi = _epi_cols(cfg)
   chained = chains(k, cfg)
-  lhs_transforms = _smem_transforms(bk, lhs.dtype)
+  lhs_transforms = common.smem_transforms(bk, lhs.dtype)
   if transpose_rhs:
-    rhs_block, rhs_index, rhs_transforms = (cta_n, bk), (lambda ki: (0, ki)), _smem_transforms(bk, rhs.dtype)
+    rhs_block, rhs_index, rhs_transforms = (cta_n, bk), (lambda ki: (0, ki)), common.smem_transforms(bk, rhs.dtype)
   else:
-    rhs_block, rhs_index, rhs_transforms = (bk, cta_n), (lambda ki: (ki, 0)), _smem_transforms(cta_n, rhs.dtype)
+    rhs_block, rhs_index, rhs_transforms = (bk, cta_n), (lambda ki: (ki, 0)), common.smem_transforms(cta_n, rhs.dtype)
 
   def make_pipeline(mma_body, compute_context, pipeline_state=None):
     return plgpu.emit_pipeline_warp_specialized(
@@ -175,7 +182,7 @@ def gmm(
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           o_smem[wg] = chunk_values(c)
           plgpu.commit_smem()
-          store_rows(o_smem.at[wg], out_gmem.at[:, pl.ds(col0, epi)], first=row_start - block_start,
+          common.store_rows(o_smem.at[wg], out_gmem.at[:, pl.ds(col0, epi)], first=row_start - block_start,
                      count=count, dst_offset=block_start, max_rows=min(bm, m))
 
       # Tiles of the real groups: the K pipeline per tile, chained across tiles when enabled.
@@ -238,14 +245,14 @@ def gmm(
   kernel = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(_num_sms(),),
+      grid=(common.num_sms(),),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup
       ),
-      interpret=_interpret_params(interpret),
+      interpret=common.interpret_params(interpret),
   )
   return kernel(meta.tile_group, meta.tile_block, meta.offsets, meta.num_active, meta.num_real,
                 lhs, rhs)

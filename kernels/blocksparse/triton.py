@@ -18,8 +18,8 @@ _line_operands checks the static shapes, the values are make_topology's precondi
 owns the contiguous valid row blocks [r0_e, r0_e + n_e), r0_e = padded_offsets[e] / b; every valid
 row block r of expert e holds exactly C = f / b blocks, at block columns e*C + j (j < C), stored at
 data[r*C + j]. So a line's blocks are affine in the loop index and no index array is read inside
-the loop, which Triton can software-pipeline like a GEMM's K loop (the earlier CSR/CSC walk's
-indirect data[blk[t]] loads are the suspected reason dsd/dds ran ~1.5x sdd's time on the H100):
+the loop, which Triton can software-pipeline like a GEMM's K loop (a CSR/CSC walk's indirect
+data[blk[t]] loads are the likely reason dsd/dds ran ~1.5x sdd's time on the H100 with one):
   block row r < num_valid_row_blocks:  t < C (static),  data[r*C + t],  column column_indices[r*C] + t
   block column (e, j):                 t < n_e,         data[(r0_e + t)*C + j],  row r0_e + t
 sdd's program z is likewise (row z // C, column column_indices[z]).
@@ -35,8 +35,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from kernels.blocksparse.topology import Topology, cdiv
-from kernels.triton_dot import dot_f32
+from kernels.blocksparse.products import BlockSparseKernels
+from kernels.blocksparse.topology import Topology
+from kernels.common.groups import cdiv
+from kernels.common.registry import Backend
+from kernels.common.triton_dot import dot_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,3 +306,29 @@ def dds(lhs, data, topo: Topology, *, transpose_lhs, transpose_rhs, out_dtype,
       interpret=interpret,
       name="jaxmoe_bsr_dds",
   )(*meta, lhs, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend records ("triton" and its interpreted twin).
+
+
+def _default_config(shapes, dtypes) -> BlockSparseConfig:
+  return default_config(dtypes[0])
+
+
+def _check(shapes, dtypes, config: BlockSparseConfig) -> str | None:
+  try:
+    config.validate()
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+TRITON = Backend(name="triton", fn=BlockSparseKernels(sdd, dsd, dds),
+                 config_classes=(BlockSparseConfig,), default_config=_default_config,
+                 check=_check, needs_gpu=True)
+TRITON_INTERPRET = Backend(
+    name="triton_interpret",
+    fn=BlockSparseKernels(*(functools.partial(f, interpret=True) for f in (sdd, dsd, dds))),
+    config_classes=(BlockSparseConfig,), default_config=_default_config, check=_check,
+    interpret=True)

@@ -12,16 +12,16 @@ one tile shared with its predecessor.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from kernels.reference import clipped_group_offsets
+from kernels.common.groups import cdiv, clipped_group_offsets
 
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
+__all__ = ["cdiv", "TileMetadata", "OwnedTile", "num_row_tiles", "tile_metadata",
+           "group_row_blocks", "for_owned_tile"]
 
 
 class TileMetadata(NamedTuple):
@@ -75,3 +75,41 @@ def group_row_blocks(group_sizes: jax.Array, m: int,
   first_block = starts // block_rows
   num_blocks = jnp.where(ends > starts, (ends + block_rows - 1) // block_rows - first_block, 0)
   return offsets, first_block.astype(jnp.int32), num_blocks.astype(jnp.int32)
+
+
+class OwnedTile(NamedTuple):
+  """The rows and columns of one (row tile, column tile) visit that its program owns."""
+  group: jax.Array   # () int32 group of the visit; G = the zero-filled tail past the last group
+  row0: jax.Array    # () int32 first row of the row tile
+  own: jax.Array     # (block_m,) bool: rows of the tile that belong to `group`
+  ni: jax.Array      # () int32 column tile index
+  cols: jax.Array    # (block_n,) int32 output columns of the tile
+  col_ok: jax.Array  # (block_n,) bool: cols < n
+
+
+def for_owned_tile(tile_group_ref, tile_block_ref, offsets_ref, num_active_ref, *, num_tiles: int,
+                   num_n: int, group_m: int, block_m: int, block_n: int, n: int,
+                   body: Callable[[OwnedTile], None]) -> None:
+  """The tile-ownership walk of a Pallas-Triton kernel on a 1-D grid of num_tiles * num_n
+  programs over `tile_metadata`: runs body(tile) for this program's visit when it is active.
+
+  The grid is swizzled in bands of `group_m` row tiles with the column tiles inside a band, so
+  the programs running together share row tiles and weight column tiles in L2. `tile.own` masks
+  the stores: a row tile shared by two groups is visited twice, each visit writing only its
+  group's rows (never a read-modify-write of the whole tile, which races on the GPU).
+  """
+  pid = pl.program_id(0)
+  band_size = group_m * num_n
+  first_tile = (pid // band_size) * group_m
+  band_rows = jnp.minimum(num_tiles - first_tile, group_m)
+  tile = first_tile + (pid % band_size) % band_rows
+  ni = (pid % band_size) // band_rows
+
+  @pl.when(tile < num_active_ref[0])
+  def _():
+    g = tile_group_ref[tile]
+    row0 = tile_block_ref[tile] * block_m
+    rows = row0 + jnp.arange(block_m, dtype=jnp.int32)
+    own = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
+    cols = ni * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    body(OwnedTile(g, row0, own, ni, cols, cols < n))
