@@ -34,7 +34,12 @@ from kernels.common import registry
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 from kernels.scatter import scatter2scatter, scatter_matmul_reference
 
-TOL = {"bfloat16": 1e-2, "float32": 1e-4}
+# float32: XLA's float32 matmuls on Hopper run at TF32 by default (relative error ~3e-4), the
+# Pallas kernels at full float32 (~1e-6).
+TOL = {"bfloat16": 1e-2, "float32": 1e-3}
+# The compiled Mosaic grouped-matmul kernels' default tiles exceed shared memory with float32
+# operands (backend="pallas" picks Triton for float32).
+MOSAIC_F32 = "float32 tiles exceed the shared memory (pallas picks triton for float32)"
 DTYPES = (jnp.bfloat16, jnp.float32)
 
 # (name, M, K, N, group sizes): edge cases of the grouped ops.
@@ -180,6 +185,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
         # Compiled backends on the GPU; interpreted ones (and xla) in --quick mode on CPU.
         if resolved.interpret and not quick:
           row.update(status="skipped", reason="interpret backend (use --quick)")
+        elif (resolved.name == "mosaic" and dn == "float32"
+              and (op.startswith("grouped_matmul") or op == "group_xty")):
+          row.update(status="skipped", reason=MOSAIC_F32)
         else:
           row["reason"] = resolved.unavailable(shape, reg_dtypes)
           row["status"] = "skipped" if row["reason"] else None

@@ -14,8 +14,8 @@ config cannot run a shape (`check`), and the autotune search space.
 
 from __future__ import annotations
 
-
 import jax
+import jax.numpy as jnp
 
 from kernels.common.registry import Backend
 from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, mosaic_xty_ws_kernel
@@ -39,9 +39,25 @@ def fits_default_tiles(m: int, k: int, n: int) -> bool:
 # The ops: the config's type picks the kernel.
 
 
+# The kernels' row operands are tiled 8 rows deep in global memory (the TMA tiling), so a row
+# count that is not a multiple of 8 does not lower ("dimension 0 must have size smaller or a
+# multiple of its tiling 8"). Such operands get zero rows appended: they lie past
+# sum(group_sizes), where the kernels write zeros and read nothing.
+ROW_MULTIPLE = 8
+
+
+def _pad_rows(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  pad = -arrays[0].shape[0] % ROW_MULTIPLE
+  if not pad:
+    return arrays
+  return tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in arrays)
+
+
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool, out_dtype,
         config: GmmConfig | None = None, interpret: bool = False) -> jax.Array:
   """Grouped matmul on the kernel `config` names (default: `gmm_default_config`'s choice)."""
+  m = lhs.shape[0]
+  (lhs,) = _pad_rows(lhs)
   if config is not None:
     ws = isinstance(config, MosaicWsGmmConfig)
   else:
@@ -49,13 +65,15 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     ws = mosaic_ws_kernel.supports(lhs.shape[1], n, in_dtype=lhs.dtype, out_dtype=out_dtype)
   impl = mosaic_ws_kernel.gmm if ws else mosaic_kernel.gmm
   tuned = {} if config is None else {"config": config}
-  return impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-              interpret=interpret, **tuned)
+  out = impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+             interpret=interpret, **tuned)
+  return out if out.shape[0] == m else out[:m]
 
 
 def group_xty(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, out_dtype,
               config: XtyConfig | None = None, interpret: bool = False) -> jax.Array:
   """Per-group x^T dy on the kernel `config` names (default: `xty_default_config`'s choice)."""
+  x, dy = _pad_rows(x, dy)
   if config is not None:
     ws = isinstance(config, MosaicWsXtyConfig)
   else:
