@@ -72,8 +72,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, group_name: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from jaxmoe.model import ModelConfig
-  from jaxmoe.train import TrainConfig
+  from jaxmoe.config import ModelConfig, TrainConfig
 
   # allow_abbrev=False: a misspelt flag is an error, never taken as another flag's prefix.
   parser = argparse.ArgumentParser(prog="jaxmoe", description="Train and use MoE language models.",
@@ -121,8 +120,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
       not all(isinstance(v, dict) for v in cfg.values()):
     raise UserError(f"config file {path!r} must hold only 'model' and 'train' tables, got "
                     f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
-  from jaxmoe.model import ModelConfig
-  from jaxmoe.train import TrainConfig
+  from jaxmoe.config import ModelConfig, TrainConfig
   for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
     for name, value in cfg.get(section, {}).items():
       problem = _type_problem(cls, name, value)
@@ -155,8 +153,7 @@ def _type_problem(cls, name: str, value) -> str | None:
 
 def resolve_configs(args: argparse.Namespace):
   """(ModelConfig, TrainConfig) from preset < config file < flags; UserError on bad values."""
-  from jaxmoe.model import ModelConfig
-  from jaxmoe.train import TrainConfig
+  from jaxmoe.config import ModelConfig, TrainConfig
 
   if args.preset not in PRESETS:
     raise UserError(f"unknown preset {args.preset!r}; allowed: {', '.join(sorted(PRESETS))}")
@@ -262,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jaxmoe.data import DataError
   from jaxmoe.plot import PlotError
   from jaxmoe.tokenizer import TokenizerError
-  from jaxmoe.train import ConfigError
+  from jaxmoe.config import ConfigError
 
   args = build_parser().parse_args(argv)
   # Let JAX use 92% of GPU memory instead of its default 75% (an explicit setting wins): large

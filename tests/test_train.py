@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxmoe import expert_parallel as ep
+from jaxmoe import parallel as par
 from jaxmoe.checkpointing import Checkpointer
 from jaxmoe.model import ModelConfig, TransformerLM
 from jaxmoe.presets import get_preset
@@ -167,7 +167,7 @@ def test_state_is_sharded_by_the_rules():
   model_cfg, train_cfg = _configs(**_mesh_kw((1, 4, 2)))
   mesh = make_mesh(model_cfg, train_cfg)
   pcfg = parallel_config(model_cfg, train_cfg, mesh)
-  assert isinstance(pcfg, ep.ParallelConfig) and (pcfg.ep, pcfg.tp) == (4, 2)
+  assert isinstance(pcfg, par.ParallelConfig) and (pcfg.ep, pcfg.tp) == (4, 2)
   state = init_sharded_state(model_cfg, train_cfg, mesh)
   e, d, f = model_cfg.num_experts, model_cfg.d_model, model_cfg.d_ff
   w = _w_gate(state["params"])
