@@ -8,8 +8,8 @@
   mesh.py           the ("data", "expert", "tensor") mesh: MeshConfig, make_mesh, mesh_shape
   rules.py          logical axis names -> mesh axes: RULES, tree_shardings, shard_model, ...
   fit.py            does an MoE layer fit a mesh: the one check (layer and training run)
-  config.py         ParallelConfig (implements jaxmoe.moe.ExpertParallel), set_parallel
-  layer.py          the expert-parallel layer's per-device program (shard_map, all-to-all)
+  layer.py          ParallelConfig (implements jaxmoe.moe.ExpertParallel), set_parallel, and the
+                    expert-parallel layer's per-device program (shard_map, all-to-all)
   local_experts.py  the local experts on the received rows (jaxmoe.experts.expert_mlp)
   collectives.py    shard_map bookkeeping, ragged_all_to_all_emulated
   remat.py          communication-aware activation checkpointing
@@ -21,10 +21,10 @@ docs/parallelism.md describes the whole scheme and multi-host launch.
 """
 
 from jaxmoe.parallel.collectives import ragged_all_to_all_emulated
-from jaxmoe.parallel.config import ParallelConfig, set_parallel
 from jaxmoe.parallel.fit import EP_IMPLS, check_layer_fits
 from jaxmoe.parallel.hlo import collective_summary, hlo_collectives
-from jaxmoe.parallel.layer import expert_params, param_specs, routed_experts, run_router
+from jaxmoe.parallel.layer import (ParallelConfig, expert_params, param_specs, routed_experts,
+                                   run_router, set_parallel)
 from jaxmoe.parallel.mesh import AXES, MeshConfig, make_mesh, mesh_shape
 from jaxmoe.parallel.remat import COMM_NAMES, REMAT_MODES, comm_aware_policy
 from jaxmoe.parallel.rules import (RULES, batch_sharding, constrain, logical_names,

@@ -19,7 +19,7 @@ The configuration (TrainConfig, ConfigError) lives in jaxmoe.config with the mod
 """
 
 from jaxmoe.config import ConfigError, TrainConfig
-from jaxmoe.train.loop import RunResult, run
+from jaxmoe.train.loop import RunResult, peak_flops, run
 from jaxmoe.train.mesh import batch_sharding, parallel_config, train_mesh
 from jaxmoe.train.program import TrainProgram, build_program
 from jaxmoe.train.state import make_optimizer
@@ -28,5 +28,5 @@ from jaxmoe.train.step import cast_expert_weights, loss_fn, make_grad_fn, make_s
 __all__ = [
     "ConfigError", "RunResult", "TrainConfig", "TrainProgram", "batch_sharding", "build_program",
     "cast_expert_weights", "loss_fn", "make_grad_fn", "make_optimizer", "make_steps",
-    "microbatches", "parallel_config", "run", "train_mesh",
+    "microbatches", "parallel_config", "peak_flops", "run", "train_mesh",
 ]

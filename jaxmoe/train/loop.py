@@ -169,7 +169,7 @@ class _Throughput:
   def __init__(self, model_cfg: ModelConfig, train: TrainConfig, num_devices: int, step: int):
     self.tokens_per_step = train.batch_size * train.seq_len
     self.flops_per_token = flops_per_token(model_cfg, train.seq_len)
-    self.peak = _peak_flops(train, num_devices)
+    self.peak = peak_flops(train, num_devices)
     self.t_last, self.step_last = time.perf_counter(), step
 
   def tokens_per_s(self, step: int) -> float:
@@ -196,7 +196,9 @@ def _record(step: int, m: dict[str, Any], rate: _Throughput, model_cfg: ModelCon
   return record
 
 
-def _peak_flops(train: TrainConfig, num_devices: int) -> float | None:
+def peak_flops(train: TrainConfig, num_devices: int) -> float | None:
+  """The devices' bf16 dense peak, FLOP/s (train.peak_tflops per device, else by device kind;
+  None for an unknown kind): the MFU denominator."""
   if train.peak_tflops is not None:
     return train.peak_tflops * 1e12 * num_devices
   kind = getattr(jax.devices()[0], "device_kind", "")
