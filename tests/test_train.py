@@ -295,10 +295,10 @@ def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
   grads, ce, _ = jax.jit(grad_fn)(params, rest, x, y)
 
-  loss_fn = loss_fn(graphdef)
+  loss = loss_fn(graphdef)
   want, ces = None, []
   for xb, yb in zip(microbatches(x, 2, None), microbatches(y, 2, None)):
-    (_, (c, _)), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=4)(
+    (_, (c, _)), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=4)(
         params, rest, xb, yb, False)
     g = jax.tree.map(lambda a: a.astype(np.float32) / 2, g)
     want = g if want is None else jax.tree.map(np.add, want, g)
@@ -340,8 +340,8 @@ def test_remat_casts_expert_weights_outside_the_checkpointed_blocks():
   model_cfg, train_cfg, graphdef, params, rest, x, y = _bf16_moe_case({"remat": True})
   grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
   grads, ce, _ = jax.jit(grad_fn)(params, rest, x, y)
-  loss_fn = loss_fn(graphdef)
-  (_, (ce0, _)), want = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=4)(
+  loss = loss_fn(graphdef)
+  (_, (ce0, _)), want = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=4)(
       params, rest, x, y, False)
   np.testing.assert_allclose(float(ce), float(ce0), rtol=1e-6)
   _assert_float32_grads_close(grads, want)

@@ -3,7 +3,7 @@
 
   mesh = make_mesh(MeshConfig(data=2, expert=4, tensor=1))   # mesh.py
   shard_model(model, mesh)                                   # rules.py: parameters by logical names
-  set_parallel(model, ParallelConfig(mesh))                  # config.py: MoE layers run expert-parallel
+  set_parallel(model, ParallelConfig(mesh))                  # layer.py: MoE layers run expert-parallel
 
   mesh.py           the ("data", "expert", "tensor") mesh: MeshConfig, make_mesh, mesh_shape
   rules.py          logical axis names -> mesh axes: RULES, tree_shardings, shard_model, ...

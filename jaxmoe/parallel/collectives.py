@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - older/newer jax: emulate with a psum o
 # shard_map's check_vma. With True, a pallas_call inside the shard_map needs its out_shape typed with
 # the mesh axes it varies over (jax.ShapeDtypeStruct(..., manual_axis_type=...)); the kernels/ ops do
 # not set it (jax 0.11: "When `check_vma=True` on `jax.shard_map`, `manual_axis_type` on
-# `jax.ShapeDtypeStruct` must not be `None`"), so the shard_maps here run unchecked: shard_map's
+# `jax.ShapeDtypeStruct` must not be `None`"), so the layer's shard_maps run unchecked: shard_map's
 # transpose then sums the cotangents of replicated operands over the axes they are replicated on.
 # Both settings give the same numbers (tests run the True path with the XLA backend too).
 CHECK_VMA = False
