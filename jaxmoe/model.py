@@ -8,10 +8,10 @@ rotary embeddings through `jax.nn.dot_product_attention`: cuDNN flash attention 
 Compute runs in `dtype` (bf16 by default) on float32 master parameters; the LM head's matmul runs
 in `dtype` (float32 accumulation) and so do its logits; the loss does its math in float32
 (kernels.cross_entropy). The token embedding's gradient is a one-hot matmul (`embed_lookup`), not
-XLA's scatter-add: in session 3's profile that scatter took 18.6 ms of a 62 ms Small dense step on
-the H100, and its atomic adds make the sum's order, and so training, nondeterministic. (Alone, on
+XLA's scatter-add: in a profile of the Small dense step on the H100 that scatter took 18.6 ms of
+62 ms, and its atomic adds make the sum's order, and so training, nondeterministic. (Alone, on
 the corpus's ids, the scatter-add takes 0.28 ms against 2.4 ms for this gradient: what made it
-slow in the step is not established; see experiments/NOTES.md, session 7.)
+slow in the step is not established.)
 
 Shapes: tokens (B, T) int32 -> logits (B, T, vocab) in `dtype`.
 """
