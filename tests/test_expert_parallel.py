@@ -145,7 +145,7 @@ def test_pallas_kernels_inside_shard_map():
 
 def test_checked_shard_map_gives_the_same_numbers(monkeypatch):
   """The check_vma=True formulation (pvary'd weights, invariant all-gather) stays correct too."""
-  monkeypatch.setattr(ep, "CHECK_VMA", True)
+  monkeypatch.setattr(par.collectives, "CHECK_VMA", True)
   cfg = _config(use_bias=True)
   _assert_matches(_parallel(cfg, (2, 2, 2), remat="comm_aware"), _reference(cfg))
 
