@@ -8,11 +8,12 @@ candidate grid of kernel configs (at most 8, the kernel's default first):
   op "gmm_t"  its data gradient          dy (M, N) x rhs (G, K, N)^T       table key k=N, n=K
   op "xty"    group_xty weight gradient  x (M, K), dy (M, N) -> (G, K, N)  table key k=K, n=N
 
-The Mosaic grids hold both kernels of each op (gmm: gmm_mosaic_ws and gmm_mosaic; xty:
-gmm_mosaic_xty_ws and gmm_mosaic), so one run compares them; the winner's config type picks the
-kernel at dispatch.
+The candidate grids are the backends' search spaces (kernels.gmm.backends: each backend record
+owns its default, check and search space). The Mosaic grids hold both kernels of each op (gmm:
+mosaic_ws_kernel and mosaic_kernel; xty: mosaic_xty_ws_kernel and mosaic_kernel), so one run
+compares them; the winner's config type picks the kernel at dispatch.
 
-Every candidate is first checked against the float32 `kernels.reference` on the same random
+Every candidate is first checked against the float32 `kernels.gmm.reference` on the same random
 inputs (relative error below 1e-2 for bf16, no NaN); candidates that do not fit the shape, fail to
 compile or fail the check are skipped and recorded with the reason. The fastest passing candidate
 is kept, unless it beats the default by less than --min-gain (timing noise): then the default is.
@@ -27,21 +28,21 @@ median over its R rounds (the record keeps the rounds as round_ms and the sequen
 sequential_ms), and the winner and the --min-gain rule use those medians. R rounds cost about R
 times the sequential pass's timing runs (not its compiles or checks).
 
-The winners are merged into the table (--write, default kernels/tuned_configs.json) that
-`kernels.tuning.lookup` reads, and every candidate's result goes to a JSON record (--record).
+The winners are merged into the table (--write, default kernels/gmm/tuned_configs.json) that
+`kernels.gmm.tuning.lookup` reads, and every candidate's result goes to a JSON record (--record).
 Progress is printed as it goes, then a table of candidates with TFLOP/s. The table key has no
 group-size distribution (--dist): a later run of the same key replaces the earlier entry.
 
 Run on the GPU (one shape per command keeps each under the 10-minute limit):
-  python experiments/autotune_gmm.py --shapes mixtral
-  python experiments/autotune_gmm.py --shapes olmoe
-  python experiments/autotune_gmm.py --shapes finegrained
-  python experiments/autotune_gmm.py --shapes olmoe --ops xty --dist skewed --interleave 5
+  python -m experiments.autotune_gmm --shapes mixtral
+  python -m experiments.autotune_gmm --shapes olmoe
+  python -m experiments.autotune_gmm --shapes finegrained
+  python -m experiments.autotune_gmm --shapes olmoe --ops xty --dist skewed --interleave 5
 CPU smoke test (tiny shape, interpret backends, 1 timing iteration, writes to a temp dir; about
 1.5-2.5 minutes, 20 s with --backends triton: the warp-specialized Mosaic kernel interprets slowly):
-  python experiments/autotune_gmm.py --smoke
+  python -m experiments.autotune_gmm --smoke
 CPU pre-flight (lowers every GPU candidate for an H100, runs nothing; about 50 s):
-  python experiments/autotune_gmm.py --lower-only
+  python -m experiments.autotune_gmm --lower-only
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -62,12 +62,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from experiments.bench_grouped_matmul import SHAPES, group_sizes_for  # noqa: E402
-from kernels import (  # noqa: E402
-    backends, gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton, reference, tuning)
+from experiments import bench_common as bc
+from experiments.bench_grouped_matmul import SHAPES, group_sizes_for
+from kernels.common import registry
+from kernels.gmm import reference, tuning
+from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 
 SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile multiple
 # The benchmark shapes plus the Small preset's expert matmul at one 16 x 1024-token microbatch
@@ -75,7 +74,8 @@ SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}  # (M, K, N, G); 200 is not a tile 
 # direction, K=3072 -> N=768).
 # "small64_up"/"small64_down": the same at the preset's batch of 64 x 1024 tokens in one step
 # (~1024 rows per expert), the first and the second expert matmul (each op: gmm, its gmm_t
-# gradient, xty), where a training step spends ~55 ms of ~260 (H100 profile, session 6).
+# gradient, xty), where a training step spends ~55 ms of ~260 (H100 profile,
+# experiments/results/h100/2026-11-23-profile-small-b64-remat-xla-loss.json).
 TUNE_SHAPES = {**SHAPES, "small": (16384, 768, 3072, 64),
                "small64_up": (65536, 768, 3072, 64), "small64_down": (65536, 3072, 768, 64)}
 OPS = tuning.OPS
@@ -84,72 +84,23 @@ BACKENDS = tuning.TUNED_BACKENDS
 TOL = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 1e-4}
 MAX_CANDIDATES = 8
 
-_Ws, _Mg, _Mx = gmm_mosaic_ws.MosaicWsGmmConfig, gmm_mosaic.MosaicGmmConfig, gmm_mosaic.MosaicXtyConfig
-_Wx = gmm_mosaic_xty_ws.MosaicWsXtyConfig
-_Tg, _Tx = gmm_triton.TritonGmmConfig, gmm_triton.TritonXtyConfig
+
+def _backend(op: str, backend: str):
+  """The record of `backend` in the registry of `op` (kernels.gmm.backends, via tuning)."""
+  return tuning.REGISTRIES[op].get(backend)
 
 
 def default_config(op: str, backend: str, k: int, n: int, dtype: Any) -> Any:
-  """The config `kernels.grouped_matmul` uses without a table entry (the timing baseline)."""
-  if backend == "triton":
-    return _Tx() if op == "xty" else _Tg()
-  if op == "xty":  # as grouped_matmul._mosaic_xty: the ws kernel where it fits
-    return gmm_mosaic_xty_ws.default_config(k, n, dtype, dtype) or _Mx()
-  return _Ws() if gmm_mosaic_ws.supports(k, n, _Ws(), dtype, dtype) else _Mg()
+  """The config `kernels.grouped_matmul` uses without a table entry (the timing baseline): the
+  backend record's default for this shape."""
+  return _backend(op, backend).default_config(GroupedShape(1, k, n, 1), make_dtypes(dtype))
 
 
 def candidates(op: str, backend: str, k: int, n: int, dtype: Any, smoke: bool = False) -> list[Any]:
-  """The candidate grid (<= MAX_CANDIDATES, the default first, no duplicates).
-
-  Modest on purpose (GPU time is scarce): one or two knobs moved at a time around the default.
-  Smoke mode: two tiny configs per kernel, cheap enough for the interpreter."""
-  if smoke:
-    if backend == "triton":
-      if op == "xty":
-        grid = [_Tx(block_m=32, block_k=64, block_n=64, num_warps=4, num_stages=2),
-                _Tx(block_m=16, block_k=64, block_n=128, num_warps=4, num_stages=2)]
-      else:
-        grid = [_Tg(block_m=32, block_n=64, block_k=64, group_m=2, num_warps=4, num_stages=2),
-                _Tg(block_m=64, block_n=128, block_k=32, group_m=4, num_warps=4, num_stages=2)]
-    elif op == "xty":
-      grid = [_Wx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1),
-              _Mx(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1)]
-    else:
-      grid = [_Mg(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1),
-              _Ws(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1)]
-    return grid
-  if backend == "triton" and op == "xty":
-    grid = [_Tx(),                                                   # (64, 128, 128, w8, s3)
-            _Tx(block_m=32), _Tx(block_m=128), _Tx(num_warps=4), _Tx(num_stages=4),
-            _Tx(block_m=32, num_stages=4), _Tx(block_n=256), _Tx(block_k=64, num_warps=4)]
-  elif backend == "triton":
-    grid = [_Tg(),                                                   # (128, 128, 64, gm8, w8, s4)
-            _Tg(num_stages=3), _Tg(block_n=256, num_stages=3), _Tg(block_m=256, num_stages=3),
-            _Tg(block_k=32, num_warps=4), _Tg(block_m=64, num_warps=4),
-            _Tg(block_n=64, num_warps=4), _Tg(group_m=16)]
-  elif op == "xty":
-    # The warp-specialized kernel around its default (128x256 CTA tile, 64-row steps, 4 stages:
-    # 224 KiB of shared memory, so deeper or wider variants trade depth for width), and the
-    # single-warpgroup kernel's default as the baseline it must beat, timed in the same run.
-    # block_rows=32 does not lower for either (the row mask's WGMMA layout needs 64-row blocks).
-    # largest_first=False: the groups in index order, to time the largest-first tile order.
-    grid = [default_config(op, backend, k, n, dtype),
-            _Wx(max_concurrent_steps=3), _Wx(block_rows=128, max_concurrent_steps=2),
-            _Wx(largest_first=False), _Wx(grid_tile_width=16),
-            _Wx(block_rows=128, max_concurrent_steps=2, grid_tile_width=16),
-            _Wx(block_n=64, max_concurrent_steps=6),
-            _Mx()]
-  else:  # Mosaic gmm / gmm_t: the warp-specialized kernel around its default: a 4th stage (made
-    # room for by 64-column epilogue chunks), chained per-tile pipelines, and the narrower
-    # 128x128 CTA tile that won at the OLMoE-like shape, each with and without the chain.
-    grid = [default_config(op, backend, k, n, dtype),
-            _Ws(max_concurrent_steps=4, epi_cols=64),
-            _Ws(max_concurrent_steps=4, epi_cols=64, chain=True),
-            _Ws(max_concurrent_steps=4, epi_cols=64, chain=True, grid_tile_width=16),
-            _Ws(max_concurrent_steps=2, chain=True),
-            _Ws(block_n=64, max_concurrent_steps=4),
-            _Ws(block_n=64, max_concurrent_steps=4, chain=True),
-            _Ws(block_n=64, max_concurrent_steps=4, chain=True, grid_tile_width=16)]
+  """The backend record's autotune search space (<= MAX_CANDIDATES, the default first, no
+  duplicates). Modest on purpose (GPU time is scarce): one or two knobs moved at a time around
+  the default. Smoke mode: two tiny configs per kernel, cheap enough for the interpreter."""
+  grid = _backend(op, backend).search_space(GroupedShape(1, k, n, 1), make_dtypes(dtype), smoke)
   out: list[Any] = []
   for c in grid:
     if c not in out:
@@ -177,17 +128,16 @@ def short(cfg: Any) -> str:
   return f"{_KIND.get(type(cfg).__name__, type(cfg).__name__)}({fields})"
 
 
-def kernel_fn(op: str, cfg: Any, interpret: bool) -> Callable:
-  """jit of the kernel that `cfg` configures, for `op`'s operands."""
+def kernel_fn(op: str, backend: str, cfg: Any, interpret: bool) -> Callable:
+  """jit of `backend`'s function for `op`'s operands with config `cfg` (its type picks the
+  kernel where the backend has several)."""
+  fn = _backend(op, backend).fn
   if op == "xty":
-    impl = {_Wx: gmm_mosaic_xty_ws.group_xty, _Mx: gmm_mosaic.group_xty,
-            _Tx: gmm_triton.group_xty}[type(cfg)]
-    return jax.jit(lambda x, dy, s: impl(x, dy, s, out_dtype=x.dtype, config=cfg,
-                                         interpret=interpret))
-  impl = {_Ws: gmm_mosaic_ws.gmm, _Mg: gmm_mosaic.gmm, _Tg: gmm_triton.gmm}[type(cfg)]
+    return jax.jit(lambda x, dy, s: fn(x, dy, s, out_dtype=x.dtype, config=cfg,
+                                       interpret=interpret))
   tr = op == "gmm_t"
-  return jax.jit(lambda a, w, s: impl(a, w, s, transpose_rhs=tr, out_dtype=a.dtype, config=cfg,
-                                      interpret=interpret))
+  return jax.jit(lambda a, w, s: fn(a, w, s, transpose_rhs=tr, out_dtype=a.dtype, config=cfg,
+                                    interpret=interpret))
 
 
 def op_problem(op: str, m: int, k: int, n: int, g: int, dtype: Any, sizes: np.ndarray):
@@ -239,13 +189,13 @@ def tune(op: str, backend: str, shape_name: str, shape: tuple[int, int, int, int
     row: dict[str, Any] = {"config_type": type(cfg).__name__, "config": dataclasses.asdict(cfg),
                            "label": short(cfg), "baseline": i == 0}
     tag = f"  [{i + 1}/{len(grid)}] {shape_name} {op}/{backend} {short(cfg)}"
-    if not tuning.fits(cfg, kk, nn, dtype, dtype):
-      row.update(status="unsupported", reason=f"tiles do not divide K={kk}, N={nn} or exceed "
-                                              "shared memory")
+    why = _backend(op, backend).check(GroupedShape(m, kk, nn, g), make_dtypes(dtype), cfg)
+    if why is not None:
+      row.update(status="unsupported", reason=f"needs {why}")
       print(f"{tag}: skipped ({row['reason']})", flush=True)
       rows.append(row)
       continue
-    fn = kernel_fn(op, cfg, interpret)
+    fn = kernel_fn(op, backend, cfg, interpret)
     t0 = time.perf_counter()
     try:
       out = jax.block_until_ready(fn(*args))
@@ -361,7 +311,7 @@ def lower_only(shapes: dict[str, tuple[int, int, int, int]], ops: list[str],
                backend_names: list[str], dtype: Any) -> list[dict[str, Any]]:
   """Lowers (does not run) every candidate for an abstract H100 on this machine, so candidates
   that cannot lower are found on CPU before GPU time is spent on them (cheap pre-flight)."""
-  from kernels.gpu_lowering import lower_for_gpu
+  from kernels.common.gpu_lowering import lower_for_gpu
 
   sds = jax.ShapeDtypeStruct
   rows = []
@@ -374,11 +324,12 @@ def lower_only(shapes: dict[str, tuple[int, int, int, int]], ops: list[str],
       for backend in backend_names:
         for cfg in candidates(op, backend, kk, nn, dtype):
           row = {"shape": shape_name, "op": op, "backend": backend, "config": short(cfg)}
-          if not tuning.fits(cfg, kk, nn, dtype, dtype):
+          if _backend(op, backend).check(GroupedShape(m, kk, nn, g), make_dtypes(dtype), cfg):
             row["status"] = "unsupported"
           else:
             try:
-              lower_for_gpu(kernel_fn(op, cfg, False), *operands[op], sds((g,), jnp.int32))
+              lower_for_gpu(kernel_fn(op, backend, cfg, False), *operands[op],
+                            sds((g,), jnp.int32))
               row["status"] = "lowers"
             except Exception as e:
               row.update(status="fails", why=_error_text(e)[:80])
@@ -441,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "position; 1 warmup + --iters runs per visit) and choose by the median "
                        "over the rounds (default 0: the sequential timings decide)")
   ap.add_argument("--write", default=None,
-                  help="table to merge the winners into (default kernels/tuned_configs.json; "
+                  help="table to merge the winners into (default kernels/gmm/tuned_configs.json; "
                        "smoke: a temp file)")
   ap.add_argument("--record", default=None,
                   help="JSON of every candidate (default experiments/results/"
@@ -471,11 +422,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record_path = args.record or os.path.join(os.path.dirname(os.path.abspath(write)),
                                               "autotune_gmm_record.json")
   else:
-    if not backends.on_gpu():
+    if not registry.on_gpu():
       raise SystemExit("autotune_gmm.py times GPU kernels: run it on a GPU, or use --smoke on CPU")
     shapes = _chosen_shapes(args.shapes)
     iters, warmup, interpret = args.iters, 2, False
-    write = args.write or os.path.join(root, "kernels", "tuned_configs.json")
+    write = args.write or os.path.join(root, "kernels", "gmm", "tuned_configs.json")
     record_path = args.record or os.path.join(root, "experiments", "results",
                                               f"autotune_gmm_{_slug(device_kind)}.json")
   if args.iters < 1:

@@ -14,31 +14,27 @@ In ONE run:
      E 8, k 2), OLMoE-like (2048, 1024, 64, 8), fine-grained (2048, 1408, 64, 6): block-sparse vs
      grouped path (sort + gather + kernels.grouped_matmul + unsort/combine) vs jax.lax.ragged_dot:
      time, TFLOP/s and memory (compiled plan and device peak).
-  4. JSON (device, jax version, date, all numbers) to --out, compact table last.
+  4. JSON (run record and all numbers) to OUT/<device>/<date>-blocksparse.json, compact table last.
 TFLOP/s always count useful FLOPs (2*M*d*f per product), so padding shows up as lost speed.
 
-GPU:        python experiments/bench_blocksparse.py --out DIR  [--block-size 128 --num-warps 8
+GPU:        python -m experiments.bench_blocksparse [--out DIR] [--block-size 128 --num-warps 8
             --num-stages 3 --block-k 64 --block-n 128 --block-m 128 --group-lines 8 --shapes mixtral]
-CPU smoke:  python experiments/bench_blocksparse.py --smoke --out /tmp/x
+CPU smoke:  python -m experiments.bench_blocksparse --smoke --out /tmp/x
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from kernels import grouped_matmul  # noqa: E402
-from kernels.blocksparse import (  # noqa: E402
+from experiments import bench_common as bc
+from kernels import grouped_matmul
+from kernels.blocksparse import (
     BlockSparseConfig, dds, dds_reference, dmoe_mlp, dsd, dsd_reference, make_topology, pad_rows,
     route, sdd, sdd_reference)
 
@@ -303,7 +299,8 @@ def bench_mlp(name, shape, backend, cfg, block, iters, checks, smoke, ragged=Tru
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default=bc.RESULTS_DIR,
+                  help="results folder: writes OUT/<device>/<date>-blocksparse.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via triton_interpret")
   ap.add_argument("--shapes", default=",".join(OP_SHAPES))
   ap.add_argument("--only", choices=["ops", "mlp", "all"], default="all")
@@ -337,7 +334,7 @@ def main():
   payload = {"env": env, "config": {"backend": backend, "block_size": block, **cfg.__dict__},
              "checks": [], "ops": [], "mlp": []}
   checks = payload["checks"]
-  out = lambda: bc.write_json(args.out, "bench_blocksparse.json", payload)
+  out = lambda: bc.write_result(args.out, "blocksparse", payload)
 
   if not args.no_edge:
     guarded(checks, "edge", lambda: check_edge(checks, edge, backend, cfg, block))

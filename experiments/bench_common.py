@@ -1,17 +1,26 @@
-"""Shared benchmark helpers: timing (JAX and torch), environment record, JSON output, tables.
+"""Shared benchmark helpers: timing (JAX and torch), the run record, result paths, JSON, tables.
 
-Timing method (device README METHOD.md): warm up (compile) first, then take `iters` samples and
-report the median; a JAX sample runs short calls back to back (see `time_jax`), torch samples are
-CUDA-event times. Inputs are random, never zeros.
+Timing method: warm up (compile) first, then take `iters` samples and report the median; a JAX
+sample runs short calls back to back (see `time_jax`), torch samples are CUDA-event times. Inputs
+are random, never zeros.
+
+Results are named by device, date and what they measure: `write_result(out, "gmm", payload)`
+writes `out/h100/2026-11-23-gmm.json` (`result_path`), and `environment()` records in the JSON
+the command line, the commit, the device and the versions (experiments/results/INDEX.md).
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
+import re
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -81,16 +90,80 @@ def tflops(flops: float, ms: float) -> float:
   return flops / (ms * 1e-3) / 1e12
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "experiments", "results")
+
+
+def command_line() -> str:
+  """The command that is running, as typed from the repository root (`python -m experiments.X
+  ARGS` when run as a module)."""
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+  return shlex.join(head + sys.argv[1:])
+
+
+def git_commit() -> dict[str, Any]:
+  """HEAD's commit and whether tracked files differ from it; None values outside a git checkout."""
+  def git(*args: str) -> str | None:
+    try:
+      return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True,
+                            check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  commit = git("rev-parse", "HEAD")
+  status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+  return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
+
+
+def _version(dist: str) -> str | None:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def environment() -> dict[str, Any]:
+  """The run record every result JSON carries as "env": device, versions, date, command, commit."""
   dev = jax.devices()[0]
   return {
       "device": getattr(dev, "device_kind", str(dev)),
       "platform": dev.platform,
       "num_devices": jax.device_count(),
       "jax": jax.__version__,
+      "jaxlib": _version("jaxlib"),
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": command_line(),
+      **git_commit(),
   }
+
+
+def device_slug(env: dict[str, Any]) -> str:
+  """Folder name of a device: "NVIDIA H100 80GB HBM3" -> "h100"; "x<N>" when N devices ran it
+  ("h200x2"); "cpu" on CPU."""
+  kind = re.sub(r"^nvidia\s+", "", str(env["device"]).strip().lower())
+  slug = re.sub(r"[^a-z0-9]", "", kind.split()[0] if kind.split() else "") or str(env["platform"])
+  n = int(env.get("num_devices", 1))
+  return f"{slug}x{n}" if n > 1 else slug
+
+
+def result_path(out_dir: str, what: str, env: dict[str, Any], ext: str = "json") -> str:
+  """`out_dir/<device>/<date>-<what>.<ext>`, the date (UTC) taken from env (fixed at the run's
+  start, so a run that rewrites its JSON as it goes keeps one file)."""
+  if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", what):
+    raise ValueError(f"what: lowercase letters, digits, '.', '_' and '-' only, got {what!r}")
+  return os.path.join(out_dir, device_slug(env), f"{env['date'][:10]}-{what}.{ext}")
+
+
+def write_result(out_dir: str, what: str, payload: dict[str, Any]) -> str:
+  """Writes payload (which holds the run record as payload["env"]) to result_path; returns it."""
+  path = result_path(out_dir, what, payload["env"])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1, default=float)
+  return path
 
 
 def peak_bytes() -> int | None:
@@ -111,6 +184,7 @@ def compiled_bytes(fn: Callable, *args) -> int | None:
 
 
 def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:
+  """Writes payload to out_dir/name (a fixed name; results use `write_result`)."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name)
   with open(path, "w") as f:

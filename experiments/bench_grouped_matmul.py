@@ -7,29 +7,26 @@ Dirichlet(0.5) skew), in ONE run:
   2. times forward, data gradient (dY W^T), weight gradient (X^T dY) and forward+backward for
      our Pallas backends, jax.lax.ragged_dot, XLA dense matmul of the same FLOPs (the ceiling)
      and torch._grouped_mm when torch imports;
-  3. writes JSON (device, JAX version, date, every number) and prints a TFLOP/s table last.
+  3. writes OUT/<device>/<date>-gmm.json (the run record: command, commit, device, versions,
+     date; every number) and prints a TFLOP/s table last.
 
-Run on the GPU:  python experiments/bench_grouped_matmul.py --out DIR
-CPU smoke test:  python experiments/bench_grouped_matmul.py --smoke --out /tmp/x
+Run on the GPU:  python -m experiments.bench_grouped_matmul [--out DIR]
+CPU smoke test:  python -m experiments.bench_grouped_matmul --smoke --out /tmp/x
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from kernels import gmm_mosaic, gmm_mosaic_ws, reference  # noqa: E402
-from kernels.grouped_matmul import group_xty, grouped_matmul  # noqa: E402
+from experiments import bench_common as bc
+from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, reference
+from kernels.gmm import group_xty, grouped_matmul
 
 SHAPES = {  # name: (M, K, N, G)
     "mixtral": (32768, 4096, 14336, 8),
@@ -116,7 +113,8 @@ def time_or_error(fn, *args, iters):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default=bc.RESULTS_DIR,
+                  help="results folder: writes OUT/<device>/<date>-gmm.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via interpret backends")
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--dists", default="uniform,skewed")
@@ -210,22 +208,22 @@ def main():
       if args.mosaic_sweep:
         sweep = {}
         for bm, bn, steps, width in [(128, 128, 6, 4), (128, 128, 4, 8)]:
-          cfg = gmm_mosaic.MosaicGmmConfig(block_m=bm, block_n=bn, block_k=64,
+          cfg = mosaic_kernel.MosaicGmmConfig(block_m=bm, block_n=bn, block_k=64,
                                            max_concurrent_steps=steps, grid_tile_width=width)
-          f = jax.jit(lambda x, w, s, cfg=cfg: gmm_mosaic.gmm(x, w, s, transpose_rhs=False,
+          f = jax.jit(lambda x, w, s, cfg=cfg: mosaic_kernel.gmm(x, w, s, transpose_rhs=False,
                                                               out_dtype=x.dtype, config=cfg))
           ms, err = time_or_error(f, lhs, rhs, gs, iters=iters)
           sweep[str(cfg)] = ms if ms else err
           print(f"   {cfg}: {ms if ms else err}", flush=True)
         for bm, bn, steps, width in [(128, 128, 3, 8), (128, 128, 3, 4), (128, 128, 3, 16),
                                      (128, 64, 4, 8), (64, 128, 4, 8)]:
-          cfg = gmm_mosaic_ws.MosaicWsGmmConfig(block_m=bm, block_n=bn, block_k=64,
+          cfg = mosaic_ws_kernel.MosaicWsGmmConfig(block_m=bm, block_n=bn, block_k=64,
                                                 max_concurrent_steps=steps, grid_tile_width=width)
-          if not gmm_mosaic_ws.supports(k, n, cfg):
+          if not mosaic_ws_kernel.supports(k, n, cfg):
             continue
           for tr in (False, True):
             w_in = jnp.swapaxes(rhs, 1, 2) if tr else rhs
-            f = jax.jit(lambda x, w, s, cfg=cfg, tr=tr: gmm_mosaic_ws.gmm(
+            f = jax.jit(lambda x, w, s, cfg=cfg, tr=tr: mosaic_ws_kernel.gmm(
                 x, w, s, transpose_rhs=tr, out_dtype=x.dtype, config=cfg))
             ms, err = time_or_error(f, lhs, w_in, gs, iters=iters)
             sweep[f"{cfg} transpose_rhs={tr}"] = ms if ms else err
@@ -243,9 +241,9 @@ def main():
                                              np.asarray(rhs.astype(jnp.float32)), sizes, iters)
         print(f"   torch: {row['time_torch']}", flush=True)
       results.append(row)
-      bc.write_json(args.out, "bench_grouped_matmul.json", {"env": env, "results": results})
+      bc.write_result(args.out, "gmm", {"env": env, "results": results})
 
-  path = bc.write_json(args.out, "bench_grouped_matmul.json", {"env": env, "results": results})
+  path = bc.write_result(args.out, "gmm", {"env": env, "results": results})
   print(f"wrote {path}")
   # Table: TFLOP/s (fwd counts 2MKN; dgrad/wgrad the same; fwd+bwd 3x).
   rows = []

@@ -7,26 +7,22 @@ In ONE run, for each shape (rows = T * k of a layer config, f = expert d_ff; SiL
      and the backward as two jitted calls with the residuals between them (as in a layer, where
      the output matmul's kernels sit between the two and XLA cannot fuse across them), and
      reports the bytes of those residuals;
-  3. writes JSON (device, JAX version, date, every number) to --out and prints a table.
+  3. writes JSON (run record, every number) to OUT/<device>/<date>-hidden.json and prints a table.
 
-GPU:  python experiments/bench_hidden.py --out DIR
-CPU:  python experiments/bench_hidden.py --smoke --out /tmp/x
+GPU:  python -m experiments.bench_hidden [--out DIR]
+CPU:  python -m experiments.bench_hidden --smoke --out /tmp/x
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from kernels.hidden import hidden  # noqa: E402
+from experiments import bench_common as bc
+from kernels.hidden import hidden
 
 # name: (rows, f): Mixtral-like layer (T 16384, k 2, f 14336), OLMoE-like (T 16384, k 8, f 1024),
 # the Small preset's microbatch (16 x 1024 tokens, k 1, f 3072).
@@ -53,7 +49,8 @@ def fwd_bwd(fn):
 
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default=bc.RESULTS_DIR,
+                  help="results folder: writes OUT/<device>/<date>-hidden.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--rounds", type=int, default=3)
@@ -88,7 +85,7 @@ def main(argv=None) -> dict:
     base = next(b for b in rows if b["shape"] == r["shape"] and b["impl"] == "autodiff")
     r["speedup_vs_autodiff"] = base["ms"] / r["ms"]
   payload = {"env": bc.environment(), "checks": checks, "results": rows}
-  path = bc.write_json(args.out, "bench_hidden.json", payload)
+  path = bc.write_result(args.out, "hidden", payload)
   print(bc.table(rows, ["shape", "rows", "f", "impl", "ms", "speedup_vs_autodiff", "residual_GB"]))
   print(f"wrote {path}")
   return payload

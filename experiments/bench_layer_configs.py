@@ -11,9 +11,9 @@ jaxmoe impl asked for, plus a PyTorch layer on `torch._grouped_mm` where torch i
 The layer is jaxmoe.MoE: router (float32 logits, softmax top-k, Mixtral's renormalized weights),
 dispatch, SwiGLU experts, combine; bf16 parameters and activations.
 
-Run on the GPU:  python -m experiments.bench_layer_configs --out DIR [--impls grouped,scatter]
+Run on the GPU:  python -m experiments.bench_layer_configs [--out DIR] [--impls grouped,scatter]
 CPU smoke test:  python -m experiments.bench_layer_configs --smoke --out /tmp/x
-Writes DIR/layer_configs.json and DIR/layer_configs.png (bars laid out as their figure: one panel
+Writes OUT/<device>/<date>-layer-configs.json and .png (default OUT: experiments/results; bars laid out as their figure: one panel
 per configuration, forward and backward TFLOP/s per impl, SonicMoE's value as a line).
 """
 
@@ -179,7 +179,8 @@ def plot(results: dict, path: str) -> None:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default=bc.RESULTS_DIR,
+                  help="results folder: writes OUT/<device>/<date>-layer-configs.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true", help="a tiny config on CPU (interpret mode)")
   ap.add_argument("--configs", default=None, help="comma-separated names (default: all)")
   ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
@@ -223,9 +224,9 @@ def main() -> None:
     summary += [{"config": name, **{c: r.get(c) for c in (
         "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops", "fwd_vs_sonicmoe",
         "bwd_vs_sonicmoe")}, "resid_GiB": (r.get("residual_bytes") or 0) / 2 ** 30} for r in rows]
-  payload = {"environment": bc.environment(), "flop_count": "6 T k d n forward, 12 T k d n backward",
+  payload = {"env": bc.environment(), "flop_count": "6 T k d n forward, 12 T k d n backward",
              "results": results}
-  path = bc.write_json(args.out, "layer_configs.json", payload)
+  path = bc.write_result(args.out, "layer-configs", payload)
   plot(results, path.replace(".json", ".png"))
   print(bc.table(summary, ["config", "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops",
                            "fwd_vs_sonicmoe", "bwd_vs_sonicmoe", "resid_GiB"]))

@@ -9,19 +9,17 @@ In ONE run:
      (T=16384, d 4096, f 14336, E 8, k 2, SwiGLU, bf16) against the bare expert computation on the
      same routing: (a) sort + gather + grouped_matmul GLU + unsort/combine, (b) the three grouped
      matmuls alone on pre-sorted rows; median of --iters runs after warm-up (bench_common.time_jax);
-  3. writes JSON (device, JAX version, date, every number) to --out;
+  3. writes JSON (run record, every number) to OUT/<device>/<date>-layer.json;
   4. prints a compact table last: ms, expert TFLOP/s and the layer/bare ratio (target >= 0.85).
 
-Run on the GPU:  python experiments/bench_moe_layer.py --out DIR
-CPU smoke test:  python experiments/bench_moe_layer.py --smoke --out /tmp/x   (tiny shapes,
+Run on the GPU:  python -m experiments.bench_moe_layer [--out DIR]
+CPU smoke test:  python -m experiments.bench_moe_layer --smoke --out /tmp/x   (tiny shapes,
                  grouped matmul through the Pallas interpret backend)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import traceback
 
 import jax
@@ -29,14 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from jaxmoe import MoE, MoEConfig, dispatch  # noqa: E402
-from jaxmoe.config import DROPLESS_IMPLS, IMPLS  # noqa: E402
-from jaxmoe.experts import activation_fn  # noqa: E402
-from jaxmoe.moa import MOA_IMPLS, MoA, MoAConfig  # noqa: E402
-from kernels import grouped_matmul  # noqa: E402
+from experiments import bench_common as bc
+from jaxmoe import MoE, MoEConfig, dispatch
+from jaxmoe.config import DROPLESS_IMPLS, IMPLS
+from jaxmoe.experts import activation_fn
+from jaxmoe.moa import MOA_IMPLS, MoA, MoAConfig
+from kernels import grouped_matmul
 
 # name: (T, d_model, d_ff, E, k)
 SHAPES = {"mixtral": (16384, 4096, 14336, 8, 2)}
@@ -216,7 +212,8 @@ def run_timing(name, shape, dtype, param_dtype, backend, block_size, iters, chec
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default=bc.RESULTS_DIR,
+                  help="results folder: writes OUT/<device>/<date>-layer.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via interpret backends")
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--no-check", action="store_true")
@@ -253,7 +250,7 @@ def main():
         run_checks(check_shape, dtype, backend, block_size, checks, impls)
         if not args.no_moa:
           run_moa_check(dtype, backend, checks)
-    bc.write_json(args.out, "bench_moe_layer.json", payload)
+    bc.write_result(args.out, "layer", payload)
 
   for name, shape in ({} if args.no_timing else shapes).items():
     for pd in args.param_dtypes.split(","):
@@ -261,9 +258,9 @@ def main():
       row = run_timing(name, shape, jnp.bfloat16, jnp.dtype(pd), backend, block_size, iters, checks,
                        args.smoke, impls)
       payload["results"].append(row)
-      bc.write_json(args.out, "bench_moe_layer.json", payload)
+      bc.write_result(args.out, "layer", payload)
 
-  path = bc.write_json(args.out, "bench_moe_layer.json", payload)
+  path = bc.write_result(args.out, "layer", payload)
   print(f"wrote {path}")
   n_fail = sum(1 for c in checks.values() if not c.get("pass"))
   print(f"checks: {len(checks) - n_fail} PASS, {n_fail} FAIL")

@@ -21,16 +21,16 @@ In ONE run, on however many devices there are (N >= 1):
      prints tables and the target checks (PASS/FAIL lines) at the end.
 Layouts that do not fit the device count or the model are skipped with a note.
 
-GPU (N GPUs):   python experiments/bench_parallel.py --out experiments/results/h100x4
+GPU (N GPUs):   python -m experiments.bench_parallel   (writes experiments/results/<device>x<N>/<date>-parallel.json)
   Everything in one go takes longer than 10 minutes on 4 GPUs (each variant compiles the layer at
-  the Mixtral shape); in pieces, each its own JSON (--name) and each with the single-GPU baseline:
-    python experiments/bench_parallel.py --out DIR --section check --name check
-    python experiments/bench_parallel.py --out DIR --section layer --layouts "1,1,1;1,4,1" --name layer_ep
-    python experiments/bench_parallel.py --out DIR --section layer --layouts "4,1,1;2,2,1" --name layer_dp
-    python experiments/bench_parallel.py --out DIR --section layer --layouts "1,2,2" --name layer_tp
-    python experiments/bench_parallel.py --out DIR --section train --name train
+  the Mixtral shape); in pieces, each its own JSON (--name: <date>-<name>.json) and each with the single-GPU baseline:
+    python -m experiments.bench_parallel --section check --name check
+    python -m experiments.bench_parallel --section layer --layouts "1,1,1;1,4,1" --name layer_ep
+    python -m experiments.bench_parallel --section layer --layouts "4,1,1;2,2,1" --name layer_dp
+    python -m experiments.bench_parallel --section layer --layouts "1,2,2" --name layer_tp
+    python -m experiments.bench_parallel --section train --name train
   (--layouts all: every factorization of N; --variants base,comm_only: only those variants)
-CPU smoke test: python experiments/bench_parallel.py --smoke --out /tmp/x   (8 fake CPU devices,
+CPU smoke test: python -m experiments.bench_parallel --smoke --out /tmp/x   (8 fake CPU devices,
                 tiny shapes; "ragged" runs as "ragged_emulated", which XLA:CPU can compile)
 """
 
@@ -55,8 +55,6 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from experiments import bench_common as bc  # noqa: E402
 from jaxmoe import MoE, MoEConfig  # noqa: E402
 from jaxmoe import parallel as par  # noqa: E402
@@ -77,7 +75,7 @@ SMOKE_TRAIN = dict(model=dict(vocab_size=256, d_model=32, n_layers=2, n_heads=2,
                               d_ff=64, expert_d_ff=40, num_experts=8, top_k=2, max_seq_len=16,
                               dtype="float32"), seq_len=16, batch_per_shard=2)
 TOL = {"float32": 2e-4, "bfloat16": 2e-2}
-NAME = "bench_parallel"
+NAME = "parallel"
 
 
 def layouts_for(n: int, num_experts: int, d_ff: int, requested: str | None) -> tuple[list, list]:
@@ -235,7 +233,7 @@ def run_layer(shape, layouts, a2a_modes, backend, param_dtype, iters, payload, o
   except Exception as err:
     traceback.print_exc()
     rows.append({"layout": "single", "variant": "plain", "error": f"{type(err).__name__}: {err}"[:500]})
-  bc.write_json(out_dir, f"{NAME}.json", payload)
+  bc.write_result(out_dir, NAME, payload)
   del fb, state, x, g
 
   for layout in layouts:
@@ -263,7 +261,7 @@ def run_layer(shape, layouts, a2a_modes, backend, param_dtype, iters, payload, o
         print(f"   {row['layout']} {vname}: ERROR {row['error'][:120]}", flush=True)
       row["peak_bytes_so_far"] = bc.peak_bytes()
       rows.append(row)
-      bc.write_json(out_dir, f"{NAME}.json", payload)
+      bc.write_result(out_dir, NAME, payload)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +367,7 @@ def run_train(spec, layouts, a2a, iters, payload, out_dir, only):
         print(f"   train {row['layout']} {vname}: ERROR {row['error'][:120]}", flush=True)
       row["peak_bytes_so_far"] = bc.peak_bytes()
       rows.append(row)
-      bc.write_json(out_dir, f"{NAME}.json", payload)
+      bc.write_result(out_dir, NAME, payload)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,7 +443,8 @@ def summarize(payload, n_devices, checks) -> None:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default=bc.RESULTS_DIR,
+                  help="results folder: writes OUT/<device>/<date>-<name>.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true", help="8 fake CPU devices, tiny shapes")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--section", default="check,layer,train",
@@ -459,8 +458,8 @@ def main():
   ap.add_argument("--backend", default=None, help="kernels backend (default: platform's)")
   ap.add_argument("--param-dtype", default="float32")
   ap.add_argument("--tokens-per-device", type=int, default=None)
-  ap.add_argument("--name", default="bench_parallel",
-                  help="JSON file name under --out (without .json): one per invocation")
+  ap.add_argument("--name", default="parallel",
+                  help="what the JSON holds, in its name (<date>-<name>.json): one per invocation")
   args = ap.parse_args()
   global NAME
   NAME = args.name
@@ -497,7 +496,7 @@ def main():
     print("== checks", flush=True)
     run_checks(check_shape, [l for l in layouts if l != (1, 1, 1)] or layouts, a2a_modes,
                args.backend, checks)
-    bc.write_json(args.out, f"{NAME}.json", payload)
+    bc.write_result(args.out, NAME, payload)
   if "layer" in sections:
     print(f"== layer {layer_shape}", flush=True)
     run_layer(layer_shape, layouts, a2a_modes, args.backend, jnp.dtype(args.param_dtype), iters,
@@ -513,7 +512,7 @@ def main():
     run_train(train_spec, t_layouts, a2a_modes[0], iters, payload, args.out, only)
 
   summarize(payload, n, checks)
-  path = bc.write_json(args.out, f"{NAME}.json", payload)
+  path = bc.write_result(args.out, NAME, payload)
   print(f"wrote {path}")
   n_fail = sum(1 for c in checks.values() if not c.get("pass"))
   print(f"checks: {len(checks) - n_fail} PASS, {n_fail} FAIL")

@@ -18,33 +18,29 @@ In ONE run:
      combine) vs the same with jax.lax.ragged_dot vs torch._grouped_mm (when torch imports with
      CUDA): time, TFLOP/s, memory (JAX: compiled plan arg+out+temp and device peak; torch:
      max_memory_allocated).
-  4. JSON (device, jax version, date, all numbers) to --out, compact tables last.
+  4. JSON (run record and all numbers) to OUT/<device>/<date>-scatter.json, compact tables last.
 
-GPU:        python experiments/bench_scatter.py --out DIR [--block-m 128 --block-n 128
+GPU:        python -m experiments.bench_scatter [--out DIR] [--block-m 128 --block-n 128
             --block-k 64 --group-m 8 --num-warps 8 --num-stages 3 --shapes mixtral,olmoe]
-CPU smoke:  python experiments/bench_scatter.py --smoke --out /tmp/x   (tiny shapes, interpret)
+CPU smoke:  python -m experiments.bench_scatter --smoke --out /tmp/x   (tiny shapes, interpret)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from kernels import grouped_matmul  # noqa: E402
-from kernels.scatter_experts import scatter_glu, scatter_mlp  # noqa: E402
-from kernels.scatter_matmul import make_routing, scatter_matmul  # noqa: E402
-from kernels.scatter_reference import scatter_matmul_reference  # noqa: E402
-from kernels.scatter_triton import TritonScatterConfig, scatter2scatter  # noqa: E402
-from kernels.reference import row_group_ids  # noqa: E402
+from experiments import bench_common as bc
+from kernels import grouped_matmul
+from kernels.scatter import scatter_glu, scatter_mlp
+from kernels.scatter import make_routing, scatter_matmul
+from kernels.scatter import scatter_matmul_reference
+from kernels.scatter import TritonScatterConfig, scatter2scatter
+from kernels.common.groups import row_group_ids
 
 OP_SHAPES = {  # name: (rows M = T*k, K, N, E, k)
     "mixtral": (32768, 4096, 14336, 8, 2),
@@ -380,7 +376,8 @@ def torch_available() -> bool:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default=bc.RESULTS_DIR,
+                  help="results folder: writes OUT/<device>/<date>-scatter.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via triton_interpret")
   ap.add_argument("--shapes", default=",".join(OP_SHAPES))
   ap.add_argument("--only", choices=["ops", "mlp", "all"], default="all")
@@ -420,7 +417,7 @@ def main():
                                     **cfg.__dict__}, "torch": use_torch,
              "checks": [], "ops": [], "mlp": []}
   checks = payload["checks"]
-  out = lambda: bc.write_json(args.out, "bench_scatter.json", payload)
+  out = lambda: bc.write_result(args.out, "scatter", payload)
 
   for be in dict.fromkeys((backend, mixed_backend)) if not args.no_edge else ():
     guarded(checks, f"edge/{be}", lambda be=be: check_edge(checks, edge, be, cfg))

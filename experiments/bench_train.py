@@ -14,8 +14,8 @@ the token-dropping GShard/Switch baseline at capacity_factor 1; dense = the base
      H100 bf16 dense peak 989 TFLOP/s per device), XLA's planned bytes and the device's peak bytes;
   4. writes JSON (device, JAX version, date, all numbers) to --out and prints a table last.
 
-Run on the GPU:  python experiments/bench_train.py --out DIR [--preset small] [--steps 30]
-CPU smoke test:  python experiments/bench_train.py --smoke --out /tmp/x   (tiny model; the
+Run on the GPU:  python -m experiments.bench_train --out DIR [--preset small] [--steps 30]
+CPU smoke test:  python -m experiments.bench_train --smoke --out /tmp/x   (tiny model; the
                  grouped variant runs the Pallas Triton kernel in interpret mode)
 """
 
@@ -38,8 +38,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_common as bc  # noqa: E402
 from jaxmoe import cli  # noqa: E402

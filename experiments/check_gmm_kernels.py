@@ -2,28 +2,25 @@
 empty and one-row groups, rows past sum(group_sizes)): the simple kernel, the warp-specialized
 default and its 4-stage chained variant, forward and transposed, against the float32 reference.
 
-GPU:  python experiments/check_gmm_kernels.py   (prints PASS/FAIL lines; exit 1 on a failure)
+GPU:  python -m experiments.check_gmm_kernels   (prints PASS/FAIL lines; exit 1 on a failure)
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from experiments.bench_grouped_matmul import EDGE_SHAPE, EDGE_SIZES  # noqa: E402
-from kernels import gmm_mosaic, gmm_mosaic_ws, reference  # noqa: E402
+from experiments import bench_common as bc
+from experiments.bench_grouped_matmul import EDGE_SHAPE, EDGE_SIZES
+from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, reference
 
 KERNELS = {
-    "simple": (gmm_mosaic.gmm, gmm_mosaic.MosaicGmmConfig()),
-    "ws": (gmm_mosaic_ws.gmm, gmm_mosaic_ws.MosaicWsGmmConfig()),
-    "ws_chained": (gmm_mosaic_ws.gmm, gmm_mosaic_ws.MosaicWsGmmConfig(
+    "simple": (mosaic_kernel.gmm, mosaic_kernel.MosaicGmmConfig()),
+    "ws": (mosaic_ws_kernel.gmm, mosaic_ws_kernel.MosaicWsGmmConfig()),
+    "ws_chained": (mosaic_ws_kernel.gmm, mosaic_ws_kernel.MosaicWsGmmConfig(
         max_concurrent_steps=4, epi_cols=64, chain=True)),
 }
 

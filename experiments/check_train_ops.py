@@ -15,15 +15,14 @@ from 256 values (a byte-level corpus); the layer has 64 experts of width 3072, t
 compares values and gradients, then times the forward+backward of both forms in one process
 (ratios; absolute times only from a GPU).
 
-GPU:  python experiments/check_train_ops.py --out DIR [--checks embed_grad,embed_grad_text]
+GPU:  python -m experiments.check_train_ops --out DIR [--checks embed_grad,embed_grad_text]
       (PASS/FAIL lines; exit 1 on a failure)
-CPU:  python experiments/check_train_ops.py --out DIR --smoke   (small shapes, no timings)
+CPU:  python -m experiments.check_train_ops --out DIR --smoke   (small shapes, no timings)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
@@ -31,13 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from jaxmoe import MoE, MoEConfig  # noqa: E402
-from jaxmoe import data as data_lib  # noqa: E402
-from jaxmoe.model import embed_lookup  # noqa: E402
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference  # noqa: E402
+from experiments import bench_common as bc
+from jaxmoe import MoE, MoEConfig
+from jaxmoe import data as data_lib
+from jaxmoe.model import embed_lookup
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference
 
 
 def check_cross_entropy(tokens: int, vocab: int, timed: bool) -> tuple[bool, dict]:

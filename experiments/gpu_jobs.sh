@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Runs a list of GPU jobs one after another inside ONE device call, each under its own timeout and
-# all within a total deadline, so that one slow or crashing job costs only its own slot.
+# Runs a list of GPU jobs one after another, each under its own timeout and all within a total
+# deadline, so that one slow or crashing job costs only its own slot.
 #
 #   experiments/gpu_jobs.sh JOBFILE OUTDIR TOTAL_SECONDS
+#   e.g. experiments/gpu_jobs.sh experiments/jobs/small-b64-train-variants.txt /tmp/out 1500
 #
-# JOBFILE: one job per line, "NAME TIMEOUT_S COMMAND..." ('#' starts a comment). COMMAND runs
+# JOBFILE (experiments/jobs/ holds the lists in use): one job per line, "NAME TIMEOUT_S COMMAND..."
+# ('#' starts a comment), run from the repository root. COMMAND runs
 # through bash with JOB_OUT set to its own folder OUTDIR/work/NAME; stdout+stderr go to
 # JOB_OUT/log.txt (PYTHONUNBUFFERED is set, so a killed job keeps what it printed). A job is
 # skipped when less than its timeout is left of the deadline. After every job, OUTDIR/summary.txt
 # gets a line (name, exit code, seconds) and OUTDIR/results.tar.gz is rewritten with all the job
-# folders, so what finished comes back even when the call itself is cut off (the device returns at
-# most 8 files: one tarball and one summary).
+# folders, so what finished is kept in one file even when the whole run is cut off.
 set -u
 jobfile=$1 outdir=$2 total=$3
 start=$(date +%s)

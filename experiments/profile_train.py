@@ -13,7 +13,7 @@ For one preset and each variant (as in bench_train.py: dmoe, capacity, dense, ..
      elementwise fusions, copies, collectives) and the top kernels by time;
   3. writes profile_train.json to --out and prints the tables.
 
-Run on the GPU:  python experiments/profile_train.py --out DIR --preset small --batch-size 8
+Run on the GPU:  python -m experiments.profile_train --out DIR --preset small --batch-size 8
 """
 
 from __future__ import annotations
@@ -31,14 +31,12 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import bench_common as bc  # noqa: E402
-from experiments.bench_train import VARIANTS, add_config_args, resolve_configs  # noqa: E402
-from jaxmoe import data as data_lib  # noqa: E402
-from jaxmoe.config import ModelConfig, TrainConfig  # noqa: E402
-from jaxmoe.model import flops_per_token  # noqa: E402
-from jaxmoe.train import build_program, train_mesh  # noqa: E402
+from experiments import bench_common as bc
+from experiments.bench_train import VARIANTS, add_config_args, resolve_configs
+from jaxmoe import data as data_lib
+from jaxmoe.config import ModelConfig, TrainConfig
+from jaxmoe.model import flops_per_token
+from jaxmoe.train import build_program, train_mesh
 
 # Kernel-name fragments -> category, first match wins (names as CUDA/XLA/Pallas report them).
 CATEGORIES = (

@@ -3,6 +3,7 @@
   jaxmoe train --preset tiny [--config FILE.json|.toml] [--out DIR] [--<model or train field> V ...]
   jaxmoe sample RUN_OR_CHECKPOINT --prompt "def " [--tokens 200] [--temperature 0.8]
   jaxmoe plot RUN [--out FILE.png]
+  jaxmoe convert HF_FOLDER RUN | RUN HF_FOLDER [--arch mixtral|olmoe|qwen2_moe|qwen3_moe]
 
 Every ModelConfig / TrainConfig field is a flag (`--d-model 256`, `--moe-impl capacity`,
 `--ffn dense`, `--remat true`). Precedence: preset < config file < flags. User mistakes (unknown
@@ -112,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
   sp.add_argument("--temperature", type=float, default=0.8, help="> 0, or 0 for greedy decoding")
   sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
   sp.add_argument("--seed", type=int, default=0)
+
+  cp = sub.add_parser(
+      "convert", allow_abbrev=False,
+      help="a Hugging Face model folder -> a jaxmoe run, or a jaxmoe run -> a Hugging Face folder",
+      description="SRC a Hugging Face folder (config.json + safetensors) of Mixtral, OLMoE, "
+                  "Qwen2-MoE or Qwen3-MoE: writes the jaxmoe run OUT (for sample, and train "
+                  "--init-from). SRC a jaxmoe run or checkpoint: writes the Hugging Face folder "
+                  "OUT. OUT must not exist or be empty.")
+  cp.add_argument("src")
+  cp.add_argument("out")
+  cp.add_argument("--arch", help="export: the architecture to write (default: the one the run "
+                                 "was converted from)")
+  cp.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                  help="import: the converted model's compute dtype (parameters stay float32)")
 
   pp = sub.add_parser("plot", help="draw a run's curves to PNG", allow_abbrev=False)
   pp.add_argument("run", help="run folder (holds metrics.jsonl)")
@@ -246,9 +261,8 @@ def _check_run_folder(out: str) -> None:
 
 
 def _sample(args) -> int:
-  import numpy as np
-
-  from jaxmoe.sample import decode, generate, load_model
+  from jaxmoe.sample import generate, load_model, run_folder
+  from jaxmoe.tokenizer import load_run_tokenizer
 
   if args.tokens < 0:
     raise UserError(f"--tokens must be >= 0, got {args.tokens}")
@@ -257,12 +271,28 @@ def _sample(args) -> int:
   if args.top_k < 0:
     raise UserError(f"--top-k must be >= 0 (0: no limit), got {args.top_k}")
   model, _ = load_model(args.checkpoint)
-  prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)
-  if model.cfg.vocab_size < 256 and prompt.size and prompt.max() >= model.cfg.vocab_size:
-    raise UserError(f"prompt bytes exceed the model's vocab_size={model.cfg.vocab_size}")
+  tokenizer = load_run_tokenizer(run_folder(args.checkpoint), model.cfg.vocab_size)
+  prompt = tokenizer.encode(args.prompt)
+  if prompt.size and prompt.max() >= model.cfg.vocab_size:
+    raise UserError(f"the prompt's tokens exceed the model's vocab_size={model.cfg.vocab_size}")
   out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
                  seed=args.seed)
-  print(decode(out, model.cfg.vocab_size))
+  print(tokenizer.decode(out))
+  return 0
+
+
+def _convert(args) -> int:
+  from jaxmoe.hf import export_hf, import_hf, is_hf_folder
+
+  if not os.path.exists(args.src):
+    raise UserError(f"{args.src!r} does not exist")
+  if is_hf_folder(args.src):
+    if args.arch:
+      raise UserError("--arch is for export (a jaxmoe run to a Hugging Face folder); "
+                      f"{args.src!r} is a Hugging Face folder")
+    import_hf(args.src, args.out, dtype=args.dtype)
+  else:
+    export_hf(args.src, args.out, arch=args.arch)
   return 0
 
 
@@ -276,6 +306,7 @@ def _plot(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the exit status (argparse's own errors exit 2 directly)."""
   from jaxmoe.checkpointing import CheckpointError
+  from jaxmoe.hf.architectures import ConvertError
   from jaxmoe.data import DataError
   from jaxmoe.plot import PlotError
   from jaxmoe.tokenizer import TokenizerError
@@ -286,8 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   # presets need it. Read when the GPU client starts, which has not happened yet here.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   try:
-    return {"train": _train, "sample": _sample, "plot": _plot}[args.command](args)
-  except (UserError, ConfigError, DataError, CheckpointError, PlotError, TokenizerError) as e:
+    return {"train": _train, "sample": _sample, "plot": _plot,
+            "convert": _convert}[args.command](args)
+  except (UserError, ConfigError, DataError, CheckpointError, PlotError, TokenizerError,
+          ConvertError) as e:
     print(f"jaxmoe: error: {e}", file=sys.stderr)
     return USER_ERROR
   except OSError as e:  # a folder or file the user named that cannot be read or written

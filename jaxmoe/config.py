@@ -18,6 +18,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+import kernels
+
 # Dropless implementations compute the same function; "capacity" is the token-dropping baseline.
 DROPLESS_IMPLS = ("grouped", "ragged_dot", "scatter", "blocksparse")
 IMPLS = DROPLESS_IMPLS + ("capacity",)
@@ -47,7 +49,12 @@ ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
 # What renormalize=None means for each router: the published models' choice.
 DEFAULT_RENORMALIZE = {"softmax_topk": False, "topk_softmax": True, "sigmoid": True}
 
-BACKENDS = (None, "xla", "triton", "mosaic", "pallas", "triton_interpret", "mosaic_interpret")
+# The kernels registry of the op each impl runs its expert products on: MoEConfig.backend must be
+# one of that op's backends (or None, the platform default). The impls without a kernel op take
+# any name a kernels op has (they ignore it; the expert-parallel layer passes it to grouped_matmul).
+IMPL_BACKENDS = {"grouped": kernels.GMM_BACKENDS, "scatter": kernels.SCATTER_BACKENDS,
+                 "blocksparse": kernels.BLOCKSPARSE_BACKENDS}
+BACKENDS = (None,) + tuple(dict.fromkeys(n for r in kernels.REGISTRIES.values() for n in r.names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +67,7 @@ class MoEConfig:
     num_experts: number of routed experts E.
     top_k: experts per token, 1..num_experts.
     impl: "grouped" (sort + kernels.grouped_matmul), "ragged_dot" (sort + jax.lax.ragged_dot),
-      "scatter" (ScatterMoE, kernels.scatter_experts: gather/scatter inside the kernel; needs
+      "scatter" (ScatterMoE, kernels.scatter: gather/scatter inside the kernel; needs
       use_bias=False), "blocksparse" (MegaBlocks dMoE, kernels.blocksparse.dmoe_mlp: needs use_bias=False and d_ff a
       multiple of block_size), or "capacity" (token dropping with a per-expert capacity, the
       Switch/GShard baseline).
@@ -76,6 +83,11 @@ class MoEConfig:
     num_shared_experts: always-on experts (DeepSeek style), run as one dense MLP of width
       num_shared_experts * shared_d_ff.
     shared_d_ff: hidden width of one shared expert (None: d_ff).
+    shared_expert_gate: scale the shared experts' output by sigmoid(x @ w_gate), a learned
+      (d_model, 1) float32 gate (Qwen2-MoE).
+    n_group, topk_group: group-limited routing (DeepSeek-V3): the experts form n_group equal
+      groups, each group scores the sum of its two best selection scores, and only the
+      topk_group best groups are eligible for the top-k. None: no grouping.
     use_bias: biases in the expert projections.
     jitter: multiplicative router-input noise x * U(1 - jitter, 1 + jitter) at train time (Switch).
     aux_loss_weight: weight of the load-balancing loss in MoEStats.loss.
@@ -83,8 +95,9 @@ class MoEConfig:
     bias_balancing: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the
       scores for expert selection only, updated outside the gradient by MoE.update_router_bias.
     routed_scale: factor on the routed experts' combined output (DeepSeek-V3 uses 2.5).
-    backend: kernels backend for impl="grouped", "scatter" and "blocksparse" (None: platform
-      default; scatter and blocksparse run "mosaic" as their Triton kernels).
+    backend: kernels backend for impl="grouped", "scatter" and "blocksparse": a name of the
+      registry of the op the impl runs on (IMPL_BACKENDS; blocksparse has no "mosaic"), or None
+      for the platform default ("pallas" on GPU, "xla" elsewhere).
     block_size: block size of impl="blocksparse" (MegaBlocks uses 128).
     remat_experts: recompute the expert MLP's hidden activations in the backward pass
       (jax.checkpoint around it: only its input rows are kept, not the two (rows, d_ff) hidden
@@ -104,6 +117,9 @@ class MoEConfig:
   capacity_factor: float = 1.25
   num_shared_experts: int = 0
   shared_d_ff: int | None = None
+  shared_expert_gate: bool = False
+  n_group: int | None = None
+  topk_group: int | None = None
   use_bias: bool = False
   jitter: float = 0.0
   aux_loss_weight: float = 0.01
@@ -127,6 +143,12 @@ class MoEConfig:
     _check_choice("router", self.router, ROUTERS)
     _check_choice("backend", self.backend, BACKENDS)
     self._check_routing()
+    self._check_groups()
+    if not isinstance(self.shared_expert_gate, bool) or (self.shared_expert_gate
+                                                         and not self.num_shared_experts):
+      raise ValueError(f"MoEConfig.shared_expert_gate must be a bool, and True needs "
+                       f"num_shared_experts >= 1; got {self.shared_expert_gate!r} with "
+                       f"num_shared_experts={self.num_shared_experts}")
     if not (isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
             and self.capacity_factor > 0):
       raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0, "
@@ -144,6 +166,24 @@ class MoEConfig:
         raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
     if not isinstance(self.routed_scale, (int, float)) or not math.isfinite(self.routed_scale):
       raise ValueError(f"MoEConfig.routed_scale must be a finite number, got {self.routed_scale!r}")
+
+  def _check_groups(self) -> None:
+    if (self.n_group is None) != (self.topk_group is None):
+      raise ValueError(f"MoEConfig.n_group and topk_group go together (group-limited routing), "
+                       f"got n_group={self.n_group!r}, topk_group={self.topk_group!r}")
+    if self.n_group is None:
+      return
+    _check_positive_int("n_group", self.n_group)
+    _check_positive_int("topk_group", self.topk_group)
+    if self.num_experts % self.n_group:
+      raise ValueError(f"MoEConfig.n_group={self.n_group} must divide num_experts="
+                       f"{self.num_experts}")
+    if self.topk_group > self.n_group:
+      raise ValueError(f"MoEConfig.topk_group={self.topk_group} must be <= n_group={self.n_group}")
+    if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+      raise ValueError(f"MoEConfig: topk_group={self.topk_group} groups of "
+                       f"{self.num_experts // self.n_group} experts hold fewer than top_k="
+                       f"{self.top_k} experts")
 
   def _check_routing(self) -> None:
     if self.renormalize is not None and not isinstance(self.renormalize, bool):
@@ -182,6 +222,10 @@ class MoEConfig:
     if self.remat_experts and impl not in REMAT_EXPERTS_IMPLS:
       raise ValueError(f"MoEConfig.remat_experts=True is implemented for impl in "
                        f"{REMAT_EXPERTS_IMPLS}, got impl={impl!r}")
+    if impl in IMPL_BACKENDS and self.backend not in (None, *IMPL_BACKENDS[impl].names):
+      raise ValueError(f"MoEConfig.backend must be one of {IMPL_BACKENDS[impl].names} (the "
+                       f"backends of {IMPL_BACKENDS[impl].op}) or None with impl={impl!r}, got "
+                       f"{self.backend!r}")
     if impl == "blocksparse":
       if self.d_ff % self.block_size:
         raise ValueError(f"MoEConfig.d_ff must be a multiple of block_size={self.block_size} with "
@@ -221,6 +265,7 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
 FFN_KINDS = ("moe", "dense")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +309,20 @@ class ModelConfig:
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
+  # What published models add (jaxmoe convert sets them from a Hugging Face config):
+  attn_head_dim: int | None = None  # per-head width; None: d_model // n_heads (Qwen3 differs)
+  qk_norm: str = "none"      # RMSNorm on q and k before RoPE: "head" (each head over its own
+                             # dims, one weight shared by the heads: Qwen3-MoE) or "full" (all
+                             # heads' q, and all k, as one vector: OLMoE)
+  qkv_bias: bool = False     # biases on the q, k and v projections (Qwen2-MoE)
+  first_dense_layers: int = 0  # the first N layers have a dense MLP (DeepSeek's first_k_dense)
+  num_shared_experts: int = 0  # always-on experts in every MoE layer (MoEConfig's field)
+  shared_d_ff: int | None = None   # their width each (None: the expert width)
+  shared_expert_gate: bool = False  # scale the shared experts by sigmoid(x @ w) (Qwen2-MoE)
+  n_group: int | None = None     # group-limited routing (DeepSeek-V3): experts in n_group groups,
+  topk_group: int | None = None  # only the topk_group best groups eligible (MoEConfig's fields)
+  scale_tied_head: bool = True  # a tied LM head multiplies by d_model ** -0.5 (jaxmoe's own
+                                # models; the published ones do not)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
@@ -283,9 +342,9 @@ class ModelConfig:
     if self.remat_skip and not self.remat:
       raise ValueError(f"model.remat_skip={self.remat_skip} needs remat=true (it is the number of "
                        "blocks left out of the recomputation)")
-    if self.d_model % self.n_heads:
+    if self.attn_head_dim is None and self.d_model % self.n_heads:
       raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-    if (self.d_model // self.n_heads) % 2:
+    if self.attn_head_dim is None and (self.d_model // self.n_heads) % 2:
       raise ValueError(f"model head dim d_model/n_heads={self.d_model // self.n_heads} must be even "
                        "(rotary embeddings rotate pairs)")
     if self.n_heads % self.n_kv_heads:
@@ -313,13 +372,26 @@ class ModelConfig:
       self.moe_config()  # MoEConfig's own checks (e.g. blocksparse: d_ff a multiple of block_size)
     if self.expert_d_ff is not None and (not isinstance(self.expert_d_ff, int) or self.expert_d_ff < 1):
       raise ValueError(f"model.expert_d_ff must be a positive int or None, got {self.expert_d_ff!r}")
+    if self.attn_head_dim is not None and (not isinstance(self.attn_head_dim, int)
+                                           or self.attn_head_dim < 2 or self.attn_head_dim % 2):
+      raise ValueError(f"model.attn_head_dim must be an even int >= 2 or None, got "
+                       f"{self.attn_head_dim!r}")
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f"model.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+    if not isinstance(self.first_dense_layers, int) or isinstance(self.first_dense_layers, bool) \
+        or not 0 <= self.first_dense_layers <= self.n_layers:
+      raise ValueError(f"model.first_dense_layers must be an int in [0, n_layers={self.n_layers}], "
+                       f"got {self.first_dense_layers!r}")
+    for name in ("qkv_bias", "shared_expert_gate", "scale_tied_head", "tie_embeddings"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.attn_head_dim or self.d_model // self.n_heads
 
   def is_moe_layer(self, i: int) -> bool:
-    return self.ffn == "moe" and (i + 1) % self.moe_every == 0
+    return self.ffn == "moe" and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
 
   @property
   def num_moe_layers(self) -> int:
@@ -330,7 +402,10 @@ class ModelConfig:
                      num_experts=self.num_experts, top_k=self.top_k, impl=self.moe_impl,
                      activation=self.activation, capacity_factor=self.capacity_factor,
                      router=self.router, renormalize=self.renormalize,
-                     routed_scale=self.routed_scale, aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
+                     routed_scale=self.routed_scale, num_shared_experts=self.num_shared_experts,
+                     shared_d_ff=self.shared_d_ff, shared_expert_gate=self.shared_expert_gate,
+                     n_group=self.n_group, topk_group=self.topk_group,
+                     aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
                      block_size=self.block_size, remat_experts=self.remat_mlp)
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels.reference import inverse_permutation
+from kernels.common.groups import inverse_permutation
 
 
 class ExpertSort(NamedTuple):

@@ -44,13 +44,6 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   return _ACT_FNS[name]
 
 
-def scatter_backend(backend: str | None) -> str | None:
-  """The layer's backend for kernels.scatter_matmul: "mosaic" / "mosaic_interpret" run as the
-  all-Triton scatter kernels (they fit any shape); None / "pallas", the GPU default, already runs
-  the grouped-input products on the Mosaic grouped kernels where the shape fits them."""
-  return {"mosaic": "triton", "mosaic_interpret": "triton_interpret"}.get(backend, backend)
-
-
 def _weight_init(fan_in_axis: int):
   # Fan-in scaling per expert: the leading expert axis is a batch axis, not a fan.
   return nnx.initializers.variance_scaling(
@@ -140,18 +133,17 @@ class RoutedExperts(nnx.Module):
 
     No biases (MoEConfig.check_impl refuses use_bias with this impl).
     """
-    from kernels import scatter_experts, scatter_matmul  # imported here: only this impl needs it
+    from kernels import scatter  # imported here: only this impl needs it
 
     cfg = self.config
-    routing = scatter_matmul.make_routing(indices, cfg.num_experts)
+    routing = scatter.make_routing(indices, cfg.num_experts)
     x = x.astype(self.dtype)
     gates = weights.astype(jnp.float32)  # combine weights stay float32, as in the other impls
-    kw = dict(activation=activation_fn(cfg.activation), backend=scatter_backend(cfg.backend))
+    kw = dict(activation=activation_fn(cfg.activation), backend=cfg.backend)
     if cfg.is_glu:
-      return scatter_experts.scatter_glu(x, self._w(self.w_gate), self._w(self.w_up),
-                                         self._w(self.w_out), routing, gates, **kw)
-    return scatter_experts.scatter_mlp(x, self._w(self.w_gate), self._w(self.w_out), routing, gates,
-                                       **kw)
+      return scatter.scatter_glu(x, self._w(self.w_gate), self._w(self.w_up),
+                                 self._w(self.w_out), routing, gates, **kw)
+    return scatter.scatter_mlp(x, self._w(self.w_gate), self._w(self.w_out), routing, gates, **kw)
 
   def apply_blocksparse(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
     """x (T, d), indices/weights (T, k) -> (T, d) combined outputs via MegaBlocks dMoE.

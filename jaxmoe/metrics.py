@@ -1,8 +1,8 @@
 """Run outputs: metrics as JSONL and TensorBoard scalars, and a terminal progress bar.
 
-The TensorBoard writer encodes the event-file format itself (TFRecord framing with masked CRC32C
-around `Event{wall_time, step, summary{value{tag, simple_value}}}` protobufs), so neither
-TensorFlow nor tensorboard is needed to write; `tensorboard --logdir RUN/tb` reads the files.
+TensorBoard event files are written by `tensorboardX` (no TensorFlow or tensorboard needed to
+write; `tensorboard --logdir RUN/tb` reads them); the bar is `rich.progress` on a terminal and one
+plain line per update otherwise, so that logs of a run under a job system stay readable.
 """
 
 from __future__ import annotations
@@ -10,91 +10,30 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from typing import Any, TextIO
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  n &= (1 << 64) - 1
-  while True:
-    byte = n & 0x7F
-    n >>= 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           scalars: dict[str, float] | None = None) -> bytes:
-  msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-  if file_version is not None:
-    msg += _field_bytes(3, file_version.encode())
-  if scalars:
-    values = b"".join(
-        _field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-        for tag, value in scalars.items())
-    msg += _field_bytes(5, values)
-  return msg
-
-
-def tfrecord(data: bytes) -> bytes:
-  header = struct.pack("<Q", len(data))
-  return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
-
-
 class TensorBoardWriter:
-  """Append-only scalar event file in `logdir` (a new file per writer, like TensorFlow's)."""
+  """Scalar event file in `logdir`: a new file per writer (named with the process id, so two
+  writers started in the same second never share one), non-finite values left out."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, flush_secs: int = 10):
+    from tensorboardX import SummaryWriter  # imported here: only runs that log to TensorBoard pay
+
     os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, "ab")
-    self._f.write(tfrecord(_event(time.time(), 0, file_version="brain.Event:2")))
-    self._f.flush()
+    self.logdir = logdir
+    self._writer = SummaryWriter(logdir, flush_secs=flush_secs, filename_suffix=f".{os.getpid()}")
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    finite = {k: float(v) for k, v in values.items()
-              if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    if finite:
-      self._f.write(tfrecord(_event(time.time(), step, scalars=finite)))
-      self._f.flush()
+    wall_time = time.time()
+    for tag, value in values.items():
+      if isinstance(value, (int, float)) and math.isfinite(float(value)):
+        self._writer.add_scalar(tag, float(value), global_step=step, walltime=wall_time)
 
   def close(self) -> None:
-    self._f.close()
+    self._writer.close()
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -140,30 +79,38 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressBar:
-  """`step/total [#####.....] loss 2.31 | 12.3k tok/s | ETA 01:23` on one updating line (a TTY),
-  or one line per update otherwise (logs)."""
+  """Training progress: on a terminal a `rich` bar (`step/total`, bar, loss, tokens/s, ETA) on one
+  updating line; otherwise (a log file, a pipe) one line per update,
+  `step/total loss 2.3100 | 12.3k tok/s | ETA 01:23`."""
 
-  def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, width: int = 24):
-    self.total, self.start, self.width = total, start, width
+  def __init__(self, total: int, start: int = 0, stream: TextIO | None = None):
+    self.total, self.start = total, start
     self.stream = stream or sys.stderr
-    self.tty = self.stream.isatty()
     self.t0 = time.perf_counter()
+    self._progress = None
+    if self.stream.isatty():
+      from rich.console import Console
+      from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+      self._progress = Progress(
+          MofNCompleteColumn(), BarColumn(),
+          TextColumn("loss {task.fields[loss]:.4f} | {task.fields[tokens_per_s]:.1f}k tok/s | ETA"),
+          TimeRemainingColumn(), console=Console(file=self.stream))
+      self._task = self._progress.add_task("train", total=total, completed=start,
+                                           loss=float("nan"), tokens_per_s=0.0)
+      self._progress.start()
 
   def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    if self._progress is not None:
+      self._progress.update(self._task, completed=step, loss=loss, tokens_per_s=tokens_per_s / 1e3)
+      return
     done = step - self.start
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-    filled = int(self.width * step / max(self.total, 1))
-    bar = "#" * filled + "." * (self.width - filled)
-    line = (f"{step}/{self.total} [{bar}] loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s | "
-            f"ETA {_duration(eta)}")
-    if self.tty:
-      self.stream.write("\r" + line)
-    else:
-      self.stream.write(line + "\n")
+    self.stream.write(f"{step}/{self.total} loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s | "
+                      f"ETA {_duration(eta)}\n")
     self.stream.flush()
 
   def close(self) -> None:
-    if self.tty:
-      self.stream.write("\n")
-      self.stream.flush()
+    if self._progress is not None:
+      self._progress.stop()

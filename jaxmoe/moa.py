@@ -28,7 +28,7 @@ from flax import nnx
 from jaxmoe import dispatch
 from jaxmoe import router as router_lib
 from jaxmoe.config import MoEConfig
-from jaxmoe.experts import _param, _weight_init, scatter_backend
+from jaxmoe.experts import _param, _weight_init
 from jaxmoe.moe import MoEStats, _grouped_matmul_fn, _ragged_dot
 
 MOA_IMPLS = ("scatter", "grouped", "ragged_dot")
@@ -130,10 +130,10 @@ class MoA(nnx.Module):
     keys, vals = keys.reshape(b, s, h, dh), vals.reshape(b, s, h, dh)
 
     if impl == "scatter":
-      from kernels import scatter_matmul as sm  # imported here: only this impl needs it
+      from kernels import scatter as sm  # imported here: only this impl needs it
 
       route = sm.make_routing(routing.indices, e)
-      kw = dict(backend=scatter_backend(cfg.backend))
+      kw = dict(backend=cfg.backend)
       # Token rows gathered in the kernel; queries written in flat (t * k + j) order.
       q = sm.scatter_matmul(xc, w(self.w_q), route, **kw)                      # (T*k, h*dh)
       o = attention(q.reshape(b, s, k, h, dh), keys, vals, causal=cfg.causal)

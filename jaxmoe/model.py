@@ -128,8 +128,8 @@ def _embed_bwd(dtype, res, g):
 embed_lookup.defvjp(_embed_fwd, _embed_bwd)
 
 
-def _dense(rngs, d_in, d_out, dtype) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+def _dense(rngs, d_in, d_out, dtype, bias: bool = False) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                     rngs=rngs)
 
@@ -140,16 +140,32 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
     self.cfg = cfg
     h = cfg.head_dim
-    self.q = _dense(rngs, cfg.d_model, cfg.n_heads * h, dtype)
-    self.kv = _dense(rngs, cfg.d_model, 2 * cfg.n_kv_heads * h, dtype)
+    self.q = _dense(rngs, cfg.d_model, cfg.n_heads * h, dtype, bias=cfg.qkv_bias)
+    # K and V in one projection: columns [0, n_kv h) are K, [n_kv h, 2 n_kv h) are V.
+    self.kv = _dense(rngs, cfg.d_model, 2 * cfg.n_kv_heads * h, dtype, bias=cfg.qkv_bias)
     self.o = _dense(rngs, cfg.n_heads * h, cfg.d_model, dtype)
+    norm = lambda width: nnx.RMSNorm(width, epsilon=cfg.norm_eps, dtype=dtype,
+                                     param_dtype=jnp.float32, rngs=rngs)
+    if cfg.qk_norm == "head":
+      self.q_norm, self.k_norm = norm(h), norm(h)
+    elif cfg.qk_norm == "full":
+      self.q_norm, self.k_norm = norm(cfg.n_heads * h), norm(cfg.n_kv_heads * h)
+    else:
+      self.q_norm = self.k_norm = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
     b, t, _ = x.shape
     h = cfg.head_dim
-    q = self.q(x).reshape(b, t, cfg.n_heads, h)
-    k, v = jnp.split(self.kv(x).reshape(b, t, 2 * cfg.n_kv_heads, h), 2, axis=2)
+    q = self.q(x)
+    k, v = jnp.split(self.kv(x), 2, axis=-1)
+    if cfg.qk_norm == "full":   # over all heads at once, before the split into heads
+      q, k = checkpointed(self.q_norm, q), checkpointed(self.k_norm, k)
+    q = q.reshape(b, t, cfg.n_heads, h)
+    k = k.reshape(b, t, cfg.n_kv_heads, h)
+    v = v.reshape(b, t, cfg.n_kv_heads, h)
+    if cfg.qk_norm == "head":
+      q, k = checkpointed(self.q_norm, q), checkpointed(self.k_norm, k)
     pos = jnp.arange(t)
     q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
     # K/V with fewer heads than Q: dot_product_attention broadcasts them over query-head groups.
@@ -255,7 +271,8 @@ class TransformerLM(nnx.Module):
     if self.lm_head is None:
       # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits;
       # the scale is folded into the table's cast to the compute dtype (one rounding, as before).
-      w = (self.embed.embedding[...] * cfg.d_model ** -0.5).astype(x.dtype)
+      table = self.embed.embedding[...]
+      w = (table * cfg.d_model ** -0.5 if cfg.scale_tied_head else table).astype(x.dtype)
       logits = jnp.dot(x, w.T)
     else:
       logits = self.lm_head(x)
@@ -295,12 +312,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts: "total", "active" (per token: top_k of E experts), "embedding"."""
   d, h = cfg.d_model, cfg.head_dim
   attn = d * cfg.n_heads * h + d * 2 * cfg.n_kv_heads * h + cfg.n_heads * h * d
+  if cfg.qkv_bias:
+    attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * h
+  attn += {"none": 0, "head": 2 * h, "full": (cfg.n_heads + cfg.n_kv_heads) * h}[cfg.qk_norm]
   norms = 2 * d
   mats = 3 if ACTIVATIONS[cfg.activation] else 2
   dense_ffn = mats * d * cfg.d_ff
   e_ff = cfg.expert_d_ff or cfg.d_ff
   expert = mats * d * e_ff
-  router = d * cfg.num_experts
+  # The shared experts run on every token: the router's parameters count them as always active.
+  shared = cfg.num_shared_experts * mats * d * (cfg.shared_d_ff or e_ff)
+  router = d * cfg.num_experts + shared + (d if cfg.shared_expert_gate and shared else 0)
   total = active = 0
   for i in range(cfg.n_layers):
     total += attn + norms

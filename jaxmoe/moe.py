@@ -111,6 +111,9 @@ class MoE(nnx.Module):
     self.experts = RoutedExperts(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.shared = SharedExperts(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype) \
         if config.num_shared_experts > 0 else None
+    # Qwen2-MoE's shared-expert gate: (d_model, 1) float32, like the router.
+    self.shared_gate = nnx.Param(nnx.initializers.normal(stddev=config.d_model ** -0.5)(
+        rngs.params(), (config.d_model, 1), jnp.float32)) if config.shared_expert_gate else None
     self.parallel = parallel
     if parallel is not None:
       parallel.check_layer(config)
@@ -167,7 +170,12 @@ class MoE(nnx.Module):
     if cfg.routed_scale != 1.0:
       y = y * jnp.asarray(cfg.routed_scale, y.dtype)
     if self.shared is not None:
-      y = y + self.shared(tokens)
+      shared = self.shared(tokens)
+      if self.shared_gate is not None:
+        gate = jax.nn.sigmoid(jnp.dot(tokens.astype(jnp.float32), self.shared_gate[...],
+                                      precision=jax.lax.Precision.HIGHEST))
+        shared = shared * gate.astype(shared.dtype)
+      y = y + shared
 
     aux = router_lib.load_balancing_loss(routing.probs, routing.indices, e)
     z = router_lib.router_z_loss(routing.logits)

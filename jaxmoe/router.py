@@ -49,6 +49,8 @@ def route(
     *,
     renormalize: bool | None = None,
     selection_bias: jax.Array | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
 ) -> RouterOutput:
   """Chooses top_k experts per token from float32 logits (T, E).
 
@@ -67,6 +69,8 @@ def route(
     probs = scores
   # topk_softmax chooses by logits; softmax is monotone, so choosing by scores is the same set.
   choose = scores if selection_bias is None else scores + selection_bias.astype(jnp.float32)
+  if n_group is not None:
+    choose = _limit_to_groups(choose, n_group, topk_group)
   _, indices = jax.lax.top_k(choose, top_k)
   indices = indices.astype(jnp.int32)
   if router == "topk_softmax":
@@ -76,6 +80,18 @@ def route(
     if DEFAULT_RENORMALIZE[router] if renormalize is None else renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return RouterOutput(weights, indices, probs, logits)
+
+
+def _limit_to_groups(choose: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+  """DeepSeek-V3's group-limited selection: (T, E) scores with every expert outside each token's
+  topk_group best groups set to -inf. A group's score is the sum of its two best scores (its one
+  score when a group holds one expert)."""
+  t, e = choose.shape
+  grouped = choose.reshape(t, n_group, e // n_group)
+  best = jax.lax.top_k(grouped, min(2, e // n_group))[0]
+  _, groups = jax.lax.top_k(jnp.sum(best, axis=-1), topk_group)             # (T, topk_group)
+  keep = jnp.any(groups[:, :, None] == jnp.arange(n_group)[None, None, :], axis=1)  # (T, G)
+  return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
 
 
 def tokens_per_expert(indices: jax.Array, num_experts: int) -> jax.Array:
@@ -143,7 +159,8 @@ class Router(nnx.Module):
     logits = _float32_logits(x, self.kernel[...])
     bias = None if self.bias is None else jax.lax.stop_gradient(self.bias[...])
     return route(logits, self.config.top_k, self.config.router,
-                 renormalize=self.config.normalizes_weights, selection_bias=bias)
+                 renormalize=self.config.normalizes_weights, selection_bias=bias,
+                 n_group=self.config.n_group, topk_group=self.config.topk_group)
 
   def update_bias(self, tokens_per_expert: jax.Array, rate: float) -> None:
     """DeepSeek-V3 update  b_e += rate * sign(mean_load - load_e)  (no gradient involved)."""

@@ -1,7 +1,8 @@
 """Text generation from a checkpoint: load the model from RUN/ckpt (or a ckpt/<step> folder), sample.
 
 Decoding recomputes the full prefix each step (no KV cache): simple and exact, fine for short
-samples; tokens are bytes for byte-level models (vocab 256), printed as ids otherwise.
+samples. Text goes through the run's tokenizer (RUN/tokenizer.json: a trained BPE, or a converted
+model's own), else bytes (jaxmoe.tokenizer.load_run_tokenizer).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def _locate(path: str) -> tuple[str, int | None]:
   if base.isdigit():
     return os.path.dirname(path), int(base)
   return path, None
+
+
+def run_folder(path: str) -> str:
+  """The run folder of a run, its ckpt/ folder or a ckpt/<step> folder (where tokenizer.json is)."""
+  directory, _ = _locate(path)
+  return os.path.dirname(directory) if os.path.basename(directory) == "ckpt" else directory
 
 
 def load_model(path: str) -> tuple[TransformerLM, dict]:
@@ -83,9 +90,3 @@ def generate(model: TransformerLM, prompt: np.ndarray, num_tokens: int, *, tempe
       nxt = int(jax.random.categorical(sub, logits))
     tokens.append(nxt)
   return np.asarray(tokens, np.int32)
-
-
-def decode(tokens: np.ndarray, vocab_size: int) -> str:
-  if vocab_size <= 256:
-    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
-  return " ".join(str(int(t)) for t in tokens)

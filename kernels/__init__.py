@@ -1,17 +1,36 @@
 """jaxmoe kernels: Pallas GPU kernels for expert matmuls and the differentiable ops built on them.
 
-Pure JAX: imports neither jaxmoe nor flax.
+Pure JAX: imports neither jaxmoe nor flax. One folder per op family, each with the same faces
+(the public op, a registry of its backends, a file per backend, the reference):
+  kernels.gmm          grouped_matmul, group_xty                (GMM_BACKENDS, XTY_BACKENDS)
+  kernels.scatter      scatter_matmul, scatter_mlp, scatter_glu (SCATTER_BACKENDS)
+  kernels.blocksparse  sdd, dsd, dds, dmoe_mlp                  (BLOCKSPARSE_BACKENDS)
+  kernels.common       what the families share: the registry record, argument checks, group
+                       offsets, row tiles, the Triton dot, GPU lowering, the Mosaic compile cache
+  kernels.hidden       the expert MLP's activation with a recomputing backward
+  kernels.cross_entropy  softmax cross-entropy on 16-bit logits
+See kernels/README.md.
 """
 
-from kernels.backends import BACKENDS, resolve_backend
-from kernels.grouped_matmul import grouped_matmul, group_xty
-from kernels.reference import gmm_reference, group_xty_reference
+from kernels.common.groups import inverse_permutation
+from kernels.common.registry import Backend, Registry, default_backend
+from kernels.gmm import GMM_BACKENDS, XTY_BACKENDS, gmm_reference, group_xty, group_xty_reference
+from kernels.gmm import grouped_matmul
+from kernels.scatter import (
+    SCATTER_BACKENDS, ScatterRouting, make_routing, scatter_glu, scatter_matmul, scatter_mlp)
+from kernels.blocksparse import BLOCKSPARSE_BACKENDS
+
+# Every op's registry, by the op's public name (the autotuner, the GPU checks and the tests walk it).
+REGISTRIES: dict[str, Registry] = {
+    "grouped_matmul": GMM_BACKENDS,
+    "group_xty": XTY_BACKENDS,
+    "scatter_matmul": SCATTER_BACKENDS,
+    "blocksparse": BLOCKSPARSE_BACKENDS,
+}
 
 __all__ = [
-    "BACKENDS",
-    "resolve_backend",
-    "grouped_matmul",
-    "group_xty",
-    "gmm_reference",
-    "group_xty_reference",
+    "BLOCKSPARSE_BACKENDS", "Backend", "GMM_BACKENDS", "REGISTRIES", "Registry",
+    "SCATTER_BACKENDS", "ScatterRouting", "XTY_BACKENDS", "default_backend", "gmm_reference",
+    "group_xty", "group_xty_reference", "grouped_matmul", "inverse_permutation", "make_routing",
+    "scatter_glu", "scatter_matmul", "scatter_mlp",
 ]

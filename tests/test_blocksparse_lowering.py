@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import pytest
 from jax.extend import core as jcore
 
-from kernels.blocksparse import dds, dmoe_mlp, dsd, make_topology, sdd, triton_ops
-from kernels.gpu_lowering import lower_for_gpu
+from kernels.blocksparse import dds, dmoe_mlp, dsd, make_topology, sdd
+from kernels.blocksparse import triton as bs_triton
+from kernels.common.gpu_lowering import lower_for_gpu
 
 S = jax.ShapeDtypeStruct
 BF = jnp.bfloat16
@@ -72,15 +73,15 @@ def _loop_loads(jaxpr, in_kernel: bool = False) -> list[int]:
 @pytest.mark.parametrize("ta,tb", list(itertools.product([False, True], repeat=2)))
 def test_dsd_dds_loops_load_only_operand_tiles(ta, tb):
   """Each dsd/dds loop step loads one sparse block and one dense tile: the block and other-side
-  indices are affine in the loop index, not read from index arrays (see triton_ops)."""
+  indices are affine in the loop index, not read from index arrays (see bs_triton)."""
   topo = jax.eval_shape(lambda: _topo(jnp.zeros((E,), jnp.int32)))
   p, ns = topo.sparse_shape
   data = S(topo.data_shape, BF)
   kw = dict(transpose_lhs=ta, transpose_rhs=tb, out_dtype=BF)
   rhs = S((D, p if ta else ns) if tb else (p if ta else ns, D), BF)
   lhs = S((ns if tb else p, D) if ta else (D, ns if tb else p), BF)
-  cases = [(lambda g, s, r: triton_ops.dsd(s, r, _topo(g), **kw), data, rhs),
-           (lambda g, l, s: triton_ops.dds(l, s, _topo(g), **kw), lhs, data)]
+  cases = [(lambda g, s, r: bs_triton.dsd(s, r, _topo(g), **kw), data, rhs),
+           (lambda g, l, s: bs_triton.dds(l, s, _topo(g), **kw), lhs, data)]
   for fn, a, b in cases:
     counts = _loop_loads(jax.make_jaxpr(fn)(S((E,), jnp.int32), a, b).jaxpr)
     assert counts == [2], counts

@@ -73,7 +73,7 @@ def test_gather_sorted_under_jit_and_remat(rng):
 
 
 def test_inverse_permutation(rng):
-  from kernels.reference import inverse_permutation
+  from kernels.common.groups import inverse_permutation
 
   perm = jnp.asarray(rng.permutation(11), jnp.int32)
   inv = inverse_permutation(perm)

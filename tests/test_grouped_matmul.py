@@ -13,24 +13,25 @@ import pytest
 from conftest import assert_close
 
 import kernels
-from kernels import gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton
-from kernels.gpu_lowering import lower_for_gpu
-from kernels.reference import gmm_reference, group_xty_reference
+from kernels.gmm import mosaic_common, mosaic_kernel, mosaic_ws_kernel, mosaic_xty_ws_kernel
+from kernels.gmm import triton as gmm_triton
+from kernels.common.gpu_lowering import lower_for_gpu
+from kernels.gmm.reference import gmm_reference, group_xty_reference
 
 TRITON_GMM = gmm_triton.TritonGmmConfig(
     block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=2
 )
 TRITON_XTY = gmm_triton.TritonXtyConfig(block_m=16, block_k=16, block_n=16, num_warps=4, num_stages=2)
-MOSAIC_GMM = gmm_mosaic.MosaicGmmConfig(
+MOSAIC_GMM = mosaic_kernel.MosaicGmmConfig(
     block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1
 )
-MOSAIC_WS = gmm_mosaic_ws.MosaicWsGmmConfig(
+MOSAIC_WS = mosaic_ws_kernel.MosaicWsGmmConfig(
     block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, grid_tile_width=1
 )
-MOSAIC_XTY = gmm_mosaic.MosaicXtyConfig(
+MOSAIC_XTY = mosaic_kernel.MosaicXtyConfig(
     block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1
 )
-MOSAIC_WS_XTY = gmm_mosaic_xty_ws.MosaicWsXtyConfig(
+MOSAIC_WS_XTY = mosaic_xty_ws_kernel.MosaicWsXtyConfig(
     block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1
 )
 
@@ -209,7 +210,7 @@ MOSAIC_SIZES = [30, 0, 50, 10]  # sum 90 < M=100: tail rows must be zero
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_mosaic_gmm_interpret(rng, transpose_rhs):
   lhs, rhs, gs = _inputs(rng, 100, 128, 128, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
-  out = gmm_mosaic.gmm(
+  out = mosaic_kernel.gmm(
       lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=jnp.bfloat16, config=MOSAIC_GMM,
       interpret=True,
   )
@@ -220,7 +221,7 @@ def test_mosaic_gmm_interpret(rng, transpose_rhs):
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_mosaic_ws_gmm_interpret(rng, transpose_rhs, m):
   lhs, rhs, gs = _inputs(rng, m, 128, 256, MOSAIC_SIZES, jnp.bfloat16, transpose_rhs)
-  out = gmm_mosaic_ws.gmm(
+  out = mosaic_ws_kernel.gmm(
       lhs, rhs, gs, transpose_rhs=transpose_rhs, out_dtype=jnp.bfloat16, config=MOSAIC_WS,
       interpret=True,
   )
@@ -236,35 +237,35 @@ _CHAIN_CASES = {"many": (300, [30, 0, 50, 10, 120]), "single": (64, [60])}
 def test_mosaic_ws_gmm_chained_interpret(rng, monkeypatch, case, chain, epi_cols):
   """Chained per-tile pipelines (pipeline_state START/STEADY/STOP) and the chunked epilogue on
   2 SMs, so each SM walks several tiles (or, for "single", exactly one)."""
-  monkeypatch.setattr(gmm_mosaic_ws, "_num_sms", lambda: 2)
+  monkeypatch.setattr(mosaic_common, "num_sms", lambda: 2)
   m, sizes = _CHAIN_CASES[case]
   cfg = dataclasses.replace(MOSAIC_WS, chain=chain, epi_cols=epi_cols)
-  assert gmm_mosaic_ws.chains(256, cfg) == chain  # 4 K steps, 2 slots: they line up
+  assert mosaic_ws_kernel.chains(256, cfg) == chain  # 4 K steps, 2 slots: they line up
   lhs, rhs, gs = _inputs(rng, m, 256, 256, sizes, jnp.bfloat16)
-  out = gmm_mosaic_ws.gmm(lhs, rhs, gs, transpose_rhs=False, out_dtype=jnp.bfloat16, config=cfg,
+  out = mosaic_ws_kernel.gmm(lhs, rhs, gs, transpose_rhs=False, out_dtype=jnp.bfloat16, config=cfg,
                           interpret=True)
   _check_gmm(out, lhs, rhs, gs, sizes, jnp.bfloat16)
 
 
 def test_mosaic_ws_epilogue_chunks_shrink_shared_memory():
   """64-column staging chunks leave room for a 4th stage at the 128 x 256 CTA tile."""
-  cfg = gmm_mosaic_ws.MosaicWsGmmConfig(max_concurrent_steps=4)
-  assert not gmm_mosaic_ws.supports(4096, 14336, cfg)
-  assert gmm_mosaic_ws.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=64))
-  assert not gmm_mosaic_ws.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=48))
-  assert not gmm_mosaic_ws.chains(4096, gmm_mosaic_ws.MosaicWsGmmConfig(chain=True))  # 64 % 3
-  assert gmm_mosaic_ws.chains(4096, dataclasses.replace(cfg, chain=True))
+  cfg = mosaic_ws_kernel.MosaicWsGmmConfig(max_concurrent_steps=4)
+  assert not mosaic_ws_kernel.supports(4096, 14336, cfg)
+  assert mosaic_ws_kernel.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=64))
+  assert not mosaic_ws_kernel.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=48))
+  assert not mosaic_ws_kernel.chains(4096, mosaic_ws_kernel.MosaicWsGmmConfig(chain=True))  # 64 % 3
+  assert mosaic_ws_kernel.chains(4096, dataclasses.replace(cfg, chain=True))
 
 
 def test_mosaic_ws_shared_memory_budget():
   """A float32 output doubles the ws kernel's staging buffer past the H100's 227 KiB of shared
   memory (seen on the GPU: 278576 > 232448 bytes); the op must then pick the simple kernel."""
-  cfg = gmm_mosaic_ws.MosaicWsGmmConfig()
-  assert gmm_mosaic_ws.supports(4096, 14336, cfg, jnp.bfloat16, jnp.bfloat16)
-  assert not gmm_mosaic_ws.supports(4096, 14336, cfg, jnp.bfloat16, jnp.float32)
-  assert gmm_mosaic_ws.smem_bytes(cfg, jnp.bfloat16, jnp.float32) == 278528
+  cfg = mosaic_ws_kernel.MosaicWsGmmConfig()
+  assert mosaic_ws_kernel.supports(4096, 14336, cfg, jnp.bfloat16, jnp.bfloat16)
+  assert not mosaic_ws_kernel.supports(4096, 14336, cfg, jnp.bfloat16, jnp.float32)
+  assert mosaic_ws_kernel.smem_bytes(cfg, jnp.bfloat16, jnp.float32) == 278528
   with pytest.raises(ValueError, match="shared memory"):
-    gmm_mosaic_ws.gmm(jnp.zeros((8, 4096), jnp.bfloat16), jnp.zeros((1, 4096, 512), jnp.bfloat16),
+    mosaic_ws_kernel.gmm(jnp.zeros((8, 4096), jnp.bfloat16), jnp.zeros((1, 4096, 512), jnp.bfloat16),
                       jnp.array([8], jnp.int32), transpose_rhs=False, out_dtype=jnp.float32)
 
 
@@ -283,10 +284,38 @@ def test_mosaic_group_xty_interpret(rng):
   x = jnp.asarray(rng.standard_normal((100, 128)), jnp.bfloat16)
   dy = jnp.asarray(rng.standard_normal((100, 128)), jnp.bfloat16)
   gs = jnp.asarray(MOSAIC_SIZES, jnp.int32)
-  out = gmm_mosaic.group_xty(
+  out = mosaic_kernel.group_xty(
       x, dy, gs, out_dtype=jnp.bfloat16, config=MOSAIC_XTY, interpret=True
   )
   _check_xty(out, x, dy, gs, MOSAIC_SIZES, jnp.bfloat16)
+
+
+def test_mosaic_group_xty_neighbour_rows_masked(rng):
+  """The single-warpgroup Mosaic group_xty: x rows of neighbouring groups and of the tail share
+  row blocks with a group and must add nothing, even when they hold NaN or inf (a select, not a
+  multiply by 0: NaN * 0 is NaN). This kernel masks x; dy stays finite here."""
+  m, sizes = 200, [30, 0, 70, 0, 45]   # rows 145..199 belong to no group
+  x = np.asarray(rng.standard_normal((m, 128)), np.float32)
+  dy = np.asarray(rng.standard_normal((m, 128)), np.float32)
+  x[150:] = np.nan                     # the tail, in group 4's last row block
+  x[100:145, :5] = np.inf              # group 4's own rows, in group 2's last row block
+  x_, dy_ = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = np.asarray(mosaic_kernel.group_xty(
+      x_, dy_, gs, out_dtype=jnp.float32, config=MOSAIC_XTY, interpret=True))
+  # The reference multiplies every row: give it finite values where the kernel must not look.
+  # Group 4's first 5 output rows (x columns 0..4) are inf by construction and left out.
+  x[150:] = 0.0
+  x[100:145, :5] = 0.0
+  want = np.asarray(group_xty_reference(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32),
+                                        dy_.astype(jnp.float32), gs))
+  for g in (0, 2):   # group 2's last row block holds group 4's inf rows
+    assert np.all(np.isfinite(out[g])), f"group {g}: a neighbour's inf leaked"
+    assert_close(out[g], want[g], jnp.float32, factor=10.0, name=f"group {g}")
+  np.testing.assert_array_equal(out[[1, 3]], 0.0)
+  # Group 4's last row block holds the tail's NaN rows.
+  assert np.all(np.isfinite(out[4][5:])), "group 4: the tail's NaN leaked"
+  assert_close(out[4][5:], want[4][5:], jnp.float32, factor=10.0, name="group 4")
 
 
 @pytest.fixture
@@ -295,7 +324,7 @@ def two_sms(monkeypatch):
   its pipeline buffers, barriers and output staging are reused across tiles as on the GPU (with
   132 SMs a small problem gives each SM one tile at most), and far fewer idle interpreter
   threads make it fast."""
-  monkeypatch.setattr(gmm_mosaic_xty_ws, "_num_sms", lambda: 2)
+  monkeypatch.setattr(mosaic_common, "num_sms", lambda: 2)
 
 
 def _no_interpret_races() -> bool:
@@ -324,7 +353,7 @@ def test_mosaic_ws_group_xty_interpret(rng, two_sms, case):
   x = jnp.asarray(rng.standard_normal((m, 128)), jnp.bfloat16)
   dy = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
   gs = jnp.asarray(sizes, jnp.int32)
-  out = gmm_mosaic_xty_ws.group_xty(
+  out = mosaic_xty_ws_kernel.group_xty(
       x, dy, gs, out_dtype=jnp.bfloat16, config=MOSAIC_WS_XTY, interpret=True
   )
   assert _no_interpret_races()
@@ -341,7 +370,7 @@ def test_mosaic_ws_group_xty_neighbour_rows_masked(rng, two_sms):
   dy[100:145, :5] = np.inf             # group 4's own rows are finite elsewhere
   x_, dy_ = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
   gs = jnp.asarray(sizes, jnp.int32)
-  out = gmm_mosaic_xty_ws.group_xty(
+  out = mosaic_xty_ws_kernel.group_xty(
       x_, dy_, gs, out_dtype=jnp.float32, config=MOSAIC_WS_XTY, interpret=True
   )
   out = np.asarray(out)
@@ -366,7 +395,7 @@ def test_mosaic_ws_group_xty_public_op(rng, two_sms, dtype):
   x = jnp.asarray(rng.standard_normal((180, 128)), dtype)
   dy = jnp.asarray(rng.standard_normal((180, 256)), dtype)
   gs = jnp.asarray(sizes, jnp.int32)
-  assert gmm_mosaic_xty_ws.supports(128, 256, in_dtype=dtype, out_dtype=jnp.float32)
+  assert mosaic_xty_ws_kernel.supports(128, 256, in_dtype=dtype, out_dtype=jnp.float32)
   out = kernels.group_xty(x, dy, gs, backend="mosaic_interpret", out_dtype=jnp.float32)
   assert _no_interpret_races()
   # Products of 16-bit values accumulated in float32 and not rounded: float32-level error.
@@ -376,9 +405,9 @@ def test_mosaic_ws_group_xty_public_op(rng, two_sms, dtype):
 def test_mosaic_ws_group_xty_float32_operands_rejected():
   """wgmma reads a transposed shared-memory operand only for 16-bit types: float32 x/dy are not
   supported by the ws kernel (the op's dispatch then keeps the single-warpgroup kernel)."""
-  assert not gmm_mosaic_xty_ws.supports(128, 256, in_dtype=jnp.float32, out_dtype=jnp.float32)
+  assert not mosaic_xty_ws_kernel.supports(128, 256, in_dtype=jnp.float32, out_dtype=jnp.float32)
   with pytest.raises(ValueError, match="16-bit operands"):
-    gmm_mosaic_xty_ws.group_xty(jnp.zeros((8, 128), jnp.float32), jnp.zeros((8, 256), jnp.float32),
+    mosaic_xty_ws_kernel.group_xty(jnp.zeros((8, 128), jnp.float32), jnp.zeros((8, 256), jnp.float32),
                                 jnp.array([8], jnp.int32), out_dtype=jnp.float32)
 
 
@@ -386,19 +415,19 @@ def test_mosaic_ws_xty_shared_memory_budget():
   """Default: 4 stages of (64x128 + 64x256) bf16 plus (2, 2, 64, 64) bf16 output staging =
   229376 bytes, within the H100's 232448 (less a 1 KiB margin); a float32 output doubles the
   staging to 262144 and needs 3 stages. Tiles must divide K and the 256-wide CTA tile N."""
-  cfg = gmm_mosaic_xty_ws.MosaicWsXtyConfig()
+  cfg = mosaic_xty_ws_kernel.MosaicWsXtyConfig()
   bf16, f32 = jnp.bfloat16, jnp.float32
-  assert gmm_mosaic_xty_ws.smem_bytes(cfg, bf16, bf16) == 229376
-  assert gmm_mosaic_xty_ws.smem_bytes(cfg, bf16, f32) == 262144
-  assert gmm_mosaic_xty_ws.supports(4096, 14336, cfg, bf16, bf16)
-  assert not gmm_mosaic_xty_ws.supports(4096, 14336, cfg, bf16, f32)
-  assert gmm_mosaic_xty_ws.default_config(4096, 14336, bf16, bf16) == cfg
-  assert gmm_mosaic_xty_ws.default_config(4096, 14336, bf16, f32).max_concurrent_steps == 3
-  assert gmm_mosaic_xty_ws.supports(4096, 14336, in_dtype=bf16, out_dtype=f32)
-  assert not gmm_mosaic_xty_ws.supports(4096, 384, in_dtype=bf16)   # N % 256 != 0
-  assert not gmm_mosaic_xty_ws.supports(4000, 512, in_dtype=bf16)   # K % 128 != 0
+  assert mosaic_xty_ws_kernel.smem_bytes(cfg, bf16, bf16) == 229376
+  assert mosaic_xty_ws_kernel.smem_bytes(cfg, bf16, f32) == 262144
+  assert mosaic_xty_ws_kernel.supports(4096, 14336, cfg, bf16, bf16)
+  assert not mosaic_xty_ws_kernel.supports(4096, 14336, cfg, bf16, f32)
+  assert mosaic_xty_ws_kernel.default_config(4096, 14336, bf16, bf16) == cfg
+  assert mosaic_xty_ws_kernel.default_config(4096, 14336, bf16, f32).max_concurrent_steps == 3
+  assert mosaic_xty_ws_kernel.supports(4096, 14336, in_dtype=bf16, out_dtype=f32)
+  assert not mosaic_xty_ws_kernel.supports(4096, 384, in_dtype=bf16)   # N % 256 != 0
+  assert not mosaic_xty_ws_kernel.supports(4000, 512, in_dtype=bf16)   # K % 128 != 0
   with pytest.raises(ValueError, match="262144 bytes"):
-    gmm_mosaic_xty_ws.group_xty(jnp.zeros((8, 4096), bf16), jnp.zeros((8, 512), bf16),
+    mosaic_xty_ws_kernel.group_xty(jnp.zeros((8, 4096), bf16), jnp.zeros((8, 512), bf16),
                                 jnp.array([8], jnp.int32), out_dtype=f32, config=cfg)
 
 
@@ -465,14 +494,14 @@ def _sds(*shape, dtype=_BF16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-_CHAINED_WS = gmm_mosaic_ws.MosaicWsGmmConfig(max_concurrent_steps=4, epi_cols=64, chain=True)
+_CHAINED_WS = mosaic_ws_kernel.MosaicWsGmmConfig(max_concurrent_steps=4, epi_cols=64, chain=True)
 
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 @pytest.mark.parametrize("kernel", ["triton", "mosaic", "mosaic_ws", "mosaic_ws_chained"])
 def test_gmm_lowers_for_gpu(kernel, transpose_rhs):
-  impl = {"triton": gmm_triton.gmm, "mosaic": gmm_mosaic.gmm, "mosaic_ws": gmm_mosaic_ws.gmm,
-          "mosaic_ws_chained": functools.partial(gmm_mosaic_ws.gmm, config=_CHAINED_WS)}
+  impl = {"triton": gmm_triton.gmm, "mosaic": mosaic_kernel.gmm, "mosaic_ws": mosaic_ws_kernel.gmm,
+          "mosaic_ws_chained": functools.partial(mosaic_ws_kernel.gmm, config=_CHAINED_WS)}
   fn = functools.partial(impl[kernel], transpose_rhs=transpose_rhs, out_dtype=_BF16)
   rhs = _sds(G, N, K) if transpose_rhs else _sds(G, K, N)
   text = lower_for_gpu(fn, _sds(M, K), rhs, _sds(G, dtype=jnp.int32))
@@ -481,8 +510,8 @@ def test_gmm_lowers_for_gpu(kernel, transpose_rhs):
 
 @pytest.mark.parametrize("kernel", ["triton", "mosaic", "mosaic_ws"])
 def test_group_xty_lowers_for_gpu(kernel):
-  impl = {"triton": gmm_triton.group_xty, "mosaic": gmm_mosaic.group_xty,
-          "mosaic_ws": gmm_mosaic_xty_ws.group_xty}[kernel]
+  impl = {"triton": gmm_triton.group_xty, "mosaic": mosaic_kernel.group_xty,
+          "mosaic_ws": mosaic_xty_ws_kernel.group_xty}[kernel]
   fn = functools.partial(impl, out_dtype=_BF16)
   text = lower_for_gpu(fn, _sds(M, K), _sds(M, N), _sds(G, dtype=jnp.int32))
   assert isinstance(text, str) and text

@@ -242,8 +242,8 @@ def test_attention_impl_choice():
 def test_bf16_model_keeps_no_float32_activations_for_the_backward_pass(ffn):
   """The norms, the router's float32 logits, the MoE combine and the loss recompute their float32
   math in the backward pass: of the residuals the loss's VJP keeps, none is a float32 array as
-  large as the (tokens, d_model) activations (they were 6 per layer; the attention scores of the
-  XLA attention used on CPU are (B, N, T, T) and not counted)."""
+  large as the (tokens, d_model) activations (autodiff alone would keep 6 per layer; the attention
+  scores of the XLA attention used on CPU are (B, N, T, T) and not counted)."""
   cfg = ModelConfig(**{**SMALL, "dtype": "bfloat16", "ffn": ffn})
   b, t = 2, 16
   saved = _saved_residuals(cfg, jax.ShapeDtypeStruct((b, t), jnp.int32))

@@ -9,9 +9,9 @@ import re
 import jax
 import jax.numpy as jnp
 
-from kernels import mosaic_kernel_cache
-from kernels.gpu_lowering import lower_for_gpu
-from kernels.grouped_matmul import grouped_matmul
+from kernels.common import mosaic_kernel_cache
+from kernels.common.gpu_lowering import lower_for_gpu
+from kernels import grouped_matmul
 
 M, K, N, E = 512, 128, 256, 4
 

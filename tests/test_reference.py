@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.reference import gmm_reference, group_xty_reference, row_group_ids
+from kernels.common.groups import row_group_ids
+from kernels.gmm.reference import gmm_reference, group_xty_reference
 
 
 def loop_gmm(lhs, rhs, sizes):

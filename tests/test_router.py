@@ -164,3 +164,39 @@ def test_config_validation_names_field(field, value):
   kwargs[field] = value
   with pytest.raises(ValueError, match=field):
     MoEConfig(**kwargs)
+
+
+def _grouped_reference(scores, k, n_group, topk_group):
+  """DeepSeek-V3 group-limited top-k in numpy: a group scores the sum of its two best."""
+  t, e = scores.shape
+  g = scores.reshape(t, n_group, e // n_group)
+  group_score = np.sort(g, -1)[..., -2:].sum(-1)
+  best_groups = np.argsort(-group_score, -1, kind="stable")[:, :topk_group]
+  masked = np.full_like(scores, -np.inf).reshape(t, n_group, -1)
+  for row in range(t):
+    masked[row, best_groups[row]] = g[row, best_groups[row]]
+  return np.argsort(-masked.reshape(t, e), -1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax_topk"])
+def test_group_limited_routing(router, rng):
+  logits = rng.standard_normal((64, 16)).astype(np.float32)
+  out = R.route(jnp.asarray(logits), 4, router, n_group=4, topk_group=2)
+  scores = np.asarray(jax.nn.sigmoid(logits) if router == "sigmoid" else jax.nn.softmax(logits))
+  want = _grouped_reference(scores, 4, 4, 2)
+  np.testing.assert_array_equal(np.sort(np.asarray(out.indices), -1), np.sort(want, -1))
+  # Every chosen expert lies in at most topk_group groups.
+  assert max(len(set(row // 4)) for row in np.asarray(out.indices)) <= 2
+  # Without the limit the choice differs on some tokens (the test would catch a no-op).
+  free = R.route(jnp.asarray(logits), 4, router)
+  assert not np.array_equal(np.sort(np.asarray(free.indices), -1), np.sort(want, -1))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_group=4), "go together"), (dict(n_group=3, topk_group=1), "must divide"),
+    (dict(n_group=4, topk_group=5), "topk_group=5 must be <="),
+    (dict(n_group=8, topk_group=1), "fewer than top_k"),
+])
+def test_group_limited_routing_config_is_checked(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    MoEConfig(d_model=8, d_ff=16, num_experts=16, top_k=4, router="sigmoid", **kwargs)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from kernels import grouped_matmul, scatter_triton
-from kernels.scatter_experts import scatter_glu, scatter_mlp
-from kernels.scatter_matmul import make_routing
+from kernels import grouped_matmul
+from kernels.scatter import triton as scatter_triton
+from kernels.scatter import scatter_glu, scatter_mlp
+from kernels.scatter import make_routing
 
 SMALL = scatter_triton.TritonScatterConfig(block_m=16, block_n=16, block_k=16, group_m=2)
 T, K, E, D, F = 19, 2, 5, 24, 32
@@ -144,7 +145,7 @@ def test_validation(rng):
 
 def test_glu_gradient_lowers_for_h100():
   """The whole scatter GLU forward+backward lowers for an H100 with the Triton kernels."""
-  from kernels.gpu_lowering import lower_for_gpu
+  from kernels.common.gpu_lowering import lower_for_gpu
 
   s = jax.ShapeDtypeStruct
   t, k, e, d, f = 300, 2, 4, 256, 384

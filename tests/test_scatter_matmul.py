@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from kernels import scatter_triton
-from kernels.reference import row_group_ids
-from kernels.scatter_matmul import ScatterRouting, make_routing, scatter_matmul
-from kernels.scatter_reference import scatter_matmul_reference
+from kernels.scatter import triton as scatter_triton
+from kernels.common.groups import row_group_ids
+from kernels.scatter import ScatterRouting, make_routing, scatter_matmul
+from kernels.scatter import scatter_matmul_reference
 
 # Small tiles so a few dozen rows span several tiles and tiles shared by two experts.
 SMALL = scatter_triton.TritonScatterConfig(block_m=16, block_n=16, block_k=16, group_m=2)
@@ -218,7 +218,7 @@ def test_mosaic_interpret_grouped_products_forward_and_grads(rng, layout):
 def test_mosaic_grouped_products_lower_for_h100(layout):
   """The mixed backend's gradient lowers for an H100: the token-order products keep the Triton
   scatter kernel, the grouped-input ones are Mosaic GPU kernels (no GPU needed)."""
-  from kernels.gpu_lowering import lower_for_gpu
+  from kernels.common.gpu_lowering import lower_for_gpu
 
   s = jax.ShapeDtypeStruct
   t, k, e, kin, n = 300, 2, 4, 256, 512
@@ -241,8 +241,8 @@ def test_mosaic_grouped_products_lower_for_h100(layout):
 @pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[2], LAYOUTS[4]])
 def test_gradient_lowers_for_h100(layout):
   """The Triton kernels (gathers, scatters, gate epilogue) lower for an H100 at the default
-  128x128x64 tiles, forward and backward; no GPU needed (kernels.gpu_lowering)."""
-  from kernels.gpu_lowering import lower_for_gpu
+  128x128x64 tiles, forward and backward; no GPU needed (kernels.common.gpu_lowering)."""
+  from kernels.common.gpu_lowering import lower_for_gpu
 
   s = jax.ShapeDtypeStruct
   t, k, e, kin, n = 300, 2, 4, 256, 384

@@ -287,8 +287,8 @@ def _assert_float32_grads_close(grads, want):
 
 def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   """bf16 MoE model, 2 microbatches, no mesh: the scan body gets the expert weights already in
-  bf16 (make_grad_fn casts them once per step; XLA used to redo the cast in every microbatch;
-  not on a mesh with a data axis, checked last), and
+  bf16 (make_grad_fn casts them once per step, where XLA alone redoes the cast in every
+  microbatch; not on a mesh with a data axis, checked last), and
   the accumulated gradients equal the mean of per-microbatch gradients taken through the model's
   own cast of float32 parameters (the expert-weight cotangents are bf16 either way)."""
   model_cfg, train_cfg, graphdef, params, rest, x, y = _bf16_moe_case({}, grad_accum=2)
@@ -485,29 +485,3 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   assert step is not None and step >= 3
   model, meta = load_model(str(out))
   assert meta["step"] == step and meta["data_position"] == step
-
-
-def test_tensorboard_event_file(tmp_path):
-  """The hand-written event file: CRC32C test vector, TFRecord framing and the scalar protobufs."""
-  import struct
-
-  from jaxmoe.metrics import TensorBoardWriter, _masked_crc, crc32c
-  assert crc32c(b"123456789") == 0xE3069283     # the standard CRC-32C check value
-  writer = TensorBoardWriter(str(tmp_path))
-  writer.scalars(7, {"loss": 2.5, "skipped": float("nan")})
-  writer.close()
-  raw = open(writer.path, "rb").read()
-  records, pos = [], 0
-  while pos < len(raw):
-    (n,) = struct.unpack_from("<Q", raw, pos)
-    assert struct.unpack_from("<I", raw, pos + 8)[0] == _masked_crc(raw[pos:pos + 8])
-    data = raw[pos + 12:pos + 12 + n]
-    assert struct.unpack_from("<I", raw, pos + 12 + n)[0] == _masked_crc(data)
-    records.append(data)
-    pos += 16 + n
-  assert len(records) == 2 and b"brain.Event:2" in records[0]
-  event = records[1]
-  assert event[9:11] == b"\x10\x07"                                # step = 7
-  assert b"loss" in event and b"skipped" not in event
-  value_at = event.index(b"loss\x15") + 5   # tag "loss", then simple_value (fixed32)
-  assert struct.unpack("<f", event[value_at:value_at + 4])[0] == 2.5

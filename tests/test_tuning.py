@@ -1,4 +1,4 @@
-"""kernels.tuning: the tuned-config table (lookup hits/misses, env override, validation errors),
+"""kernels.gmm.tuning: the tuned-config table (lookup hits/misses, env override, validation errors),
 its use by grouped_matmul/group_xty dispatch on a (faked) GPU, and the autotune's smoke mode
 writing a table that lookup reads back. CPU only; no Mosaic kernel runs outside interpret mode."""
 
@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import pytest
 
 import kernels
-from kernels import backends, gmm_mosaic, gmm_mosaic_ws, gmm_mosaic_xty_ws, gmm_triton, tuning
+from kernels.common import registry
+from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, mosaic_xty_ws_kernel, tuning
+from kernels.gmm import triton as gmm_triton
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
-WS = gmm_mosaic_ws.MosaicWsGmmConfig(block_n=64, max_concurrent_steps=4, grid_tile_width=16)
-XTY = gmm_mosaic.MosaicXtyConfig(max_concurrent_steps=6, block_rows=32)
+WS = mosaic_ws_kernel.MosaicWsGmmConfig(block_n=64, max_concurrent_steps=4, grid_tile_width=16)
+XTY = mosaic_kernel.MosaicXtyConfig(max_concurrent_steps=6, block_rows=32)
 TRI = gmm_triton.TritonGmmConfig(block_m=64, num_warps=4)
 
 
@@ -40,7 +42,7 @@ def table(tmp_path, monkeypatch):
       _entry(WS, op="gmm_t", k=14336, n=4096),
       _entry(XTY, op="xty"),
       _entry(TRI, backend="triton"),
-      _entry(gmm_mosaic.MosaicGmmConfig(max_concurrent_steps=6), device_kind=H200),
+      _entry(mosaic_kernel.MosaicGmmConfig(max_concurrent_steps=6), device_kind=H200),
   ])
   monkeypatch.setenv(tuning.ENV_VAR, path)
   return path
@@ -66,7 +68,7 @@ def test_lookup_hits(table):
   assert tuning.lookup("gmm", "triton", jnp.bfloat16, 4096, 14336, 32768, device_kind=H100) == TRI
   # The same key on another device gives that device's entry (here: the simple kernel's config).
   h200 = tuning.lookup("gmm", "mosaic", jnp.bfloat16, 4096, 14336, 32768, device_kind=H200)
-  assert h200 == gmm_mosaic.MosaicGmmConfig(max_concurrent_steps=6)
+  assert h200 == mosaic_kernel.MosaicGmmConfig(max_concurrent_steps=6)
 
 
 @pytest.mark.parametrize("change", [
@@ -108,7 +110,7 @@ def test_shipped_table_is_valid_and_found(monkeypatch):
   monkeypatch.delenv(tuning.ENV_VAR, raising=False)
   path = tuning.table_path()
   assert path == tuning.default_table_path()
-  assert os.path.isfile(path) and path.endswith(os.path.join("kernels", "tuned_configs.json"))
+  assert os.path.isfile(path) and path.endswith(os.path.join("kernels", "gmm", "tuned_configs.json"))
   t = tuning.load_table(path)
   assert "autotune_gmm.py" in t.comment
   assert t.entries, "the shipped table has entries from the H100 autotune run"
@@ -126,7 +128,7 @@ def test_pyproject_ships_the_table():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "pyproject.toml")) as f:
     text = f.read()
-  assert '[tool.setuptools.package-data]\nkernels = ["tuned_configs.json"]' in text
+  assert '[tool.setuptools.package-data]\n"kernels.gmm" = ["tuned_configs.json"]' in text
 
 
 def test_env_var_override(tmp_path, monkeypatch):
@@ -233,11 +235,11 @@ def test_malformed_entry_of_another_device_still_raises(tmp_path, monkeypatch):
 def test_write_table_merges(tmp_path):
   path = str(tmp_path / "t.json")
   tuning.write_table(path, [_entry(WS), _entry(TRI, backend="triton")], comment="c")
-  replaced = _entry(gmm_mosaic.MosaicGmmConfig())
+  replaced = _entry(mosaic_kernel.MosaicGmmConfig())
   t = tuning.write_table(path, [replaced, _entry(XTY, op="xty")])
   assert t.comment == "c" and len(t.entries) == 3
   assert tuning.lookup("gmm", "mosaic", jnp.bfloat16, 4096, 14336, 32768, device_kind=H100,
-                       path=path) == gmm_mosaic.MosaicGmmConfig()
+                       path=path) == mosaic_kernel.MosaicGmmConfig()
   with pytest.raises(ValueError, match="config must be one of"):
     tuning.make_entry(tuning.TableKey(H100, "xty", "mosaic", "bfloat16", 1, 1, 1), WS)
 
@@ -245,9 +247,9 @@ def test_write_table_merges(tmp_path):
 def test_flag_and_optional_fields_round_trip(tmp_path):
   """Config fields that are flags (chain, largest_first) or optional sizes (epi_cols) are
   written and read back; an entry written before a field existed takes its default."""
-  wsx = gmm_mosaic_xty_ws.MosaicWsXtyConfig(largest_first=False)
-  ws = gmm_mosaic_ws.MosaicWsGmmConfig(chain=True, epi_cols=64)
-  old = _entry(gmm_mosaic_xty_ws.MosaicWsXtyConfig(max_concurrent_steps=3), op="xty", k=2048,
+  wsx = mosaic_xty_ws_kernel.MosaicWsXtyConfig(largest_first=False)
+  ws = mosaic_ws_kernel.MosaicWsGmmConfig(chain=True, epi_cols=64)
+  old = _entry(mosaic_xty_ws_kernel.MosaicWsXtyConfig(max_concurrent_steps=3), op="xty", k=2048,
                n=1024)
   del old["config"]["largest_first"]
   path = str(tmp_path / "t.json")
@@ -271,8 +273,8 @@ class _Called(Exception):
 @pytest.fixture
 def fake_h100(monkeypatch, table):
   """Pretend to be on an H100 and capture (kernel, kwargs) instead of running Mosaic/Triton."""
-  monkeypatch.setattr(backends, "on_gpu", lambda: True)
-  monkeypatch.setattr(backends, "is_hopper", lambda: True)
+  monkeypatch.setattr(registry, "on_gpu", lambda: True)
+  monkeypatch.setattr(registry, "is_hopper", lambda: True)
   monkeypatch.setattr(tuning, "current_device_kind", lambda: H100)
   calls = []
 
@@ -282,10 +284,10 @@ def fake_h100(monkeypatch, table):
       raise _Called(name)
     return fn
 
-  monkeypatch.setattr(gmm_mosaic, "gmm", capture("mosaic"))
-  monkeypatch.setattr(gmm_mosaic_ws, "gmm", capture("mosaic_ws"))
-  monkeypatch.setattr(gmm_mosaic, "group_xty", capture("mosaic_xty"))
-  monkeypatch.setattr(gmm_mosaic_xty_ws, "group_xty", capture("mosaic_ws_xty"))
+  monkeypatch.setattr(mosaic_kernel, "gmm", capture("mosaic"))
+  monkeypatch.setattr(mosaic_ws_kernel, "gmm", capture("mosaic_ws"))
+  monkeypatch.setattr(mosaic_kernel, "group_xty", capture("mosaic_xty"))
+  monkeypatch.setattr(mosaic_xty_ws_kernel, "group_xty", capture("mosaic_ws_xty"))
   monkeypatch.setattr(gmm_triton, "gmm", capture("triton"))
   monkeypatch.setattr(gmm_triton, "group_xty", capture("triton_xty"))
   return calls
@@ -335,9 +337,9 @@ def test_dispatch_ws_config_respects_shared_memory(fake_h100, monkeypatch, tmp_p
   """A tuned ws config whose stages + float32 output staging exceed shared memory is not used:
   the op falls back to its default choice (the simple kernel for float32 outputs)."""
   calls = fake_h100
-  big = gmm_mosaic_ws.MosaicWsGmmConfig(max_concurrent_steps=3)   # fits bf16 out, not f32 out
-  assert gmm_mosaic_ws.supports(4096, 14336, big, jnp.bfloat16, jnp.bfloat16)
-  assert not gmm_mosaic_ws.supports(4096, 14336, big, jnp.bfloat16, jnp.float32)
+  big = mosaic_ws_kernel.MosaicWsGmmConfig(max_concurrent_steps=3)   # fits bf16 out, not f32 out
+  assert mosaic_ws_kernel.supports(4096, 14336, big, jnp.bfloat16, jnp.bfloat16)
+  assert not mosaic_ws_kernel.supports(4096, 14336, big, jnp.bfloat16, jnp.float32)
   monkeypatch.setenv(tuning.ENV_VAR, _write(tmp_path / "t.json", [_entry(big)]))
   _trace_gmm(32768, 4096, 14336, out_dtype=jnp.float32)
   _trace_gmm(32768, 4096, 14336)
@@ -373,7 +375,7 @@ def test_dispatch_xty_kernel_choice(fake_h100, monkeypatch, tmp_path):
   selectable, see test_dispatch_uses_tuned_config); without a fitting entry the ws kernel runs
   where its 256-wide CTA tile divides N and its stages fit shared memory, else the simple one."""
   calls = fake_h100
-  wsx = gmm_mosaic_xty_ws.MosaicWsXtyConfig(block_rows=128, max_concurrent_steps=2)
+  wsx = mosaic_xty_ws_kernel.MosaicWsXtyConfig(block_rows=128, max_concurrent_steps=2)
   assert not tuning.fits(wsx, 4096, 14336, jnp.bfloat16, jnp.float32)   # f32 staging: too big
   monkeypatch.setenv(tuning.ENV_VAR, _write(tmp_path / "t.json", [_entry(wsx, op="xty")]))
   _trace_xty(32768, 4096, 14336)                          # the tuned ws entry

@@ -12,12 +12,12 @@ import pytest
 
 from conftest import assert_close
 
-from kernels import gmm_mosaic_xty_ws
-from kernels.gpu_lowering import lower_for_gpu
-from kernels.reference import group_xty_reference
+from kernels.gmm import mosaic_common, mosaic_xty_ws_kernel
+from kernels.common.gpu_lowering import lower_for_gpu
+from kernels.gmm.reference import group_xty_reference
 
 # K=64, N=128: one (K tile, N tile) per group at this config, so the loop's steps are the groups.
-SMALL = gmm_mosaic_xty_ws.MosaicWsXtyConfig(
+SMALL = mosaic_xty_ws_kernel.MosaicWsXtyConfig(
     block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2, grid_tile_width=1
 )
 K, N = 64, 128
@@ -32,7 +32,7 @@ CASES = {
 
 @pytest.fixture
 def two_sms(monkeypatch):
-  monkeypatch.setattr(gmm_mosaic_xty_ws, "_num_sms", lambda: 2)
+  monkeypatch.setattr(mosaic_common, "num_sms", lambda: 2)
 
 
 def _no_interpret_races() -> bool:
@@ -43,8 +43,8 @@ def _no_interpret_races() -> bool:
 
 
 def test_default_is_largest_first():
-  assert gmm_mosaic_xty_ws.MosaicWsXtyConfig().largest_first is True
-  assert gmm_mosaic_xty_ws.default_config(2048, 1024).largest_first is True
+  assert mosaic_xty_ws_kernel.MosaicWsXtyConfig().largest_first is True
+  assert mosaic_xty_ws_kernel.default_config(2048, 1024).largest_first is True
 
 
 @pytest.mark.parametrize("largest_first", [True, False])
@@ -55,7 +55,7 @@ def test_group_xty_order_interpret(rng, two_sms, case, largest_first):
   dy = jnp.asarray(rng.standard_normal((m, N)), jnp.bfloat16)
   gs = jnp.asarray(sizes, jnp.int32)
   cfg = dataclasses.replace(SMALL, largest_first=largest_first)
-  out = gmm_mosaic_xty_ws.group_xty(x, dy, gs, out_dtype=jnp.float32, config=cfg, interpret=True)
+  out = mosaic_xty_ws_kernel.group_xty(x, dy, gs, out_dtype=jnp.float32, config=cfg, interpret=True)
   assert _no_interpret_races()
   chex.assert_shape(out, (len(sizes), K, N))
   out = np.asarray(out)
@@ -76,8 +76,8 @@ def test_group_xty_order_lowers_for_h100(largest_first):
   """The default config at the OLMoE weight-gradient shape (K=2048, N=1024, G=64) compiles the
   Mosaic GPU kernel for an H100; the group order is sorted on device only when asked."""
   m, k, n, g = 4096, 2048, 1024, 64
-  cfg = dataclasses.replace(gmm_mosaic_xty_ws.default_config(k, n), largest_first=largest_first)
-  fn = lambda x, dy, s: gmm_mosaic_xty_ws.group_xty(x, dy, s, out_dtype=x.dtype, config=cfg)
+  cfg = dataclasses.replace(mosaic_xty_ws_kernel.default_config(k, n), largest_first=largest_first)
+  fn = lambda x, dy, s: mosaic_xty_ws_kernel.group_xty(x, dy, s, out_dtype=x.dtype, config=cfg)
   sds = jax.ShapeDtypeStruct
   text = lower_for_gpu(fn, sds((m, k), jnp.bfloat16), sds((m, n), jnp.bfloat16),
                        sds((g,), jnp.int32))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from kernels.reference import inverse_permutation
+from kernels.common.groups import inverse_permutation
 from jaxmoe.experts import PROJECTIONS, expert_mlp
 from jaxmoe.parallel import collectives
 from jaxmoe.parallel.remat import rematerialized

@@ -20,13 +20,13 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels import validation
-from kernels.hidden import hidden
-from kernels.reference import inverse_permutation
-from kernels.blocksparse import ops
+from kernels.blocksparse import api as ops
 from kernels.blocksparse.padding import padded_destination_rows, padded_source_rows
 from kernels.blocksparse.topology import Topology, make_topology
-from kernels.blocksparse.triton_ops import BlockSparseConfig
+from kernels.blocksparse.triton import BlockSparseConfig
+from kernels.common import validation
+from kernels.common.groups import inverse_permutation
+from kernels.hidden import hidden
 
 
 class Routing(NamedTuple):

@@ -23,7 +23,7 @@ Metadata (all int32, on device), MegaBlocks' names:
   row_indices_t, block_offsets_t (Z,) for the j-th block in column-major order: its block row and
                                     its index into data
 The Triton kernels read only nnz, num_valid_row_blocks, column_indices and padded_offsets: with
-this structure their walks over block rows and columns are affine (see triton_ops.py). The CSR /
+this structure their walks over block rows and columns are affine (see triton.py). The CSR /
 CSC arrays stay as MegaBlocks' metadata, checked by the topology tests.
 """
 
@@ -34,11 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kernels.reference import clipped_group_offsets
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
+from kernels.common.groups import cdiv, clipped_group_offsets
 
 
 def num_row_blocks_bound(num_rows: int, num_experts: int, block_size: int) -> int:
@@ -102,7 +98,7 @@ def make_topology(
   """Topology for `num_rows` expert-sorted rows with `group_sizes` (E,) int32 per expert.
 
   ffn_size (f) must be a positive multiple of block_size. If sum(group_sizes) > num_rows the group
-  boundaries are clipped to num_rows, as in kernels.reference.
+  boundaries are clipped to num_rows, as in kernels.common.groups.
   """
   if not isinstance(block_size, int) or block_size < 1:
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")

@@ -1,0 +1,244 @@
+"""Checks every backend of every op's registry (kernels.REGISTRIES) against the op's reference.
+
+For each op (grouped_matmul forward and transposed, group_xty, scatter_matmul in its gathering and
+its combining layout, the block-sparse sdd / dsd / dds), each backend name of its registry
+("pallas" included: the row says which backend it picked), shapes with an empty group, one group
+taking all rows, sizes that are not tile multiples and rows past sum(group_sizes), in bfloat16 and
+float32: runs the public op where the backend's `unavailable` gives no reason (else the row
+records the reason), and reports the relative error against the float32 reference, whether every
+output is finite (the interpreter leaves unwritten rows NaN; the scatter kernel also runs on an
+output buffer poisoned with NaN) and whether the rows past the groups are zero.
+
+GPU:  python -m experiments.check_kernels --out results.json   (compiled backends, larger shapes)
+CPU:  python -m experiments.check_kernels --quick --out /tmp/check.json   (xla + interpret
+      backends at small shapes; a few minutes)
+Prints a table; writes the rows and the environment as JSON to --out. Exit status 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import traceback
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from kernels import blocksparse
+from kernels.common import registry
+from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
+from kernels.scatter import scatter2scatter, scatter_matmul_reference
+
+TOL = {"bfloat16": 1e-2, "float32": 1e-4}
+DTYPES = (jnp.bfloat16, jnp.float32)
+
+# (name, M, K, N, group sizes): edge cases of the grouped ops.
+QUICK_SHAPES = [
+    ("edge", 100, 128, 256, [30, 0, 50, 5]),          # empty group, 15 rows past the groups
+    ("one_group_all", 72, 128, 256, [0, 72, 0, 0]),   # one group takes every row
+]
+GPU_SHAPES = [
+    ("edge", 1000, 1024, 2048, [300, 0, 1, 500, 0, 150, 0, 0]),
+    ("one_group_all", 4099, 2048, 1024, [0, 0, 4099, 0]),
+    ("ragged", 3001, 768, 3072, [17, 1000, 0, 1333, 600, 0, 40, 0]),
+]
+
+
+def rel_err(got, want) -> float:
+  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  if not np.all(np.isfinite(got)):
+    return float("inf")
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def _rand(key, shape, dtype, scale=1.0):
+  return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def _grouped_cases(shapes, dtype) -> list[tuple[str, str, Any, Callable, Any, int | None]]:
+  """(op, shape name, shapes for the registry, call(backend) -> output, reference, tail row)."""
+  cases = []
+  for name, m, k, n, sizes in shapes:
+    keys = jax.random.split(jax.random.key(m + k + n), 4)
+    gs = jnp.asarray(sizes, jnp.int32)
+    used = min(sum(sizes), m)
+    lhs, dy = _rand(keys[0], (m, k), dtype), _rand(keys[1], (m, n), dtype)
+    w = _rand(keys[2], (len(sizes), k, n), dtype, k ** -0.5)
+    wt = _rand(keys[3], (len(sizes), n, k), dtype, k ** -0.5)
+    f32 = lambda a: a.astype(jnp.float32)
+    shape = GroupedShape(m, k, n, len(sizes))
+    cases.append(("grouped_matmul", name, shape,
+                  lambda b, lhs=lhs, w=w, gs=gs: kernels.grouped_matmul(lhs, w, gs, backend=b),
+                  kernels.gmm_reference(f32(lhs), f32(w), gs), used))
+    cases.append(("grouped_matmul(transpose_rhs)", name, shape,
+                  lambda b, lhs=lhs, wt=wt, gs=gs: kernels.grouped_matmul(
+                      lhs, wt, gs, transpose_rhs=True, backend=b),
+                  kernels.gmm_reference(f32(lhs), f32(wt), gs, transpose_rhs=True), used))
+    cases.append(("group_xty", name, shape,
+                  lambda b, lhs=lhs, dy=dy, gs=gs: kernels.group_xty(lhs, dy, gs, backend=b),
+                  kernels.group_xty_reference(f32(lhs), f32(dy), gs), None))
+  return cases
+
+
+def _scatter_cases(shapes, dtype):
+  cases = []
+  for name, m, k, n, sizes in shapes:
+    e, top = len(sizes), 2
+    t = m // top
+    keys = jax.random.split(jax.random.key(7 * m + n), 5)
+    # Expert choices drawn to follow `sizes` roughly: unused experts stay empty.
+    probs = np.asarray(sizes, np.float64) + 1e-9
+    idx = np.random.default_rng(m).choice(e, size=(t, top), p=probs / probs.sum())
+    routing = kernels.make_routing(jnp.asarray(idx, jnp.int32), e)
+    x, h = _rand(keys[0], (t, k), dtype), _rand(keys[1], (t * top, k), dtype)
+    w = _rand(keys[2], (e, k, n), dtype, k ** -0.5)
+    gates = jax.random.uniform(keys[3], (t, top), jnp.float32)
+    f32 = lambda a: a.astype(jnp.float32)
+    shape = GroupedShape(t * top, k, n, e)
+    cases.append(("scatter_matmul(gather)", name, shape,
+                  lambda b, x=x, w=w, r=routing: kernels.scatter_matmul(x, w, r, y_grouped=True,
+                                                                        backend=b),
+                  scatter_matmul_reference(f32(x), f32(w), *routing, y_grouped=True), None))
+    cases.append(("scatter_matmul(combine)", name, shape,
+                  lambda b, h=h, w=w, r=routing, g=gates: kernels.scatter_matmul(
+                      h, w, r, x_grouped=True, gates=g, backend=b),
+                  scatter_matmul_reference(f32(h), f32(w), *routing, x_grouped=True,
+                                           gates=gates), None))
+  return cases
+
+
+def _blocksparse_cases(quick: bool, dtype):
+  b, f, kd = (16, 32, 40) if quick else (128, 1024, 1000)
+  m = 48 if quick else 3000
+  sizes = [5, 0, 40, 3] if quick else [1000, 0, 1999, 1]
+  topo = blocksparse.make_topology(jnp.asarray(sizes, jnp.int32), m, ffn_size=f, block_size=b)
+  p, ns = topo.sparse_shape
+  keys = jax.random.split(jax.random.key(3), 4)
+  a, w = _rand(keys[0], (p, kd), dtype), _rand(keys[1], (kd, ns), dtype, kd ** -0.5)
+  data = blocksparse.sdd_reference(a, w, topo).astype(dtype)
+  dense, lhs = _rand(keys[2], (ns, kd), dtype), _rand(keys[3], (kd, p), dtype)
+  f32 = lambda v: v.astype(jnp.float32)
+  name = f"b{b}_f{f}_m{m}"
+  return [
+      ("blocksparse.sdd", name, None, lambda bk: blocksparse.sdd(a, w, topo, backend=bk),
+       blocksparse.sdd_reference(f32(a), f32(w), topo), None),
+      ("blocksparse.dsd", name, None, lambda bk: blocksparse.dsd(data, dense, topo, backend=bk),
+       blocksparse.dsd_reference(f32(data), f32(dense), topo), None),
+      ("blocksparse.dds", name, None, lambda bk: blocksparse.dds(lhs, data, topo, backend=bk),
+       blocksparse.dds_reference(f32(lhs), f32(data), topo), None),
+  ]
+
+
+def _registry_of(op: str) -> registry.Registry:
+  if op.startswith("grouped_matmul"):
+    return kernels.GMM_BACKENDS
+  if op.startswith("scatter_matmul"):
+    return kernels.SCATTER_BACKENDS
+  if op.startswith("blocksparse"):
+    return kernels.BLOCKSPARSE_BACKENDS
+  return kernels.REGISTRIES[op]
+
+
+def _poison_check(shape: GroupedShape, dtype, interpret: bool) -> float:
+  """The scatter kernel writing into a NaN-poisoned (M, N) buffer: rel_err against the reference
+  (inf if a row was left unwritten)."""
+  m, k, n, e = shape
+  keys = jax.random.split(jax.random.key(11), 3)
+  x = _rand(keys[0], (m, k), dtype)
+  w = _rand(keys[1], (e, k, n), dtype, k ** -0.5)
+  idx = jax.random.randint(keys[2], (m,), 0, e - 1)
+  routing = kernels.make_routing(idx[:, None], e)
+  poison = jnp.full((m, n), jnp.nan, dtype)
+  got = scatter2scatter(x, w, routing.group_sizes, routing.sorted_flat, None, None, m=m,
+                        transpose_w=False, out_dtype=dtype, interpret=interpret, poison=poison)
+  want = scatter_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32), *routing,
+                                  y_grouped=True)
+  return rel_err(got, want)
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+  shapes = QUICK_SHAPES if quick else GPU_SHAPES
+  rows = []
+  for dtype in DTYPES:
+    dn = jnp.dtype(dtype).name
+    dtypes = make_dtypes(dtype)
+    cases = (_grouped_cases(shapes, dtype) + _scatter_cases(shapes, dtype)
+             + _blocksparse_cases(quick, dtype))
+    for op, shape_name, shape, call, want, tail in cases:
+      reg = _registry_of(op)
+      reg_dtypes = (jnp.dtype(dtype),) if reg is kernels.BLOCKSPARSE_BACKENDS else dtypes
+      for name in reg.names:
+        row: dict[str, Any] = {"op": op, "backend": name, "shape": shape_name, "dtype": dn}
+        resolved = reg.select(name, shape, reg_dtypes)
+        row["runs_on"] = resolved.name
+        # Compiled backends on the GPU; interpreted ones (and xla) in --quick mode on CPU.
+        if resolved.interpret and not quick:
+          row.update(status="skipped", reason="interpret backend (use --quick)")
+        else:
+          row["reason"] = resolved.unavailable(shape, reg_dtypes)
+          row["status"] = "skipped" if row["reason"] else None
+        if row["status"] is None:
+          try:
+            got = jax.block_until_ready(call(name))
+            err = rel_err(got, want)
+            ok = err <= TOL[dn]
+            if tail is not None:
+              row["tail_zero"] = bool(np.all(np.asarray(got[tail:], np.float32) == 0))
+              ok = ok and row["tail_zero"]
+            row.update(rel_err=err, status="ok" if ok else "FAIL")
+          except Exception as e:  # a kernel that fails to lower/compile/run is a failure row
+            row.update(status="FAIL", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                       if str(e) else type(e).__name__)
+            traceback.print_exc(limit=2)
+        rows.append(row)
+        detail = f"{row['rel_err']:.3g}" if "rel_err" in row else (row.get("reason") or "")
+        print(f"  {op:30s} {name:17s} -> {row['runs_on']:17s} {shape_name:14s} {dn:9s} "
+              f"{row['status']:8s} {detail}", flush=True)
+    # Poisoned output buffer: the scatter kernel must write every row.
+    shape = GroupedShape(96 if quick else 4000, 128, 256, 4)
+    for name, interpret in (("triton_interpret", True),) if quick else (("triton", False),):
+      if not interpret and not registry.on_gpu():
+        continue
+      err = _poison_check(shape, dtype, interpret)
+      rows.append({"op": "scatter2scatter(poisoned)", "backend": name, "runs_on": name,
+                   "shape": f"m{shape.m}", "dtype": dn, "rel_err": err,
+                   "status": "ok" if err <= TOL[dn] else "FAIL"})
+      print(f"  scatter2scatter(poisoned)      {name:17s} {dn:9s} {rows[-1]['status']} {err:.3g}")
+  return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  cols = ["op", "backend", "runs_on", "shape", "dtype", "status", "rel_err", "reason"]
+  cell = lambda r, c: (f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c) or ""))
+  width = {c: max(len(c), *(len(cell(r, c)) for r in rows)) for c in cols}
+  lines = ["  ".join(c.ljust(width[c]) for c in cols)]
+  lines += ["  ".join(cell(r, c).ljust(width[c]) for c in cols) for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true",
+                  help="small shapes, xla and interpret backends (for CPU)")
+  ap.add_argument("--out", required=True, help="JSON file for the rows and the environment")
+  args = ap.parse_args(argv)
+  rows = run(args.quick)
+  print(table(rows))
+  env = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
+         "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
+         "quick": args.quick}
+  with open(args.out, "w") as f:
+    json.dump({"env": env, "rows": rows}, f, indent=1)
+  fails = [r for r in rows if r["status"] == "FAIL"]
+  print(f"{len(rows)} rows, {len(fails)} failures; written to {args.out}")
+  return 1 if fails else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

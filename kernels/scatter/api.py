@@ -1,0 +1,239 @@
+"""ScatterMoE `ParallelLinear` (arXiv 2403.08245): a grouped matmul that gathers its input rows
+and scatters its output rows inside the kernel, with an optional gate-weighted combine.
+
+Routing: T tokens each pick k experts; flat index f = t * k + j is token t's j-th choice. A
+`ScatterRouting` holds `sorted_flat` (M = T * k,), the flat indices in expert-sorted order (stable),
+and `group_sizes` (E,), the rows per expert. Sorted row p is flat choice sorted_flat[p].
+
+  scatter_matmul(x, w, routing, *, x_grouped, y_grouped, gates)
+    input   x_grouped=False: x (T, K) in token order, sorted row p reads x[sorted_flat[p] // k]
+                             (x may also be (M, K) in flat order: then it reads x[sorted_flat[p]])
+            x_grouped=True:  x (M, K) already in sorted order
+    output  y_grouped=True:  (M, N) in sorted order
+            y_grouped=False: (M, N) in flat order, row f = choice f's output
+            gates (T, k):    (T, N), y[t] = sum_j gates[t, j] * out[t * k + j]
+
+The gate multiply happens in the kernel epilogue; the sum over the k choices is an XLA reduce of
+the (T, k, N) scattered rows (as in the paper). Nothing (M, K)-sized is materialized in the forward
+when x is in token order.
+
+Backward as in the paper: the data gradient is the same scatter kernel with the weights
+transposed, gathering dy (by token when the output was combined) and writing straight to x's
+layout (summed over the k copies when x was in token order); the weight gradient is
+`kernels.gmm.group_xty` over grouped x and grouped dy (gathered here: transient, backward only); the
+gate gradient is d gates[f] = <dy[t], x_in @ W> = <dy[t] @ W^T, x_in>, taken from the unscaled
+data-gradient rows, so the forward keeps no output activations for it.
+
+Backends (`kernels.scatter.backends.SCATTER_BACKENDS`, which says what each name runs): "triton"
+runs every product in the scatter kernel, as the paper does. "pallas" (the GPU default) and
+"mosaic" keep the scatter kernel (Triton) for the products that gather token-order rows, the
+point of the method, and run the products whose input rows are already grouped on the
+grouped-matmul kernels (`kernels.gmm`: the Mosaic TMA + wgmma kernels on Hopper, faster than
+Triton's): the forward of a grouped input, and in the backward the data gradient, whose grouped
+dy the weight gradient gathers anyway. Their grouped output rows are then put in flat order (or
+combined) by an XLA gather of the (M, N) rows, where the scatter kernel would have written the
+same (M, N) rows in flat order, so no extra (M, ·) buffer is made.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kernels.common import validation
+from kernels.common.groups import inverse_permutation
+from kernels.gmm.api import group_xty, grouped_matmul
+from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
+from kernels.scatter.backends import SCATTER_BACKENDS, ScatterBackend
+from kernels.scatter.routing import ScatterRouting
+from kernels.scatter.triton import TritonScatterConfig
+
+
+def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend: ScatterBackend,
+         out_dtype, config):
+  """out[dst[p]] = scale[p] * x[src[p]] @ W[g(p)]; None = identity index / no scale."""
+  if backend.gmm_backend is not None and src is None and scale is None:
+    out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w, backend=backend.gmm_backend,
+                         out_dtype=out_dtype)
+    # dst is a permutation of the M rows (sorted_flat): a gather puts them in flat order.
+    return out if dst is None else jnp.take(out, inverse_permutation(dst), axis=0)
+  tuned = {"config": config} if backend.config_classes else {}
+  return backend.fn(x, w, group_sizes, src, dst, scale, m=m, transpose_w=transpose_w,
+                    out_dtype=out_dtype, **tuned)
+
+
+def _select(x, w, sorted_flat, transpose_w, backend: str) -> ScatterBackend:
+  """The record of `backend` (validated by the public op)."""
+  n = w.shape[1] if transpose_w else w.shape[2]
+  shape = GroupedShape(sorted_flat.shape[0], x.shape[1], n, w.shape[0])
+  return SCATTER_BACKENDS.select(backend, shape, make_dtypes(x.dtype))
+
+
+def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
+             out_dtype, config):
+  m = sorted_flat.shape[0]
+  backend = _select(x, w, sorted_flat, transpose_w, backend)
+  if x_grouped and gates is not None and backend.gmm_backend is not None:
+    # The grouped kernel's rows in flat order (_s2s), then the gates multiply in the fused
+    # combine (each product rounded to out_dtype, then scaled and summed in float32, as the
+    # grouped path's combine does; the scatter kernel rounds the gate-scaled product instead).
+    rows = _s2s(x, w, group_sizes, None, sorted_flat, None, m=m, transpose_w=transpose_w,
+                backend=backend, out_dtype=out_dtype, config=config)
+    t, k = gates.shape
+    rows = rows.reshape(t, k, -1).astype(jnp.float32)
+    return jnp.einsum("tk,tkn->tn", gates.astype(jnp.float32), rows).astype(out_dtype)
+  src = None if x_grouped else sorted_flat // (m // x.shape[0])
+  dst = None if y_grouped else sorted_flat
+  scale = None if gates is None else gates.reshape(-1)[sorted_flat]
+  out = _s2s(x, w, group_sizes, src, dst, scale, m=m, transpose_w=transpose_w, backend=backend,
+             out_dtype=out_dtype, config=config)
+  if gates is None:
+    return out
+  t, k = gates.shape
+  # The gated rows are already scaled by the kernel; XLA fuses this reduce over the k choices.
+  return out.reshape(t, k, -1).sum(axis=1, dtype=jnp.float32).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _scatter_matmul(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                    backend, out_dtype, config):
+  return _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                  backend, out_dtype, config)
+
+
+def _fwd(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
+         out_dtype, config):
+  out = _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                 backend, out_dtype, config)
+  return out, (x, w, gates, sorted_flat, group_sizes)
+
+
+def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy):
+  x, w, gates, sorted_flat, group_sizes = res
+  m = sorted_flat.shape[0]
+  dy = dy.astype(x.dtype)
+  backend = _select(x, w, sorted_flat, transpose_w, backend)
+  # Where sorted row p's output gradient lives in dy.
+  if y_grouped:
+    dy_src = None
+  elif gates is None:
+    dy_src = sorted_flat                      # dy is (M, N) in flat order
+  else:
+    dy_src = sorted_flat // gates.shape[1]    # dy is (T, N): every choice of token t reads dy[t]
+  r = 1 if x_grouped else m // x.shape[0]     # copies of each x row among the M sorted rows
+  # Data gradient: the same kernel with W transposed, written to x's layout. Rows are written in
+  # flat order (then summed over the r copies) or in sorted order when x was grouped. With gates
+  # the rows stay unscaled: the gate gradient needs them.
+  dx_dst = None if x_grouped else sorted_flat
+  dx_scale = None if gates is None else gates.reshape(-1)[sorted_flat]
+  # Where grouped products run on the grouped kernels, gather dy once (the weight gradient needs
+  # the grouped rows too) and run the data gradient on the grouped rows.
+  dyg = None
+  if backend.gmm_backend is not None and dy_src is not None:
+    dyg, dy_src_dx = jnp.take(dy, dy_src, axis=0), None
+  else:
+    dy_src_dx = dy_src
+  u = _s2s(dy if dyg is None else dyg, w, group_sizes, dy_src_dx, dx_dst, None, m=m,
+           transpose_w=not transpose_w, backend=backend, out_dtype=x.dtype, config=config)
+  dgates = None
+  if gates is not None:
+    if x_grouped:
+      d_sorted = jnp.sum(u.astype(jnp.float32) * x.astype(jnp.float32), axis=-1)
+      dgates = jnp.zeros((m,), jnp.float32).at[sorted_flat].set(d_sorted, unique_indices=True)
+      u = u.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]
+    else:
+      u3 = u.reshape(x.shape[0], r, -1).astype(jnp.float32)
+      dgates = jnp.sum(u3 * x.astype(jnp.float32)[:, None, :], axis=-1).reshape(-1)
+      u = (u3 * gates.reshape(x.shape[0], r, 1).astype(jnp.float32)).reshape(m, -1)
+    dgates = dgates.reshape(gates.shape).astype(gates.dtype)
+  dx = u if r == 1 else u.reshape(x.shape[0], r, -1).sum(axis=1, dtype=jnp.float32)
+  dx = dx.astype(x.dtype)
+  # Weight gradient over grouped rows: gather x and (scaled) dy into sorted order.
+  xg = x if x_grouped else jnp.take(x, sorted_flat // r, axis=0)
+  if dyg is None:
+    dyg = dy if dy_src is None else jnp.take(dy, dy_src, axis=0)
+  if gates is not None:
+    dyg = (dyg.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]).astype(x.dtype)
+  # The weight gradient always runs on the grouped kernels: the gmm backend of this backend's
+  # record (group_xty resolves "pallas" to the best kernel for the shape).
+  if transpose_w:
+    dw = group_xty(dyg, xg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
+  else:
+    dw = group_xty(xg, dyg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
+  return dx, dw, dgates, None, None
+
+
+_scatter_matmul.defvjp(_fwd, _bwd)
+
+
+def scatter_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    routing: ScatterRouting,
+    *,
+    gates: jax.Array | None = None,
+    x_grouped: bool = False,
+    y_grouped: bool = False,
+    transpose_w: bool = False,
+    backend: str | None = None,
+    out_dtype: Any = None,
+    config: Any = None,
+) -> jax.Array:
+  """Differentiable ScatterMoE ParallelLinear; see the module docstring for the layouts.
+
+  Args:
+    x: (T, K) token order (or (M, K) flat order) unless x_grouped, then (M, K) sorted order.
+    w: (E, K, N) expert weights of x's dtype, or (E, N, K) with transpose_w.
+    routing: ScatterRouting from make_routing (sorted_flat (M,), group_sizes (E,), int32).
+    gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
+    x_grouped, y_grouped: input / output already in expert-sorted order.
+    backend: a name of `SCATTER_BACKENDS` (kernels.scatter.backends): "xla" (plain XLA; CPU
+      default), "triton" / "triton_interpret" (every product in the scatter kernel), "pallas"
+      (GPU default), "mosaic" / "mosaic_interpret" (grouped-input products on the
+      grouped-matmul kernels; see the module docstring) or None.
+    out_dtype: defaults to x.dtype; accumulation is float32.
+    config: optional kernels.scatter.TritonScatterConfig (tile sizes, warps, stages).
+
+  Returns:
+    (M, N) sorted (y_grouped), (M, N) flat order, or (T, N) with gates.
+  """
+  backend = SCATTER_BACKENDS.validate(backend)
+  validation.check_float_operand("x", x, 2)
+  validation.check_float_operand("w", w, 3)
+  validation.check_same_dtype(x=x, w=w)
+  if not isinstance(routing, ScatterRouting):
+    raise ValueError(f"routing must be a ScatterRouting (see make_routing), got "
+                     f"{type(routing).__name__}")
+  sorted_flat, group_sizes = routing
+  validation.check_group_sizes(group_sizes, w.shape[0])
+  if sorted_flat.ndim != 1 or jnp.dtype(sorted_flat.dtype) != jnp.dtype(jnp.int32):
+    raise ValueError(f"routing.sorted_flat must be a 1-D int32 array, got shape "
+                     f"{tuple(sorted_flat.shape)} dtype {sorted_flat.dtype}")
+  m = sorted_flat.shape[0]
+  k_w = w.shape[2] if transpose_w else w.shape[1]
+  if x.shape[1] != k_w:
+    raise ValueError(f"w: contracting dimension must match x.shape[1]={x.shape[1]}, got w.shape="
+                     f"{tuple(w.shape)} with transpose_w={transpose_w}")
+  if x_grouped and x.shape[0] != m:
+    raise ValueError(f"x: with x_grouped=True must have M={m} rows, got shape {tuple(x.shape)}")
+  if not x_grouped and (x.shape[0] == 0 or m % x.shape[0]):
+    raise ValueError(f"x: in token order must have T rows with M={m} a multiple of T, got shape "
+                     f"{tuple(x.shape)}")
+  if gates is not None:
+    if y_grouped:
+      raise ValueError("gates: the combine writes token order; it needs y_grouped=False")
+    validation.check_float_operand("gates", gates, 2)
+    if gates.shape[0] * gates.shape[1] != m:
+      raise ValueError(f"gates: must be (T, k) with T * k = M = {m}, got shape "
+                       f"{tuple(gates.shape)}")
+    if not x_grouped and x.shape[0] not in (gates.shape[0], m):
+      raise ValueError(f"gates: T={gates.shape[0]} does not match x.shape[0]={x.shape[0]}")
+  if config is not None and not isinstance(config, TritonScatterConfig):
+    raise ValueError(f"config must be a kernels.scatter.TritonScatterConfig or None, got "
+                     f"{type(config).__name__}")
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  return _scatter_matmul(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
+                         backend, out_dtype, config)

@@ -1,0 +1,50 @@
+"""Plain-jnp references for the ScatterMoE scatter matmul (readable, obviously right; tests only).
+
+Routing convention (kernels.scatter.routing): T tokens each pick k experts; flat index f = t * k + j
+is token t's j-th choice. `sorted_flat` (M = T * k,) lists the flat indices in expert-sorted order,
+so sorted row p belongs to flat choice sorted_flat[p] and expert g(p) (from group_sizes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.common.groups import row_group_ids
+
+
+def scatter_matmul_reference(
+    x: jax.Array,
+    w: jax.Array,
+    sorted_flat: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    gates: jax.Array | None = None,
+    x_grouped: bool = False,
+    y_grouped: bool = False,
+    transpose_w: bool = False,
+) -> jax.Array:
+  """Float32 reference of kernels.scatter.scatter_matmul (same argument meanings), via per-row weights.
+
+  Builds the (M, K, N) per-row weight tensor, so use it on small shapes only.
+  """
+  m = sorted_flat.shape[0]
+  x32 = x.astype(jnp.float32)
+  w32 = w.astype(jnp.float32)
+  if transpose_w:
+    w32 = jnp.swapaxes(w32, 1, 2)
+  if x_grouped:
+    xin = x32
+  else:
+    xin = x32[sorted_flat // (m // x.shape[0])]
+  gid = row_group_ids(group_sizes, m)
+  valid = gid < w.shape[0]
+  w_rows = w32[jnp.minimum(gid, w.shape[0] - 1)]
+  out = jnp.where(valid[:, None], jnp.einsum("mk,mkn->mn", xin, w_rows), 0.0)  # (M, N) sorted
+  if y_grouped:
+    return out
+  flat = jnp.zeros_like(out).at[sorted_flat].set(out)  # token-choice order
+  if gates is None:
+    return flat
+  t, k = gates.shape
+  return jnp.einsum("tk,tkn->tn", gates.astype(jnp.float32), flat.reshape(t, k, -1))
