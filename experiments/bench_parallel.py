@@ -57,10 +57,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from experiments import bench_common as bc  # noqa: E402
 from jaxmoe import MoE, MoEConfig  # noqa: E402
-from jaxmoe import expert_parallel as ep  # noqa: E402
+from jaxmoe import parallel as par  # noqa: E402
 from jaxmoe import lean_optimizer as lo  # noqa: E402
-from jaxmoe import sharding as sh  # noqa: E402
-from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy  # noqa: E402
+from jaxmoe.config import ModelConfig  # noqa: E402
+from jaxmoe.model import TransformerLM, cross_entropy  # noqa: E402
 
 # Layer: tokens per device (weak scaling), d_model, d_ff, E, k.
 LAYER = {"tokens_per_device": 16384, "d": 4096, "f": 14336, "E": 8, "k": 2}
@@ -129,8 +129,8 @@ def build_layer(shape, layout, dtype, param_dtype, backend, pkw, seed=0, tokens=
   if layout is None:
     mesh, pcfg, t_total = None, None, t_dev
   else:
-    mesh = sh.make_mesh(sh.MeshConfig(*layout))
-    pcfg = ep.ParallelConfig(mesh, **pkw)
+    mesh = par.make_mesh(par.MeshConfig(*layout))
+    pcfg = par.ParallelConfig(mesh, **pkw)
     t_total = t_dev * pcfg.token_shards
   t_total = tokens or t_total
   layer = MoE(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, parallel=pcfg)
@@ -138,9 +138,9 @@ def build_layer(shape, layout, dtype, param_dtype, backend, pkw, seed=0, tokens=
   x = jax.random.normal(jax.random.key(1), (t_total, d), jnp.float32).astype(dtype)
   g = jax.random.normal(jax.random.key(2), (t_total, d), jnp.float32)
   if mesh is not None:
-    state = sh.shard_tree(state, mesh)
-    x = jax.device_put(x, sh.batch_sharding(mesh))
-    g = jax.device_put(g, sh.batch_sharding(mesh))
+    state = par.shard_tree(state, mesh)
+    x = jax.device_put(x, par.batch_sharding(mesh))
+    g = jax.device_put(g, par.batch_sharding(mesh))
   return jax.jit(layer_fns(graphdef)), state, x, g, mesh, t_total, graphdef
 
 
@@ -198,7 +198,7 @@ def compiled_info(fn, *args) -> dict:
   if m is not None:
     out.update(arg_bytes=int(m.argument_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
                out_bytes=int(m.output_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes))
-  out["collectives"] = ep.collective_summary(compiled.as_text())
+  out["collectives"] = par.collective_summary(compiled.as_text())
   return out
 
 
@@ -250,7 +250,7 @@ def run_layer(shape, layouts, a2a_modes, backend, param_dtype, iters, payload, o
                    per_device_tokens_per_s=t_total / ms * 1e3 / n)
         row.update(compiled_info(fb, state, x, g))
         if vname.startswith("base_") or vname.startswith("no_dtd_"):
-          row["a2a_payload"] = a2a_payload(state, x, graphdef, mesh, ep.ParallelConfig(mesh, **pkw),
+          row["a2a_payload"] = a2a_payload(state, x, graphdef, mesh, par.ParallelConfig(mesh, **pkw),
                                            shape)
         print(f"   {row['layout']} {vname}: {ms:.2f} ms, {row['per_device_tokens_per_s']:.0f} "
               f"tok/s/dev", flush=True)
@@ -270,8 +270,8 @@ def run_layer(shape, layouts, a2a_modes, backend, param_dtype, iters, payload, o
 
 def build_train(spec, layout, pkw, lean: bool, num_chunks: int = 4):
   mcfg = ModelConfig(**spec["model"])
-  mesh = sh.make_mesh(sh.MeshConfig(*layout))
-  pcfg = ep.ParallelConfig(mesh, **pkw)
+  mesh = par.make_mesh(par.MeshConfig(*layout))
+  pcfg = par.ParallelConfig(mesh, **pkw)
   batch = spec["batch_per_shard"] * pcfg.token_shards
   seq = spec["seq_len"]
   lr, clip, wd = 3e-4, 1.0, 0.1
@@ -282,7 +282,7 @@ def build_train(spec, layout, pkw, lean: bool, num_chunks: int = 4):
     return nnx.split(TransformerLM(mcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
   abstract_model = nnx.eval_shape(lambda: TransformerLM(mcfg, rngs=nnx.Rngs(0)))
-  ep.set_parallel(abstract_model, pcfg)
+  par.set_parallel(abstract_model, pcfg)
   graphdef, params_abs, _ = nnx.split(abstract_model, nnx.Param, ...)
   tx = lo.chunked(inner, params_abs, num_chunks, max_grad_norm=clip) if lean else \
       optax.chain(optax.clip_by_global_norm(clip), inner)
@@ -291,7 +291,7 @@ def build_train(spec, layout, pkw, lean: bool, num_chunks: int = 4):
     _, params, rest = make_params()
     return {"params": params, "rest": rest, "opt": tx.init(params)}
 
-  shardings = sh.tree_shardings(jax.eval_shape(init), mesh)
+  shardings = par.tree_shardings(jax.eval_shape(init), mesh)
   state = jax.jit(init, out_shardings=shardings)()
 
   def step(state, x, y):
@@ -307,7 +307,7 @@ def build_train(spec, layout, pkw, lean: bool, num_chunks: int = 4):
       params = optax.apply_updates(state["params"], updates)
     return {"params": params, "rest": state["rest"], "opt": opt}, loss
 
-  bs = NamedSharding(mesh, sh.logical_to_spec(("batch", None), mesh))
+  bs = NamedSharding(mesh, par.logical_to_spec(("batch", None), mesh))
   jstep = jax.jit(step, in_shardings=(shardings, bs, bs),
                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   tokens = jax.random.randint(jax.random.key(3), (batch, seq + 1), 0, mcfg.vocab_size)

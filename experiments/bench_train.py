@@ -22,6 +22,7 @@ CPU smoke test:  python -m experiments.bench_train --smoke --out /tmp/x   (tiny 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -39,14 +40,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bench_common as bc  # noqa: E402
+from jaxmoe import cli  # noqa: E402
 from jaxmoe import data as data_lib  # noqa: E402
-from jaxmoe.config import IMPLS  # noqa: E402
-from jaxmoe.model import ModelConfig, flops_per_token, param_counts  # noqa: E402
-from jaxmoe.presets import get_preset  # noqa: E402
-from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,  # noqa: E402
-                          make_mesh, make_optimizer)
-
-H100_PEAK_TFLOPS = 989.0
+from jaxmoe.config import IMPLS, ModelConfig, TrainConfig  # noqa: E402
+from jaxmoe.model import flops_per_token, param_counts  # noqa: E402
+from jaxmoe.train import build_program, peak_flops, train_mesh  # noqa: E402
 
 # variant -> ModelConfig overrides
 VARIANTS = {
@@ -59,14 +57,14 @@ VARIANTS = {
 
 
 def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
-                  warmup: int, peak_tflops: float | None) -> dict:
-  mesh = make_mesh(model_cfg, train_cfg)
-  tx, _ = make_optimizer(train_cfg)
-  bs = batch_sharding(mesh)
-  state = init_sharded_state(model_cfg, train_cfg, mesh, tx)
+                  warmup: int) -> dict:
+  mesh = train_mesh(model_cfg, train_cfg)
+  program = build_program(model_cfg, train_cfg, mesh)
+  bs = program.batch_sharding
+  state = program.init_state()
   # No separate eval step: the first train step's loss is the loss at the initial parameters, and
   # compiling an eval step cost ~45 s of a Small dMoE benchmark's ~4 minutes on the H100.
-  jit_train, _ = _jitted_steps(model_cfg, _train_json(train_cfg), mesh)
+  jit_train = program.train_step
   batches = data_lib.Batches(tokens, train_cfg.batch_size, train_cfg.seq_len, seed=0)
   x0, y0 = batches.batch(0)
   x0, y0 = jax.device_put(x0, bs), jax.device_put(y0, bs)
@@ -97,7 +95,7 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
   tokens_per_s = train_cfg.batch_size * train_cfg.seq_len / step_s
   fpt = flops_per_token(model_cfg, train_cfg.seq_len)
   counts = param_counts(model_cfg)
-  peak = peak_tflops * 1e12 * mesh.size if peak_tflops else None
+  peak = peak_flops(train_cfg, mesh.size)
   return {
       "variant": name, "impl": model_cfg.moe_impl if model_cfg.ffn == "moe" else "dense",
       "batch_size": train_cfg.batch_size, "grad_accum": train_cfg.grad_accum,
@@ -112,84 +110,48 @@ def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tok
   }
 
 
-def _train_json(train_cfg: TrainConfig) -> str:
-  import dataclasses
-  import json
-  return json.dumps(dataclasses.asdict(train_cfg))
+# What a benchmark changes in the preset before the flags apply: a short schedule with one warm-up
+# step, no checkpoints, no TensorBoard.
+BENCH_TRAIN = dict(warmup_steps=1, ckpt_every=0, tensorboard=False)
 
 
 def add_config_args(ap: argparse.ArgumentParser) -> None:
-  """The preset and its overrides, shared with experiments/profile_train.py."""
-  ap.add_argument("--preset", default="small", help="base preset (MoE variant; see jaxmoe.presets)")
-  ap.add_argument("--batch-size", type=int, default=None)
-  ap.add_argument("--seq-len", type=int, default=None)
-  ap.add_argument("--grad-accum", type=int, default=1,
-                  help="microbatches per step: --batch-size is the global batch per optimizer "
-                       "step, run batch_size/grad_accum sequences at a time (tokens/s and MFU "
-                       "count the whole global batch)")
-  ap.add_argument("--adam-mu-dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="dtype of Adam's first moment (bfloat16: 2 bytes/parameter less)")
-  ap.add_argument("--remat", nargs="?", const="true", default=None, choices=("true", "false"),
-                  help="recompute each block's activations in the backward pass (default: the "
-                       "preset's; Small and Medium have it on); '--remat' alone means true")
-  ap.add_argument("--remat-skip", type=int, default=0, metavar="N",
-                  help="with --remat: the last N blocks keep their activations (not recomputed)")
-  ap.add_argument("--remat-mlp", nargs="?", const="true", default=None, choices=("true", "false"),
-                  help="recompute only the (expert) MLPs' hidden activations in the backward pass "
-                       "(default: the preset's; Small has it on; expert-parallel layers: "
-                       "their comm-aware remat); '--remat-mlp' alone means true")
-  ap.add_argument("--mesh-expert", type=int, default=1,
-                  help="expert-parallel ranks (the rest of the devices are data-parallel)")
-  ap.add_argument("--mesh-tensor", type=int, default=1)
-  ap.add_argument("--ep-a2a", default="padded", help="expert-parallel all-to-all: padded|ragged")
-  ap.add_argument("--num-experts", type=int, default=None,
-                  help="override the preset's 64 experts (Small with 64: 3.7B params, ~60 GB of "
-                       "float32 weights + Adam state + grads on one GPU)")
+  """The preset and every ModelConfig / TrainConfig field as a flag, exactly the `jaxmoe train`
+  flags (jaxmoe.cli.add_config_flags: `--batch-size 64 --remat-mlp true --mesh-expert 8 ...`);
+  shared with experiments/profile_train.py. --steps is the number of timed steps."""
+  cli.add_config_flags(ap, default_preset="small")
 
 
-def preset_configs(args: argparse.Namespace, preset_name: str, steps: int,
-                   mesh_data: int) -> tuple[dict, dict, TrainConfig]:
-  """(model fields, train fields, TrainConfig) of `preset_name` with the `add_config_args` flags
-  applied; benchmarks run with one warm-up step of the schedule, no checkpoints, no TensorBoard."""
-  preset = get_preset(preset_name)
-  model_base, train_base = preset["model"], preset["train"]
-  train_base.update(steps=steps, warmup_steps=1, ckpt_every=0, tensorboard=False)
-  if args.batch_size:
-    train_base["batch_size"] = args.batch_size
-  if args.seq_len:
-    train_base["seq_len"] = args.seq_len
-  train_base.update(grad_accum=args.grad_accum, adam_mu_dtype=args.adam_mu_dtype)
-  if args.remat is not None:
-    model_base["remat"] = args.remat == "true"
-  if args.remat_skip:
-    model_base["remat_skip"] = args.remat_skip
-  if args.remat_mlp is not None:
-    model_base["remat_mlp"] = args.remat_mlp == "true"
-  if args.num_experts:
-    model_base["num_experts"] = args.num_experts
-  train_cfg = TrainConfig(**{**train_base, "mesh_data": mesh_data, "mesh_expert": args.mesh_expert,
-                             "mesh_tensor": args.mesh_tensor, "ep_a2a": args.ep_a2a})
-  return model_base, train_base, train_cfg
+def resolve_configs(args: argparse.Namespace, *, steps: int,
+                    mesh_data: int) -> tuple[ModelConfig, TrainConfig]:
+  """(ModelConfig, TrainConfig) as the CLI resolves them (preset < config file < flags), with
+  BENCH_TRAIN, `steps` (unless --steps is given) and `mesh_data` (unless --mesh-data is given)
+  put over the preset. Exits 2 with the CLI's one-line message on a bad value."""
+  try:
+    return cli.resolve_configs(
+        args, defaults={"train": {**BENCH_TRAIN, "steps": steps, "mesh_data": mesh_data}})
+  except cli.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(cli.USER_ERROR)
 
 
 def main() -> int:
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(allow_abbrev=False)
   ap.add_argument("--out", required=True)
   ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, interpret backends")
   ap.add_argument("--variants", default="dmoe,ragged_dot,blocksparse,capacity,dense")
-  ap.add_argument("--steps", type=int, default=30, help="timed steps per variant")
-  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the --steps timed")
   add_config_args(ap)
-  ap.add_argument("--peak-tflops", type=float, default=None,
-                  help=f"per-device peak for MFU (default {H100_PEAK_TFLOPS} on GPU)")
   args = ap.parse_args()
 
+  steps = vars(args)["train.steps"] or 30
   if args.smoke:
-    args.steps, args.warmup = min(args.steps, 3), 1
+    args.preset = "test"
+    vars(args)["train.steps"], args.warmup = min(steps, 3), 1
   on_gpu = jax.default_backend() == "gpu"
-  peak_tflops = args.peak_tflops or (H100_PEAK_TFLOPS if on_gpu else None)
-  model_base, train_base, train_cfg = preset_configs(
-      args, "test" if args.smoke else args.preset, args.steps, -1 if on_gpu else 1)
+  model_base, train_cfg = resolve_configs(args, steps=30, mesh_data=-1 if on_gpu else 1)
+  peak_tflops = peak_flops(train_cfg, 1)
+  peak_tflops = None if peak_tflops is None else peak_tflops / 1e12
   tokens = data_lib.load_tokens(None, max_bytes=32 << 20 if not args.smoke else 1 << 20)
 
   rows, failures, results = [], 0, {}
@@ -203,8 +165,8 @@ def main() -> int:
     if args.smoke and name == "blocksparse":
       overrides["block_size"] = 16                # the test preset's d_ff is 64
     try:
-      model_cfg = ModelConfig(**{**model_base, **overrides})
-      res = bench_variant(name, model_cfg, train_cfg, tokens, args.warmup, peak_tflops)
+      model_cfg = dataclasses.replace(model_base, **overrides)
+      res = bench_variant(name, model_cfg, train_cfg, tokens, args.warmup)
     except Exception:  # report and go on with the other variants
       traceback.print_exc()
       print(f"FAIL {name}: raised")
@@ -230,10 +192,10 @@ def main() -> int:
           f"rel err {err:.2e}")
     failures += not ok
 
-  payload = {"env": bc.environment(), "preset": args.preset if not args.smoke else "test",
+  payload = {"env": bc.environment(), "preset": args.preset,
              "smoke": args.smoke, "peak_tflops_per_device": peak_tflops,
-             "model_base": model_base, "train": train_base, "results": results,
-             "failures": failures}
+             "model_base": model_base.to_dict(), "train": dataclasses.asdict(train_cfg),
+             "results": results, "failures": failures}
   path = bc.write_json(args.out, "bench_train.json", payload)
   print(f"wrote {path}")
   print(bc.table(rows, ["variant", "impl", "grad_accum", "remat", "params_active", "step_ms",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -31,12 +32,11 @@ import jax
 import numpy as np
 
 from experiments import bench_common as bc
-from experiments.bench_train import (VARIANTS, _train_json, add_config_args,
-                                     preset_configs)
+from experiments.bench_train import VARIANTS, add_config_args, resolve_configs
 from jaxmoe import data as data_lib
-from jaxmoe.model import ModelConfig, flops_per_token
-from jaxmoe.train import (TrainConfig, _jitted_steps, batch_sharding, init_sharded_state,
-                          make_grad_fn, make_mesh, make_optimizer, step_graphdef)
+from jaxmoe.config import ModelConfig, TrainConfig
+from jaxmoe.model import flops_per_token
+from jaxmoe.train import build_program, train_mesh
 
 # Kernel-name fragments -> category, first match wins (names as CUDA/XLA/Pallas report them).
 CATEGORIES = (
@@ -107,15 +107,14 @@ def summarize_trace(trace_dir: str, top: int) -> dict:
 def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
                     iters: int, trace_steps: int, out_dir: str, top: int,
                     phases: bool = True, dump_hlo: bool = False) -> dict:
-  mesh = make_mesh(model_cfg, train_cfg)
-  tx, _ = make_optimizer(train_cfg)
-  bs = batch_sharding(mesh)
-  state = init_sharded_state(model_cfg, train_cfg, mesh, tx)
-  jit_train, jit_eval = _jitted_steps(model_cfg, _train_json(train_cfg), mesh)
-  graphdef = step_graphdef(model_cfg, train_cfg, mesh)   # the one the train step uses
-  state_sh = jax.tree.map(lambda a: a.sharding, state)
+  mesh = train_mesh(model_cfg, train_cfg)
+  program = build_program(model_cfg, train_cfg, mesh)
+  bs = program.batch_sharding
+  state = program.init_state()
+  jit_train, jit_eval = program.train_step, program.eval_step
+  state_sh = program.state_shardings
   # The train step's own gradient function: with grad_accum > 1 the same microbatch scan.
-  grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg, mesh)
+  grad_fn = program.grad_fn
   jit_grad = jax.jit(lambda s, x, y: grad_fn(s["params"], s["rest"], x, y)[0],
                      in_shardings=(state_sh, bs, bs), out_shardings=state_sh["params"])
   batches = data_lib.Batches(tokens, train_cfg.batch_size, train_cfg.seq_len, seed=0)
@@ -181,7 +180,7 @@ def profile_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
 
 
 def main() -> int:
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(allow_abbrev=False)
   ap.add_argument("--out", required=True)
   ap.add_argument("--variants", default="dense,dmoe")
   add_config_args(ap)
@@ -193,20 +192,15 @@ def main() -> int:
                        "second needs memory for a second gradient)")
   ap.add_argument("--dump-hlo", action="store_true",
                   help="write each variant's optimized train-step HLO to OUT/hlo_VARIANT.txt.gz")
-  ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                  help="extra ModelConfig override, e.g. --set tie_embeddings=false")
   args = ap.parse_args()
 
-  model_base, train_base, train_cfg = preset_configs(args, args.preset, 10, -1)
-  for kv in args.set:
-    k, v = kv.split("=", 1)
-    model_base[k] = json.loads(v)
+  model_base, train_cfg = resolve_configs(args, steps=10, mesh_data=-1)
   tokens = data_lib.load_tokens(None, max_bytes=8 << 20)
   os.makedirs(args.out, exist_ok=True)
 
   results = {}
   for name in args.variants.split(","):
-    model_cfg = ModelConfig(**{**model_base, **VARIANTS[name]})
+    model_cfg = dataclasses.replace(model_base, **VARIANTS[name])
     try:
       r = profile_variant(name, model_cfg, train_cfg, tokens, args.iters, args.trace_steps,
                           args.out, args.top, phases=not args.no_phases,
@@ -231,8 +225,8 @@ def main() -> int:
       for row in p["top"]:
         print(f"   {row['us'] / steps / 1e3:8.3f} ms x{row['count'] // steps:<4} "
               f"[{row['category']}] {row['name']}")
-  payload = {"env": bc.environment(), "preset": args.preset, "model_base": model_base,
-             "train": train_base, "results": results}
+  payload = {"env": bc.environment(), "preset": args.preset, "model_base": model_base.to_dict(),
+             "train": dataclasses.asdict(train_cfg), "results": results}
   print("wrote", bc.write_json(args.out, "profile_train.json", payload))
   return 0 if results else 1
 

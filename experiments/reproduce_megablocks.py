@@ -46,9 +46,9 @@ def variant_overrides(name: str) -> dict:
 
 
 def train_variant(name: str, preset: str, out_dir: str, train_overrides: dict, quick: bool) -> str:
-  from jaxmoe.model import ModelConfig
+  from jaxmoe.config import ModelConfig, TrainConfig
   from jaxmoe.presets import get_preset
-  from jaxmoe.train import TrainConfig, run
+  from jaxmoe.train import run
 
   p = get_preset(preset)
   model = {**(QUICK_MODEL if quick else p["model"]), **variant_overrides(name)}

@@ -112,7 +112,7 @@ class Checkpointer:
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | Any) -> Any:
   """ShapeDtypeStruct leaves of tree's shapes/dtypes (a restore target) placed with `sharding`:
   one Sharding for every leaf, or a pytree of Shardings of tree's structure (one per leaf, e.g.
-  jaxmoe.sharding.tree_shardings(tree, mesh))."""
+  jaxmoe.parallel.tree_shardings(tree, mesh))."""
   if isinstance(sharding, jax.sharding.Sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,

@@ -72,25 +72,39 @@ def _add_fields(parser: argparse.ArgumentParser, cls, group_name: str) -> None:
                        help=f"(default from the preset; {f.name}={f.default!r} otherwise)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  from jaxmoe.model import ModelConfig
-  from jaxmoe.train import TrainConfig
+def add_config_flags(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+  """--preset, --config and one flag per ModelConfig / TrainConfig field: the `train` command's
+  configuration flags, also taken by the training benchmarks (read them with resolve_configs)."""
+  _add_preset_flags(parser, default_preset)
+  _add_config_fields(parser)
 
+
+def _add_preset_flags(parser: argparse.ArgumentParser, default_preset: str) -> None:
+  # Checked in resolve_configs (one line naming the presets), not by argparse's choices=, whose
+  # error repeats the whole usage first.
+  parser.add_argument("--preset", default=default_preset, metavar="NAME",
+                      help=f"one of: {', '.join(sorted(PRESETS))} (default {default_preset})")
+  parser.add_argument("--config", help="JSON or TOML file with optional 'model' and 'train' tables")
+
+
+def _add_config_fields(parser: argparse.ArgumentParser) -> None:
+  from jaxmoe.config import ModelConfig, TrainConfig
+
+  _add_fields(parser, ModelConfig, "model")
+  _add_fields(parser, TrainConfig, "train")
+
+
+def build_parser() -> argparse.ArgumentParser:
   # allow_abbrev=False: a misspelt flag is an error, never taken as another flag's prefix.
   parser = argparse.ArgumentParser(prog="jaxmoe", description="Train and use MoE language models.",
                                    allow_abbrev=False)
   sub = parser.add_subparsers(dest="command", required=True)
   tr = sub.add_parser("train", help="train (or resume) a model", allow_abbrev=False,
                       epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-  # Checked in resolve_configs (one line naming the presets), not by argparse's choices=, whose
-  # error repeats the whole usage first.
-  tr.add_argument("--preset", default="tiny", metavar="NAME",
-                  help=f"one of: {', '.join(sorted(PRESETS))} (default tiny)")
-  tr.add_argument("--config", help="JSON or TOML file with optional 'model' and 'train' tables")
+  _add_preset_flags(tr, "tiny")
   tr.add_argument("--out", help="run folder (default runs/<preset>); resumes if it has checkpoints")
   tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-  _add_fields(tr, ModelConfig, "model")
-  _add_fields(tr, TrainConfig, "train")
+  _add_config_fields(tr)
 
   sp = sub.add_parser("sample", help="generate text from a checkpoint", allow_abbrev=False)
   sp.add_argument("checkpoint", help="a run folder, its ckpt/ folder, or ckpt/<step>")
@@ -136,8 +150,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
       not all(isinstance(v, dict) for v in cfg.values()):
     raise UserError(f"config file {path!r} must hold only 'model' and 'train' tables, got "
                     f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
-  from jaxmoe.model import ModelConfig
-  from jaxmoe.train import TrainConfig
+  from jaxmoe.config import ModelConfig, TrainConfig
   for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
     for name, value in cfg.get(section, {}).items():
       problem = _type_problem(cls, name, value)
@@ -168,14 +181,18 @@ def _type_problem(cls, name: str, value) -> str | None:
   return f"must be {want}{' or null' if optional else ''}, got {value!r}"
 
 
-def resolve_configs(args: argparse.Namespace):
-  """(ModelConfig, TrainConfig) from preset < config file < flags; UserError on bad values."""
-  from jaxmoe.model import ModelConfig
-  from jaxmoe.train import TrainConfig
+def resolve_configs(args: argparse.Namespace,
+                    defaults: dict[str, dict[str, Any]] | None = None):
+  """(ModelConfig, TrainConfig) from preset < defaults < config file < flags (add_config_flags);
+  UserError on bad values. defaults: {"model": {...}, "train": {...}} field values a caller puts
+  over the preset (a benchmark: its step count, no checkpoints)."""
+  from jaxmoe.config import ModelConfig, TrainConfig
 
   if args.preset not in PRESETS:
     raise UserError(f"unknown preset {args.preset!r}; allowed: {', '.join(sorted(PRESETS))}")
   preset = get_preset(args.preset)
+  for section, values in (defaults or {}).items():
+    preset[section].update(values)
   if args.config:
     for section, values in _read_config_file(args.config).items():
       preset[section].update(values)
@@ -293,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jaxmoe.data import DataError
   from jaxmoe.plot import PlotError
   from jaxmoe.tokenizer import TokenizerError
-  from jaxmoe.train import ConfigError
+  from jaxmoe.config import ConfigError
 
   args = build_parser().parse_args(argv)
   # Let JAX use 92% of GPU memory instead of its default 75% (an explicit setting wins): large

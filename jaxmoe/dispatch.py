@@ -1,9 +1,12 @@
 """Token permutation helpers: sort (token, slot) pairs by expert, gather, unsort, combine.
 
 T tokens, k slots each, E experts, d features.
-  sort_by_expert(indices (T, k), E) -> Dispatch(order (T*k,), token (T*k,), group_sizes (E,))
-  gather_sorted(x (T, d), dispatch) -> (T*k, d)        rows grouped by expert, stable in token order
-  combine_sorted(y (T*k, d), dispatch, weights (T, k)) -> (T, d)   sum_j weights[t, j] * y[slot (t, j)]
+  sort_by_expert(indices (T, k), E) -> ExpertSort(order (T*k,), token (T*k,), group_sizes (E,))
+  gather_sorted(x (T, d), sort) -> (T*k, d)        rows grouped by expert, stable in token order
+  combine_sorted(y (T*k, d), sort, weights (T, k)) -> (T, d)   sum_j weights[t, j] * y[slot (t, j)]
+
+Names: the router's decision (which experts, with which weights) is a jaxmoe.router.RouterOutput;
+an ExpertSort is the permutation that groups that decision's (token, slot) pairs by expert.
 
 Also the capacity bookkeeping of the token-dropping baseline:
   capacity_positions(indices (T, k), E) -> (T, k) int32 rank of each slot in its expert's queue.
@@ -19,8 +22,8 @@ import jax.numpy as jnp
 from kernels.common.groups import inverse_permutation
 
 
-class Dispatch(NamedTuple):
-  """Expert-sorted order of the T*k (token, slot) pairs.
+class ExpertSort(NamedTuple):
+  """Expert-sorted order of the T*k (token, slot) pairs of one routing decision.
 
   order: (T*k,) int32 flat slot index (t * k + j) at each sorted position.
   token: (T*k,) int32 token of each sorted position (order // k).
@@ -36,14 +39,14 @@ class Dispatch(NamedTuple):
   expert: jax.Array
 
 
-def sort_by_expert(indices: jax.Array, num_experts: int) -> Dispatch:
+def sort_by_expert(indices: jax.Array, num_experts: int) -> ExpertSort:
   """Stable sort of the (T, k) assignments by expert, so ties stay in token order."""
   t, k = indices.shape
   flat = indices.reshape(-1).astype(jnp.int32)
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
   inverse = inverse_permutation(order)
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return Dispatch(order, order // k, inverse, group_sizes, flat[order])
+  return ExpertSort(order, order // k, inverse, group_sizes, flat[order])
 
 
 @jax.custom_vjp
@@ -68,7 +71,7 @@ def _gather_tokens_bwd(res, dy):
 _gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
 
 
-def gather_sorted(x: jax.Array, dispatch: Dispatch) -> jax.Array:
+def gather_sorted(x: jax.Array, dispatch: ExpertSort) -> jax.Array:
   """(T, d) -> (T*k, d): each token's row once per slot, grouped by expert.
 
   Its gradient sums each token's k rows by a gather over `dispatch.inverse` (no scatter-add). A
@@ -76,7 +79,7 @@ def gather_sorted(x: jax.Array, dispatch: Dispatch) -> jax.Array:
   return _gather_tokens(x, dispatch.token, dispatch.inverse)
 
 
-def unsort(y_sorted: jax.Array, dispatch: Dispatch, top_k: int) -> jax.Array:
+def unsort(y_sorted: jax.Array, dispatch: ExpertSort, top_k: int) -> jax.Array:
   """(T*k, ...) expert-sorted rows -> (T, k, ...) in token/slot order (a gather, not a scatter).
 
   `inverse` is a permutation: unique_indices lets the gradient's scatter skip atomics."""
@@ -84,7 +87,7 @@ def unsort(y_sorted: jax.Array, dispatch: Dispatch, top_k: int) -> jax.Array:
   return y.reshape((-1, top_k) + y_sorted.shape[1:])
 
 
-def combine_sorted(y_sorted: jax.Array, dispatch: Dispatch, weights: jax.Array) -> jax.Array:
+def combine_sorted(y_sorted: jax.Array, dispatch: ExpertSort, weights: jax.Array) -> jax.Array:
   """(T*k, d) expert outputs -> (T, d) gate-weighted sum over each token's k slots.
 
   The product is taken in float32 and cast back to y's dtype: summing k bf16 terms in bf16 would

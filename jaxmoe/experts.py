@@ -13,7 +13,7 @@ Shared experts are one dense MLP/GLU of width num_shared_experts * shared_d_ff, 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,10 +55,37 @@ def _param(rngs, init, shape, names, dtype) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype))
 
 
-def _hidden(act, is_glu: bool, gate: jax.Array, up: jax.Array | None, dtype) -> jax.Array:
-  """act(gate) [* up] in float32, cast back to the compute dtype for the output matmul (the
-  backward pass recomputes the float32 math from the 16-bit gate and up: kernels.hidden)."""
-  return hidden(act, gate, up if is_glu else None).astype(dtype)
+# project(which, lhs, out_dtype) -> lhs @ W_which (+ b_which), which in ("gate", "up", "out"): one
+# projection of the experts in whatever layout the caller holds them (grouped rows, (E, C, d)
+# buffers, a dense shared MLP, a tensor-parallel slice).
+Projection = Callable[[str, jax.Array, Any], jax.Array]
+
+
+def expert_mlp(x: jax.Array, project: Projection, config: MoEConfig, dtype,
+               out_dtype=None) -> jax.Array:
+  """The experts' projection -> activation -> projection, in every layout and on every path:
+  act(x W_gate + b_gate) [* (x W_up + b_up)] W_out + b_out.
+
+  The gate and up projections come out in the compute dtype `dtype`; the activation runs in
+  float32 on them and is cast back to `dtype` for the output projection (its backward pass
+  recomputes the float32 math from the 16-bit gate and up: kernels.hidden). The output projection
+  is asked for `out_dtype` (default `dtype`; the tensor-parallel slice asks float32 partial sums).
+  Every expert path calls this one function, so their numerics cannot drift apart.
+  """
+  gate = project("gate", x, dtype)
+  up = project("up", x, dtype) if config.is_glu else None
+  h = hidden(activation_fn(config.activation), gate, up).astype(dtype)
+  return project("out", h, dtype if out_dtype is None else out_dtype)
+
+
+# Projection name -> (weight, bias) attribute names of the experts' modules.
+PROJECTIONS = {"gate": ("w_gate", "b_gate"), "up": ("w_up", "b_up"), "out": ("w_out", "b_out")}
+
+
+def _weights(module: nnx.Module, which: str):
+  """(weight, bias or None) Params of projection `which` of RoutedExperts / SharedExperts."""
+  w, b = PROJECTIONS[which]
+  return getattr(module, w), getattr(module, b)
 
 
 class RoutedExperts(nnx.Module):
@@ -92,19 +119,14 @@ class RoutedExperts(nnx.Module):
   def apply_sorted(self, x: jax.Array, group_sizes: jax.Array, expert: jax.Array,
                    matmul: GroupedMatmul) -> jax.Array:
     """x (M, d) rows sorted by expert, group_sizes (E,), expert (M,) -> (M, d) expert outputs."""
-    cfg = self.config
-    x = x.astype(self.dtype)
-
-    def proj(w, b, lhs):
+    def project(which, lhs, out_dtype):   # (out_dtype is the compute dtype here)
+      w, b = _weights(self, which)
       y = matmul(lhs, self._w(w), group_sizes)
       if b is not None:
         y = y + jnp.take(self._w(b), expert, axis=0)
       return y
 
-    gate = proj(self.w_gate, self.b_gate, x)
-    up = proj(self.w_up, self.b_up, x) if cfg.is_glu else None
-    h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
-    return proj(self.w_out, self.b_out, h)
+    return expert_mlp(x.astype(self.dtype), project, self.config, self.dtype)
 
   def apply_scatter(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
     """x (T, d), indices/weights (T, k) -> (T, d) combined outputs via ScatterMoE.
@@ -137,20 +159,15 @@ class RoutedExperts(nnx.Module):
 
   def apply_batched(self, x: jax.Array) -> jax.Array:
     """x (E, C, d) per-expert buffers -> (E, C, d): a dense batched matmul (capacity baseline)."""
-    cfg = self.config
-    x = x.astype(self.dtype)
-
-    def proj(w, b, lhs):
+    def project(which, lhs, out_dtype):
+      w, b = _weights(self, which)
       y = jnp.einsum("ecd,edf->ecf", lhs, self._w(w), preferred_element_type=jnp.float32)
-      y = y.astype(self.dtype)
+      y = y.astype(out_dtype)
       if b is not None:
         y = y + self._w(b)[:, None, :]
       return y
 
-    gate = proj(self.w_gate, self.b_gate, x)
-    up = proj(self.w_up, self.b_up, x) if cfg.is_glu else None
-    h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
-    return proj(self.w_out, self.b_out, h)
+    return expert_mlp(x.astype(self.dtype), project, self.config, self.dtype)
 
 
 class SharedExperts(nnx.Module):
@@ -175,17 +192,12 @@ class SharedExperts(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x (T, d) -> (T, d)."""
-    cfg = self.config
-    x = x.astype(self.dtype)
-
-    def proj(w, b, lhs):
+    def project(which, lhs, out_dtype):
+      w, b = _weights(self, which)
       y = jnp.dot(lhs, w[...].astype(self.dtype), preferred_element_type=jnp.float32)
-      y = y.astype(self.dtype)
+      y = y.astype(out_dtype)
       if b is not None:
         y = y + b[...].astype(self.dtype)
       return y
 
-    gate = proj(self.w_gate, self.b_gate, x)
-    up = proj(self.w_up, self.b_up, x) if cfg.is_glu else None
-    h = _hidden(activation_fn(cfg.activation), cfg.is_glu, gate, up, self.dtype)
-    return proj(self.w_out, self.b_out, h)
+    return expert_mlp(x.astype(self.dtype), project, self.config, self.dtype)

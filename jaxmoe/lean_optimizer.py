@@ -107,7 +107,7 @@ def chunked(tx: optax.GradientTransformation, params: Any, num_chunks: int = 4,
   arrays or ShapeDtypeStructs of the parameter tree the optimizer will see).
 
   Each chunk is a list of leaves (an nnx.Variable is one leaf, kept whole, so the optimizer state
-  of a chunk carries the parameters' logical names and jaxmoe.sharding.tree_shardings places it
+  of a chunk carries the parameters' logical names and jaxmoe.parallel.tree_shardings places it
   like the parameters). A callable mask, e.g. adamw's weight-decay mask, is applied per chunk and
   must work on a list; a pytree mask must be a callable here. max_grad_norm: clip
   the gradients to this global norm first, as optax.clip_by_global_norm (None: no clipping).

@@ -8,17 +8,16 @@ rotary embeddings through `jax.nn.dot_product_attention`: cuDNN flash attention 
 Compute runs in `dtype` (bf16 by default) on float32 master parameters; the LM head's matmul runs
 in `dtype` (float32 accumulation) and so do its logits; the loss does its math in float32
 (kernels.cross_entropy). The token embedding's gradient is a one-hot matmul (`embed_lookup`), not
-XLA's scatter-add: in session 3's profile that scatter took 18.6 ms of a 62 ms Small dense step on
-the H100, and its atomic adds make the sum's order, and so training, nondeterministic. (Alone, on
+XLA's scatter-add: in a profile of the Small dense step on the H100 that scatter took 18.6 ms of
+62 ms, and its atomic adds make the sum's order, and so training, nondeterministic. (Alone, on
 the corpus's ids, the scatter-add takes 0.28 ms against 2.4 ms for this gradient: what made it
-slow in the step is not established; see experiments/NOTES.md, session 7.)
+slow in the step is not established.)
 
 Shapes: tokens (B, T) int32 -> logits (B, T, vocab) in `dtype`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -28,193 +27,10 @@ from flax import nnx
 
 from kernels import cross_entropy as ce_lib
 from kernels.hidden import hidden
-from jaxmoe.config import ACTIVATIONS, IMPLS, REMAT_EXPERTS_IMPLS, MoEConfig
+from jaxmoe.config import ACTIVATIONS, DTYPES, ModelConfig
 from jaxmoe.experts import activation_fn
 from jaxmoe.moe import MoE, MoEStats
 from jaxmoe.recompute import checkpointed
-
-FFN_KINDS = ("moe", "dense")
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-QK_NORMS = ("none", "head", "full")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture of the LM. All fields are plain JSON values (saved with checkpoints)."""
-
-  vocab_size: int = 256
-  d_model: int = 128
-  n_layers: int = 2
-  n_heads: int = 4
-  n_kv_heads: int = 2
-  d_ff: int = 256            # dense MLP width (and expert width unless expert_d_ff is set)
-  # Feed-forward activation, dense MLP and experts alike: a GLU (three matrices: "swiglu", "geglu",
-  # ...) or a plain 2-matrix MLP ("gelu_tanh" as in MegaBlocks, "gelu", ...); jaxmoe.config.ACTIVATIONS.
-  activation: str = "swiglu"
-  max_seq_len: int = 256
-  rope_theta: float = 10000.0
-  ffn: str = "moe"           # "moe" or "dense"
-  moe_every: int = 1         # MoE in every n-th layer
-  num_experts: int = 8
-  top_k: int = 2
-  expert_d_ff: int | None = None
-  moe_impl: str = "grouped"  # one of jaxmoe.config.IMPLS
-  # Routing (MoEConfig's fields of the same names): "softmax_topk", "topk_softmax" or "sigmoid";
-  # renormalize None is the router's published default (softmax_topk: no, as Switch/MegaBlocks;
-  # sigmoid: yes, as DeepSeek-V3); routed_scale multiplies the routed experts' output.
-  router: str = "softmax_topk"
-  renormalize: bool | None = None
-  routed_scale: float = 1.0
-  capacity_factor: float = 1.25
-  aux_loss_weight: float = 0.01
-  z_loss_weight: float = 0.001
-  bias_balancing: bool = False
-  backend: str | None = None  # kernels backend for impl="grouped"
-  block_size: int = 128      # MegaBlocks block size for moe_impl="blocksparse"
-  dtype: str = "bfloat16"    # compute dtype; parameters are always float32
-  remat: bool = False
-  remat_skip: int = 0        # with remat: the last remat_skip blocks keep their activations
-  remat_mlp: bool = False    # recompute the (expert) MLPs' hidden activations in the backward
-                             # (expert-parallel MoE layers: their comm-aware remat)
-  tie_embeddings: bool = True
-  norm_eps: float = 1e-6
-  attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
-  # What published models add (jaxmoe convert sets them from a Hugging Face config):
-  attn_head_dim: int | None = None  # per-head width; None: d_model // n_heads (Qwen3 differs)
-  qk_norm: str = "none"      # RMSNorm on q and k before RoPE: "head" (each head over its own
-                             # dims, one weight shared by the heads: Qwen3-MoE) or "full" (all
-                             # heads' q, and all k, as one vector: OLMoE)
-  qkv_bias: bool = False     # biases on the q, k and v projections (Qwen2-MoE)
-  first_dense_layers: int = 0  # the first N layers have a dense MLP (DeepSeek's first_k_dense)
-  num_shared_experts: int = 0  # always-on experts in every MoE layer (MoEConfig's field)
-  shared_d_ff: int | None = None   # their width each (None: the expert width)
-  shared_expert_gate: bool = False  # scale the shared experts by sigmoid(x @ w) (Qwen2-MoE)
-  n_group: int | None = None     # group-limited routing (DeepSeek-V3): experts in n_group groups,
-  topk_group: int | None = None  # only the topk_group best groups eligible (MoEConfig's fields)
-  scale_tied_head: bool = True  # a tied LM head multiplies by d_model ** -0.5 (jaxmoe's own
-                                # models; the published ones do not)
-
-  def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
-                 "moe_every", "num_experts", "top_k"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.{name} must be a positive int, got {value!r}")
-    if not isinstance(self.remat_skip, int) or isinstance(self.remat_skip, bool) \
-        or not 0 <= self.remat_skip <= self.n_layers:
-      raise ValueError(f"model.remat_skip must be an int in [0, n_layers={self.n_layers}], got "
-                       f"{self.remat_skip!r}")
-    if not isinstance(self.remat_mlp, bool):
-      raise ValueError(f"model.remat_mlp must be true or false, got {self.remat_mlp!r}")
-    if self.remat_mlp and self.ffn == "moe" and self.moe_impl not in REMAT_EXPERTS_IMPLS:
-      raise ValueError(f"model.remat_mlp is implemented for moe_impl in {REMAT_EXPERTS_IMPLS}, "
-                       f"got moe_impl={self.moe_impl!r}")
-    if self.remat_skip and not self.remat:
-      raise ValueError(f"model.remat_skip={self.remat_skip} needs remat=true (it is the number of "
-                       "blocks left out of the recomputation)")
-    if self.attn_head_dim is None and self.d_model % self.n_heads:
-      raise ValueError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-    if self.attn_head_dim is None and (self.d_model // self.n_heads) % 2:
-      raise ValueError(f"model head dim d_model/n_heads={self.d_model // self.n_heads} must be even "
-                       "(rotary embeddings rotate pairs)")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"model.n_heads={self.n_heads} must be divisible by "
-                       f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"model.activation must be one of {tuple(ACTIVATIONS)}, "
-                       f"got {self.activation!r}")
-    if self.ffn not in FFN_KINDS:
-      raise ValueError(f"model.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-    if self.moe_impl not in IMPLS:
-      raise ValueError(f"model.moe_impl must be one of {IMPLS}, got {self.moe_impl!r}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-    if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
-    if self.attention == "cudnn" and (self.dtype == "float32" or self.head_dim % 8
-                                      or self.head_dim > 128):
-      raise ValueError(f"model.attention='cudnn' needs dtype bfloat16/float16 and a head dim that "
-                       f"is a multiple of 8 and <= 128; got dtype={self.dtype!r}, "
-                       f"head_dim={self.head_dim}")
-    if self.top_k > self.num_experts:
-      raise ValueError(f"model.top_k={self.top_k} must be <= num_experts={self.num_experts}")
-    if self.ffn == "moe":
-      self.moe_config()  # MoEConfig's own checks (e.g. blocksparse: d_ff a multiple of block_size)
-    if self.expert_d_ff is not None and (not isinstance(self.expert_d_ff, int) or self.expert_d_ff < 1):
-      raise ValueError(f"model.expert_d_ff must be a positive int or None, got {self.expert_d_ff!r}")
-    if self.attn_head_dim is not None and (not isinstance(self.attn_head_dim, int)
-                                           or self.attn_head_dim < 2 or self.attn_head_dim % 2):
-      raise ValueError(f"model.attn_head_dim must be an even int >= 2 or None, got "
-                       f"{self.attn_head_dim!r}")
-    if self.qk_norm not in QK_NORMS:
-      raise ValueError(f"model.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
-    if not isinstance(self.first_dense_layers, int) or isinstance(self.first_dense_layers, bool) \
-        or not 0 <= self.first_dense_layers <= self.n_layers:
-      raise ValueError(f"model.first_dense_layers must be an int in [0, n_layers={self.n_layers}], "
-                       f"got {self.first_dense_layers!r}")
-    for name in ("qkv_bias", "shared_expert_gate", "scale_tied_head", "tie_embeddings"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.attn_head_dim or self.d_model // self.n_heads
-
-  def is_moe_layer(self, i: int) -> bool:
-    return self.ffn == "moe" and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
-
-  @property
-  def num_moe_layers(self) -> int:
-    return sum(self.is_moe_layer(i) for i in range(self.n_layers))
-
-  def moe_config(self) -> MoEConfig:
-    return MoEConfig(d_model=self.d_model, d_ff=self.expert_d_ff or self.d_ff,
-                     num_experts=self.num_experts, top_k=self.top_k, impl=self.moe_impl,
-                     activation=self.activation, capacity_factor=self.capacity_factor,
-                     router=self.router, renormalize=self.renormalize,
-                     routed_scale=self.routed_scale, num_shared_experts=self.num_shared_experts,
-                     shared_d_ff=self.shared_d_ff, shared_expert_gate=self.shared_expert_gate,
-                     n_group=self.n_group, topk_group=self.topk_group,
-                     aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
-                     bias_balancing=self.bias_balancing, backend=self.backend,
-                     block_size=self.block_size, remat_experts=self.remat_mlp)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
-    return cls(**d)
-
-  @classmethod
-  def from_saved(cls, d: dict[str, Any]) -> "ModelConfig":
-    """The config a checkpoint was trained with: from_dict, with the fields that an older save
-    lacks taken at the value they had then (SAVED_DEFAULTS), not at today's default."""
-    try:
-      return cls.from_dict(with_saved_defaults(d))
-    except ValueError as e:
-      if "renormalize" not in d and "combine weight" in str(e):
-        raise ValueError(
-            "this checkpoint predates router='softmax_topk' renormalize=False as the default: its "
-            "top-1 router combined every expert output with the constant weight 1, so it never "
-            "learned from the task loss, and jaxmoe no longer builds that model; train it again") \
-            from None
-      raise
-
-
-# Fields whose default changed, at the value a saved config without them was trained with: until
-# routing became explicit, MoE layers renormalized the top-k weights (MoEConfig.renormalize=True).
-SAVED_DEFAULTS: dict[str, Any] = {"renormalize": True}
-
-
-def with_saved_defaults(d: dict[str, Any]) -> dict[str, Any]:
-  """A saved model config dict with SAVED_DEFAULTS filled in where it lacks them."""
-  return {**{k: v for k, v in SAVED_DEFAULTS.items() if k not in d}, **d}
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -17,6 +17,8 @@ transformer block adds the residual.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -54,6 +56,26 @@ class MoEStats:
     return self.loss
 
 
+class ExpertParallel(Protocol):
+  """What the MoE layer asks of the object that runs it on a device mesh.
+
+  jaxmoe.parallel.ParallelConfig implements it; the layer only calls these methods, so no layer
+  module imports jaxmoe.parallel (which imports the layer).
+  """
+
+  def check_layer(self, config: MoEConfig, num_tokens: int | None = None,
+                  impl: str | None = None) -> None:
+    """ValueError unless a layer of `config` (called on num_tokens tokens with `impl`) fits."""
+
+  def run_router(self, router: router_lib.Router, tokens: jax.Array,
+                 deterministic: bool) -> router_lib.RouterOutput:
+    """The router's decision for tokens (T, d_model), as router(tokens) on one device."""
+
+  def run_experts(self, experts: RoutedExperts, tokens: jax.Array,
+                  routing: router_lib.RouterOutput, impl: str) -> tuple[jax.Array, jax.Array]:
+    """(combined routed-expert outputs (T, d_model), dropped_fraction float32 scalar)."""
+
+
 def _grouped_matmul_fn(backend):
   def matmul(lhs, rhs, group_sizes):
     return kernels.grouped_matmul(lhs, rhs, group_sizes, backend=backend)
@@ -74,12 +96,13 @@ class MoE(nnx.Module):
       the default stream).
     dtype: compute dtype of the experts (router logits are always float32).
     param_dtype: storage dtype of the expert parameters (router weights are always float32).
-    parallel: a jaxmoe.expert_parallel.ParallelConfig: run the routed experts expert- and
-      tensor-parallel on its mesh (None: on one device; see also expert_parallel.set_parallel).
+    parallel: an ExpertParallel (jaxmoe.parallel.ParallelConfig): run the router and the routed
+      experts expert- and tensor-parallel on its mesh (None: on one device; see also
+      jaxmoe.parallel.set_parallel).
   """
 
   def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, parallel=None):
+               param_dtype=jnp.float32, parallel: ExpertParallel | None = None):
     if not isinstance(config, MoEConfig):
       raise ValueError(f"config must be a MoEConfig, got {type(config).__name__}")
     self.config = config
@@ -93,7 +116,7 @@ class MoE(nnx.Module):
         rngs.params(), (config.d_model, 1), jnp.float32)) if config.shared_expert_gate else None
     self.parallel = parallel
     if parallel is not None:
-      parallel.check(config.num_experts, config.d_ff)
+      parallel.check_layer(config)
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
                impl: str | None = None) -> tuple[jax.Array, MoEStats]:
@@ -110,23 +133,16 @@ class MoE(nnx.Module):
       raise ValueError(f"x must be a float array, got dtype {x.dtype}")
     tokens = x.reshape(-1, cfg.d_model)
     parallel = self.parallel
-    if parallel is not None and cfg.remat_experts and parallel.remat == "none":
-      # The expert-parallel layer recomputes what its ParallelConfig.remat says.
-      raise ValueError("MoEConfig.remat_experts=True on the expert-parallel layer needs "
-                       "ParallelConfig.remat 'comm_aware' (recompute the experts, keep the "
-                       "all-to-all results) or 'full', got 'none'")
     if parallel is not None:
-      from jaxmoe import expert_parallel  # here: it imports jaxmoe.experts/dispatch, not moe
-      expert_parallel.check_call(parallel, cfg, tokens.shape[0], impl)
-      routing = expert_parallel.route(self.router, tokens, parallel, deterministic)
+      parallel.check_layer(cfg, tokens.shape[0], impl)
+      routing = parallel.run_router(self.router, tokens, deterministic)
     else:
       routing = self.router(tokens, deterministic=deterministic)
     e = cfg.num_experts
 
     dropped = jnp.zeros((), jnp.float32)
     if parallel is not None:
-      y, dropped = expert_parallel.routed_experts(self.experts, tokens, routing.indices,
-                                                  routing.weights, parallel, impl=impl)
+      y, dropped = parallel.run_experts(self.experts, tokens, routing, impl)
     elif impl == "capacity":
       y, _, dropped = capacity_lib.capacity_experts(
           self.experts, tokens, routing.indices, routing.weights, cfg.capacity(tokens.shape[0]),

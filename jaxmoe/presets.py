@@ -52,7 +52,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Small's 64 experts make 3.6B parameters: weights, Adam moments and gradients take ~52 GB,
     # and batch 64 fits an 80 GB H100 only when some activations are recomputed. Fastest measured
-    # (H100, session 7): remat_mlp, recomputing only the MLPs' hidden activations (213.8 ms a
+    # (H100): remat_mlp, recomputing only the MLPs' hidden activations (213.8 ms a
     # step, 72 GB planned), against full remat (245.9 ms). On an expert-parallel mesh it becomes
     # the MoE layers' communication-aware remat (train.parallel_config).
     # Medium (12.9B parameters) needs expert parallelism over several GPUs in any case.

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.checkpointing import Checkpointer, CheckpointError
-from jaxmoe.model import ModelConfig, TransformerLM
+from jaxmoe.config import ModelConfig
+from jaxmoe.model import TransformerLM
 
 
 def _locate(path: str) -> tuple[str, int | None]:

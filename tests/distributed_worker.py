@@ -41,8 +41,7 @@ def main() -> int:
   from jax.experimental import multihost_utils
 
   from jaxmoe import MoE, MoEConfig
-  from jaxmoe import expert_parallel as ep
-  from jaxmoe import sharding as sh
+  from jaxmoe import parallel as par
 
   cfg = MoEConfig(d_model=16, d_ff=40, num_experts=8, top_k=2)
   t = 64
@@ -70,11 +69,11 @@ def main() -> int:
   ok = True
   for layout in layouts:
     # The same layer over the global mesh (every process's devices).
-    mesh = sh.make_mesh(sh.MeshConfig(*layout))
-    layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(mesh, remat="comm_aware"))
+    mesh = par.make_mesh(par.MeshConfig(*layout))
+    layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=par.ParallelConfig(mesh, remat="comm_aware"))
     graphdef, state = nnx.split(layer)
-    state = sh.shard_tree(jax.device_get(state), mesh)   # same host values on every process
-    bs = sh.batch_sharding(mesh)
+    state = par.shard_tree(jax.device_get(state), mesh)   # same host values on every process
+    bs = par.batch_sharding(mesh)
     x = jax.make_array_from_callback(x_np.shape, bs, lambda idx: x_np[idx])
     g = jax.make_array_from_callback(g_np.shape, bs, lambda idx: g_np[idx])
     (_, y), (gs, gx) = loss_fn(graphdef)(state, x, g)

@@ -1,4 +1,4 @@
-"""Expert/tensor-parallel MoE (jaxmoe.expert_parallel) against the single-device layer, on 8 fake
+"""Expert/tensor-parallel MoE (jaxmoe.parallel) against the single-device layer, on 8 fake
 CPU devices: outputs, gradients, statistics; the TED options (duplicate token dropping, checkpoint
 policy, ragged bookkeeping) change no numbers; the compiled HLO really holds the all-to-all and no
 all-gather of expert weights; validation."""
@@ -18,8 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import assert_close, rel_err
 from jaxmoe import MoE, MoEConfig, dispatch
-from jaxmoe import expert_parallel as ep
-from jaxmoe import sharding as sh
+from jaxmoe import parallel as par
 
 # d_ff=40 (20 per tensor rank) appears in no activation shape, so any collective whose shape holds
 # 40 or 20 moves expert weights.
@@ -53,8 +52,8 @@ def _value_and_grads(layer: MoE, x, g, mesh=None):
   parameters are placed by the logical rules and x by the batch rule first."""
   graphdef, state = nnx.split(layer)
   if mesh is not None:
-    state = sh.shard_tree(state, mesh)
-    x = jax.device_put(x, sh.batch_sharding(mesh))
+    state = par.shard_tree(state, mesh)
+    x = jax.device_put(x, par.batch_sharding(mesh))
 
   def loss(state, x):
     y, stats = nnx.merge(graphdef, state)(x)
@@ -80,8 +79,8 @@ def _reference_cached(cfg: MoEConfig, dtype_name: str):
 
 
 def _parallel(cfg: MoEConfig, mesh_shape, dtype=jnp.float32, **pkw):
-  mesh = sh.make_mesh(sh.MeshConfig(*mesh_shape))
-  layer = MoE(cfg, rngs=nnx.Rngs(0), dtype=dtype, parallel=ep.ParallelConfig(mesh, **pkw))
+  mesh = par.make_mesh(par.MeshConfig(*mesh_shape))
+  layer = MoE(cfg, rngs=nnx.Rngs(0), dtype=dtype, parallel=par.ParallelConfig(mesh, **pkw))
   _randomize(layer)
   x, g = _inputs(dtype)
   return _value_and_grads(layer, x, g, mesh)
@@ -146,7 +145,7 @@ def test_pallas_kernels_inside_shard_map():
 
 def test_checked_shard_map_gives_the_same_numbers(monkeypatch):
   """The check_vma=True formulation (pvary'd weights, invariant all-gather) stays correct too."""
-  monkeypatch.setattr(ep, "CHECK_VMA", True)
+  monkeypatch.setattr(par.collectives, "CHECK_VMA", True)
   cfg = _config(use_bias=True)
   _assert_matches(_parallel(cfg, (2, 2, 2), remat="comm_aware"), _reference(cfg))
 
@@ -169,7 +168,7 @@ def test_all_tokens_to_one_expert_rank(a2a):
   x[:, 0] = 5.0 + 0.1 * x[:, 0]
   g = _inputs()[1]
   results = []
-  for parallel in (None, ep.ParallelConfig(_mesh(1, 4, 2), a2a=a2a)):
+  for parallel in (None, par.ParallelConfig(_mesh(1, 4, 2), a2a=a2a)):
     layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=parallel)
     _randomize(layer)
     kernel = np.zeros((D, E), np.float32)
@@ -187,13 +186,13 @@ def test_capacity_factor_drops_the_overflow_like_a_reference():
   order, are dropped; the output equals the single-device layer with those slots' weights zeroed."""
   cfg = _config()
   mesh_shape, cf = (1, 4, 1), 0.5
-  mesh = sh.make_mesh(sh.MeshConfig(*mesh_shape))
-  pcfg = ep.ParallelConfig(mesh, capacity_factor=cf)
+  mesh = par.make_mesh(par.MeshConfig(*mesh_shape))
+  pcfg = par.ParallelConfig(mesh, capacity_factor=cf)
   layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=pcfg)
   _randomize(layer)
   x, _ = _inputs()
   graphdef, state = nnx.split(layer)
-  y, stats = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(sh.shard_tree(state, mesh), x)
+  y, stats = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(par.shard_tree(state, mesh), x)
 
   ref_layer = MoE(cfg, rngs=nnx.Rngs(0))
   _randomize(ref_layer)
@@ -231,11 +230,11 @@ def _compiled_grad_hlo(mesh_shape, params_sharding=None, **pkw) -> str:
   would each hold the all-to-alls) unless a2a_capacity_factor is given."""
   pkw.setdefault("a2a_capacity_factor", None)
   cfg = _config()
-  mesh = sh.make_mesh(sh.MeshConfig(*mesh_shape))
-  layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(mesh, **pkw))
+  mesh = par.make_mesh(par.MeshConfig(*mesh_shape))
+  layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=par.ParallelConfig(mesh, **pkw))
   graphdef, state = nnx.split(layer)
-  state = sh.shard_tree(state, mesh) if params_sharding is None else params_sharding(state, mesh)
-  x = jax.device_put(_inputs()[0], sh.batch_sharding(mesh))
+  state = par.shard_tree(state, mesh) if params_sharding is None else params_sharding(state, mesh)
+  x = jax.device_put(_inputs()[0], par.batch_sharding(mesh))
 
   def loss(state, x):
     y, stats = nnx.merge(graphdef, state)(x)
@@ -250,7 +249,7 @@ def _weight_moves(hlo: str, tp: int) -> list[str]:
   over "data" (data-parallel replicas) is expected and excluded by only looking at gathers and
   all-to-alls."""
   bad = []
-  for c in ep.hlo_collectives(hlo):
+  for c in par.hlo_collectives(hlo):
     if c["op"] in ("all-gather", "all-to-all", "ragged-all-to-all", "collective-permute"):
       if any(d in (F, F // tp) for _, dims in c["shapes"] for d in dims):
         bad.append(c["line"])
@@ -261,7 +260,7 @@ def _weight_moves(hlo: str, tp: int) -> list[str]:
                          ids=lambda s: "x".join(map(str, s)))
 def test_hlo_has_all_to_all_and_no_expert_weight_gather(mesh_shape):
   hlo = _compiled_grad_hlo(mesh_shape)
-  summary = ep.collective_summary(hlo)
+  summary = par.collective_summary(hlo)
   assert summary.get("all-to-all", {}).get("count", 0) == 4, summary  # dispatch/combine, fwd+bwd
   assert _weight_moves(hlo, mesh_shape[2]) == []
 
@@ -282,19 +281,19 @@ def test_hlo_weight_check_catches_misplaced_weights():
 def test_padded_fast_path_sizes_and_both_exchanges_in_hlo():
   """a2a_capacity_factor f: C_f = ceil(f * T_s * k / EP) rows per pair, below the dropless bound
   T_s * min(k, E_l); the compiled program holds both exchanges (the lax.cond's branches)."""
-  pcfg = ep.ParallelConfig(_mesh(2, 4, 1))             # default factor 1.25
+  pcfg = par.ParallelConfig(_mesh(2, 4, 1))             # default factor 1.25
   assert pcfg.capacity(4, K, E // 4) == 8              # T_s = 32 / 8 devices, E_l = 2
   assert pcfg.fast_capacity(4, K, E // 4) == 3         # ceil(1.25 * 4 * 2 / 4)
-  assert ep.ParallelConfig(_mesh(2, 4, 1), a2a_capacity_factor=4.0).fast_capacity(4, K, 2) is None
-  assert ep.ParallelConfig(_mesh(2, 4, 1), capacity_factor=1.0).fast_capacity(4, K, 2) is None
+  assert par.ParallelConfig(_mesh(2, 4, 1), a2a_capacity_factor=4.0).fast_capacity(4, K, 2) is None
+  assert par.ParallelConfig(_mesh(2, 4, 1), capacity_factor=1.0).fast_capacity(4, K, 2) is None
   hlo = _compiled_grad_hlo((2, 4, 1), a2a_capacity_factor=1.25)
-  rows = sorted({c["shapes"][0][1][1] for c in ep.hlo_collectives(hlo) if c["op"] == "all-to-all"})
+  rows = sorted({c["shapes"][0][1][1] for c in par.hlo_collectives(hlo) if c["op"] == "all-to-all"})
   assert rows == [3, 8], rows                          # C of the fast and the full buffers
 
 
 def test_duplicate_token_dropping_halves_all_to_all_bytes():
-  on = ep.collective_summary(_compiled_grad_hlo((1, 4, 2), duplicate_token_dropping=True))
-  off = ep.collective_summary(_compiled_grad_hlo((1, 4, 2), duplicate_token_dropping=False))
+  on = par.collective_summary(_compiled_grad_hlo((1, 4, 2), duplicate_token_dropping=True))
+  off = par.collective_summary(_compiled_grad_hlo((1, 4, 2), duplicate_token_dropping=False))
   assert on["all-to-all"]["count"] == off["all-to-all"]["count"]
   assert on["all-to-all"]["bytes"] * 2 == off["all-to-all"]["bytes"], (on, off)
   assert "all-gather" in on   # the tokens are all-gathered over "tensor" instead
@@ -304,10 +303,10 @@ def test_comm_aware_checkpoint_recomputes_compute_not_communication():
   """remat="comm_aware": the backward recomputes expert matmuls (more dots than no remat) but no
   all-to-all (as many as no remat); remat="full" recomputes the all-to-alls too."""
   cfg = _config()
-  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
+  mesh = par.make_mesh(par.MeshConfig(2, 2, 2))
   counts = {}
-  for remat in ep.REMAT_MODES:
-    layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(mesh, remat=remat))
+  for remat in par.REMAT_MODES:
+    layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=par.ParallelConfig(mesh, remat=remat))
     graphdef, state = nnx.split(layer)
 
     def loss(state, x, graphdef=graphdef):
@@ -324,8 +323,8 @@ def test_ragged_path_lowers_for_gpu():
   """XLA:CPU cannot compile ragged-all-to-all; lowering for CUDA checks the real primitive's
   arguments and types (forward and backward: 2 + 2 ragged all-to-alls)."""
   cfg = _config(backend="xla")
-  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
-  layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(mesh, a2a="ragged"))
+  mesh = par.make_mesh(par.MeshConfig(2, 2, 2))
+  layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=par.ParallelConfig(mesh, a2a="ragged"))
   graphdef, state = nnx.split(layer)
 
   def loss(state, x):
@@ -348,7 +347,7 @@ def test_ragged_all_to_all_emulation_matches_documented_example():
   recv_sizes = jnp.array([[1, 1], [2, 1]], jnp.int32)
 
   def f(*args):
-    return ep.ragged_all_to_all_emulated(*(a[0] for a in args), axis_name="x")[None]
+    return par.ragged_all_to_all_emulated(*(a[0] for a in args), axis_name="x")[None]
 
   got = jax.shard_map(f, mesh=mesh, in_specs=(P("x"),) * 6, out_specs=P("x"))(
       operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
@@ -360,20 +359,21 @@ def test_ragged_all_to_all_emulation_matches_documented_example():
 
 
 def test_transformer_model_runs_expert_parallel():
-  from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy
+  from jaxmoe.config import ModelConfig
+  from jaxmoe.model import TransformerLM, cross_entropy
 
   mcfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=48,
                      expert_d_ff=F, num_experts=E, top_k=K, max_seq_len=16, dtype="float32")
   tokens = jax.random.randint(jax.random.key(3), (8, 8), 0, 64)
-  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
+  mesh = par.make_mesh(par.MeshConfig(2, 2, 2))
 
   def run(parallel):
     model = TransformerLM(mcfg, rngs=nnx.Rngs(0))
     if parallel:
-      assert ep.set_parallel(model, ep.ParallelConfig(mesh, remat="comm_aware")) == 2
-      sh.shard_model(model, mesh)
+      assert par.set_parallel(model, par.ParallelConfig(mesh, remat="comm_aware")) == 2
+      par.shard_model(model, mesh)
     graphdef, state = nnx.split(model)
-    x = jax.device_put(tokens, sh.batch_sharding(mesh)) if parallel else tokens
+    x = jax.device_put(tokens, par.batch_sharding(mesh)) if parallel else tokens
 
     def loss(state, x):
       logits, stats = nnx.merge(graphdef, state)(x)
@@ -387,7 +387,7 @@ def test_transformer_model_runs_expert_parallel():
   np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     assert rel_err(a, b) < 1e-4
-  assert ep.set_parallel(TransformerLM(mcfg, rngs=nnx.Rngs(0)), None) == 2
+  assert par.set_parallel(TransformerLM(mcfg, rngs=nnx.Rngs(0)), None) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def test_transformer_model_runs_expert_parallel():
 
 
 def _mesh(*shape):
-  return sh.make_mesh(sh.MeshConfig(*shape))
+  return par.make_mesh(par.MeshConfig(*shape))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -408,17 +408,17 @@ def _mesh(*shape):
 ])
 def test_parallel_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    ep.ParallelConfig(_mesh(2, 2, 2), **kwargs)
+    par.ParallelConfig(_mesh(2, 2, 2), **kwargs)
   with pytest.raises(ValueError, match="ParallelConfig.mesh"):
-    ep.ParallelConfig("not a mesh")
+    par.ParallelConfig("not a mesh")
 
 
 def test_layer_does_not_fit_mesh():
   with pytest.raises(ValueError, match=r"num_experts=4 .*expert axis \(8\)"):
-    MoE(_config(num_experts=4), rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(_mesh(1, 8, 1)))
+    MoE(_config(num_experts=4), rngs=nnx.Rngs(0), parallel=par.ParallelConfig(_mesh(1, 8, 1)))
   with pytest.raises(ValueError, match=r"d_ff=36 .*tensor axis \(8\)"):
-    MoE(_config(d_ff=36), rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(_mesh(1, 1, 8)))
-  layer = MoE(_config(), rngs=nnx.Rngs(0), parallel=ep.ParallelConfig(_mesh(2, 2, 2)))
+    MoE(_config(d_ff=36), rngs=nnx.Rngs(0), parallel=par.ParallelConfig(_mesh(1, 1, 8)))
+  layer = MoE(_config(), rngs=nnx.Rngs(0), parallel=par.ParallelConfig(_mesh(2, 2, 2)))
   with pytest.raises(ValueError, match="number of tokens 10 must be divisible"):
     layer(jnp.ones((10, D)))
   with pytest.raises(ValueError, match="duplicate_token_dropping"):
@@ -426,7 +426,7 @@ def test_layer_does_not_fit_mesh():
   with pytest.raises(ValueError, match="impl must be one of"):
     layer(jnp.ones((32, D)), impl="capacity")
   recompute = MoE(_config(remat_experts=True), rngs=nnx.Rngs(0),
-                  parallel=ep.ParallelConfig(_mesh(2, 2, 2)))   # remat="none": nothing to recompute
+                  parallel=par.ParallelConfig(_mesh(2, 2, 2)))   # remat="none": nothing to recompute
   with pytest.raises(ValueError, match="remat_experts=True on the expert-parallel layer needs"):
     recompute(jnp.ones((32, D)))
 
@@ -438,7 +438,7 @@ def test_router_jitter_runs_outside_shard_map_with_the_same_noise():
   mesh = _mesh(2, 2, 2)
   x, _ = _inputs()
   outs = []
-  for parallel in (None, ep.ParallelConfig(mesh)):
+  for parallel in (None, par.ParallelConfig(mesh)):
     layer = MoE(cfg, rngs=nnx.Rngs(0), parallel=parallel)
     graphdef, state = nnx.split(layer)
     outs.append(jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x, deterministic=False)[0])(
@@ -465,8 +465,8 @@ def test_fast_path_gradient_keeps_no_residuals_of_the_dropless_bound():
   activations (the untaken branch's residuals are zero-filled every step): that branch is
   rematerialized, so no cond output has the bound receive buffer's row count (EP x C)."""
   cfg = _config()
-  mesh = sh.make_mesh(sh.MeshConfig(4, 2, 1))
-  pcfg = ep.ParallelConfig(mesh)
+  mesh = par.make_mesh(par.MeshConfig(4, 2, 1))
+  pcfg = par.ParallelConfig(mesh)
   tokens = 64
   t_send, e_local = tokens // 8, E // 2            # 8 token shards, 2 expert ranks
   cap, cap_fast = pcfg.capacity(t_send, K, e_local), pcfg.fast_capacity(t_send, K, e_local)

@@ -113,15 +113,15 @@ def test_chunked_state_of_nnx_params_keeps_logical_names():
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from jaxmoe import MoE, MoEConfig
-  from jaxmoe import sharding as sh
+  from jaxmoe import parallel as par
 
   layer = MoE(MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2), rngs=nnx.Rngs(0))
   params = nnx.state(layer, nnx.Param)
-  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
-  params = sh.shard_tree(params, mesh)
+  mesh = par.make_mesh(par.MeshConfig(2, 2, 2))
+  params = par.shard_tree(params, mesh)
   tx = lo.chunked(optax.adamw(1e-3, mask=_decay_mask), params, 2, max_grad_norm=1.0)
-  state = sh.shard_tree(tx.init(params), mesh)
-  specs = [s.spec for s in jax.tree.leaves(sh.tree_shardings(state, mesh))]
+  state = par.shard_tree(tx.init(params), mesh)
+  specs = [s.spec for s in jax.tree.leaves(par.tree_shardings(state, mesh))]
   assert P("expert", None, "tensor") in specs and P("expert", "tensor") in specs
   grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
   new_params, _ = jax.jit(lambda p, g, s: lo.lean_step(tx, g, s, p))(params, grads, state)

@@ -9,8 +9,9 @@ from flax import nnx
 
 from conftest import assert_close
 from jaxmoe import model as model_lib
-from jaxmoe.model import (ModelConfig, TransformerLM, attention_impl, cross_entropy, embed_lookup,
-                          param_counts, rope)
+from jaxmoe.config import ModelConfig
+from jaxmoe.model import (TransformerLM, attention_impl, cross_entropy, embed_lookup, param_counts,
+                          rope)
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
              num_experts=4, top_k=2, dtype="float32")

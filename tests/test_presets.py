@@ -2,9 +2,8 @@
 
 import pytest
 
-from jaxmoe.model import ModelConfig
+from jaxmoe.config import ModelConfig, TrainConfig
 from jaxmoe.presets import PRESETS, get_preset
-from jaxmoe.train import TrainConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from jaxmoe import MoE, MoEConfig
-from jaxmoe.model import ModelConfig, TransformerLM, cross_entropy
+from jaxmoe.config import ModelConfig
+from jaxmoe.model import TransformerLM, cross_entropy
 from jaxmoe.presets import PRESETS
 
 D, F, E = 16, 24, 8

@@ -1,4 +1,4 @@
-"""Mesh construction and logical-axis sharding rules (jaxmoe.sharding) on 8 fake CPU devices."""
+"""Mesh construction and logical-axis sharding rules (jaxmoe.parallel) on 8 fake CPU devices."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmoe import MoE, MoEConfig
-from jaxmoe import sharding as sh
+from jaxmoe import parallel as par
 
 
 def test_device_count():
@@ -19,25 +19,25 @@ def test_device_count():
 
 
 @pytest.mark.parametrize("cfg, shape", [
-    (sh.MeshConfig(), (8, 1, 1)),
-    (sh.MeshConfig(data=2, expert=4, tensor=1), (2, 4, 1)),
-    (sh.MeshConfig(data=-1, expert=2, tensor=2), (2, 2, 2)),
-    (sh.MeshConfig(data=1, expert=-1, tensor=2), (1, 4, 2)),
-    (sh.MeshConfig(data=1, expert=1, tensor=-1), (1, 1, 8)),
-    (sh.MeshConfig(data=1, expert=2, tensor=1), (1, 2, 1)),   # a prefix of the devices
+    (par.MeshConfig(), (8, 1, 1)),
+    (par.MeshConfig(data=2, expert=4, tensor=1), (2, 4, 1)),
+    (par.MeshConfig(data=-1, expert=2, tensor=2), (2, 2, 2)),
+    (par.MeshConfig(data=1, expert=-1, tensor=2), (1, 4, 2)),
+    (par.MeshConfig(data=1, expert=1, tensor=-1), (1, 1, 8)),
+    (par.MeshConfig(data=1, expert=2, tensor=1), (1, 2, 1)),   # a prefix of the devices
 ])
 def test_make_mesh_shapes(cfg, shape):
-  mesh = sh.make_mesh(cfg)
-  assert mesh.axis_names == sh.AXES
-  assert tuple(mesh.shape[a] for a in sh.AXES) == shape
+  mesh = par.make_mesh(cfg)
+  assert mesh.axis_names == par.AXES
+  assert tuple(mesh.shape[a] for a in par.AXES) == shape
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   assert len(set(d.id for d in mesh.devices.flat)) == int(np.prod(shape))
-  assert sh.mesh_shape(mesh) == dict(zip(sh.AXES, shape))
+  assert par.mesh_shape(mesh) == dict(zip(par.AXES, shape))
 
 
 def test_make_mesh_on_given_devices():
   devs = jax.devices()[4:]
-  mesh = sh.make_mesh(sh.MeshConfig(data=-1, expert=2), devices=devs)
+  mesh = par.make_mesh(par.MeshConfig(data=-1, expert=2), devices=devs)
   assert [d.id for d in mesh.devices.flat] == [d.id for d in devs]
 
 
@@ -49,42 +49,42 @@ def test_make_mesh_on_given_devices():
 ])
 def test_mesh_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    sh.MeshConfig(**kwargs)
+    par.MeshConfig(**kwargs)
 
 
 def test_mesh_config_does_not_fit():
   with pytest.raises(ValueError, match="does not fit the 8 available"):
-    sh.make_mesh(sh.MeshConfig(data=4, expert=4))
+    par.make_mesh(par.MeshConfig(data=4, expert=4))
   with pytest.raises(ValueError, match="MeshConfig.data=-1"):
-    sh.make_mesh(sh.MeshConfig(data=-1, expert=3))
+    par.make_mesh(par.MeshConfig(data=-1, expert=3))
   with pytest.raises(ValueError, match="config must be a MeshConfig"):
-    sh.make_mesh((2, 2, 2))
+    par.make_mesh((2, 2, 2))
 
 
 def test_logical_to_spec_rules():
-  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
-  assert sh.logical_to_spec(("expert", "embed", "mlp"), mesh) == P("expert", None, "tensor")
-  assert sh.logical_to_spec(("expert", "mlp", "embed"), mesh) == P("expert", "tensor")
-  assert sh.logical_to_spec(("batch", None), mesh) == P(("data", "expert"))
-  assert sh.logical_to_spec(("embed", None), mesh) == P()
-  assert sh.logical_to_spec(None, mesh) == P()
-  assert sh.logical_to_spec(("unknown_name",), mesh) == P()
+  mesh = par.make_mesh(par.MeshConfig(2, 2, 2))
+  assert par.logical_to_spec(("expert", "embed", "mlp"), mesh) == P("expert", None, "tensor")
+  assert par.logical_to_spec(("expert", "mlp", "embed"), mesh) == P("expert", "tensor")
+  assert par.logical_to_spec(("batch", None), mesh) == P(("data", "expert"))
+  assert par.logical_to_spec(("embed", None), mesh) == P()
+  assert par.logical_to_spec(None, mesh) == P()
+  assert par.logical_to_spec(("unknown_name",), mesh) == P()
   # Axes of size 1 are dropped, so the same rules serve every mesh.
-  mesh_ep = sh.make_mesh(sh.MeshConfig(1, 8, 1))
-  assert sh.logical_to_spec(("expert", "embed", "mlp"), mesh_ep) == P("expert")
-  assert sh.logical_to_spec(("batch",), mesh_ep) == P("expert")
+  mesh_ep = par.make_mesh(par.MeshConfig(1, 8, 1))
+  assert par.logical_to_spec(("expert", "embed", "mlp"), mesh_ep) == P("expert")
+  assert par.logical_to_spec(("batch",), mesh_ep) == P("expert")
   custom = (("embed", "data"), ("mlp", "tensor"))
-  assert sh.logical_to_spec(("embed", "mlp"), mesh, custom) == P("data", "tensor")
+  assert par.logical_to_spec(("embed", "mlp"), mesh, custom) == P("data", "tensor")
   with pytest.raises(ValueError, match="mesh axis 'tensor' to two dimensions"):
-    sh.logical_to_spec(("mlp", "ffn"), mesh)
+    par.logical_to_spec(("mlp", "ffn"), mesh)
 
 
 def test_moe_state_shardings_follow_logical_names():
   cfg = MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2, use_bias=True,
                   num_shared_experts=1)
   layer = MoE(cfg, rngs=nnx.Rngs(0))
-  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
-  specs = sh.tree_specs(nnx.state(layer), mesh)
+  mesh = par.make_mesh(par.MeshConfig(2, 2, 2))
+  specs = par.tree_specs(nnx.state(layer), mesh)
   assert specs["experts"]["w_gate"].get_value() == P("expert", None, "tensor")
   assert specs["experts"]["w_up"].get_value() == P("expert", None, "tensor")
   assert specs["experts"]["w_out"].get_value() == P("expert", "tensor")
@@ -93,7 +93,7 @@ def test_moe_state_shardings_follow_logical_names():
   assert specs["router"]["kernel"].get_value() == P()
   assert specs["shared"]["w_gate"].get_value() == P(None, "tensor")
 
-  sh.shard_model(layer, mesh)
+  par.shard_model(layer, mesh)
   w = layer.experts.w_gate[...]
   assert w.sharding.is_equivalent_to(NamedSharding(mesh, P("expert", None, "tensor")), 3)
   assert w.addressable_shards[0].data.shape == (4, 16, 16)
@@ -103,10 +103,10 @@ def test_moe_state_shardings_follow_logical_names():
 def test_optimizer_state_inherits_parameter_shardings():
   """optax moments built from nnx Params keep their logical names: the same rules place them."""
   layer = MoE(MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2), rngs=nnx.Rngs(0))
-  mesh = sh.make_mesh(sh.MeshConfig(1, 4, 2))
+  mesh = par.make_mesh(par.MeshConfig(1, 4, 2))
   params = nnx.state(layer, nnx.Param)
   opt = optax.adamw(1e-3).init(params)
-  placed = sh.shard_tree(opt, mesh)
+  placed = par.shard_tree(opt, mesh)
   mu = placed[0].mu["experts"]["w_out"][...]
   assert mu.sharding.is_equivalent_to(NamedSharding(mesh, P("expert", "tensor")), 3)
   assert placed[0].count.sharding.is_fully_replicated
@@ -114,26 +114,26 @@ def test_optimizer_state_inherits_parameter_shardings():
 
 def test_indivisible_dimension_names_the_parameter():
   layer = MoE(MoEConfig(d_model=16, d_ff=36, num_experts=8, top_k=2), rngs=nnx.Rngs(0))
-  mesh = sh.make_mesh(sh.MeshConfig(1, 1, 8))
+  mesh = par.make_mesh(par.MeshConfig(1, 1, 8))
   with pytest.raises(ValueError, match=r"w_gate.*divisible by 8, got 36"):
-    sh.tree_shardings(nnx.state(layer), mesh)
+    par.tree_shardings(nnx.state(layer), mesh)
 
 
 def test_batch_sharding_and_constrain():
-  mesh = sh.make_mesh(sh.MeshConfig(2, 2, 2))
-  assert sh.batch_sharding(mesh).spec == P(("data", "expert"))
-  assert sh.batch_sharding(mesh, 3).spec == P(("data", "expert"))
+  mesh = par.make_mesh(par.MeshConfig(2, 2, 2))
+  assert par.batch_sharding(mesh).spec == P(("data", "expert"))
+  assert par.batch_sharding(mesh, 3).spec == P(("data", "expert"))
   x = jnp.arange(64.0).reshape(8, 8)
 
   @jax.jit
   def f(x):
-    return sh.constrain(x * 2, ("batch", "mlp"), mesh)
+    return par.constrain(x * 2, ("batch", "mlp"), mesh)
 
   y = f(x)
   assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "expert"), "tensor")), 2)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
   # Without a mesh (argument or ambient), constrain is the identity.
-  np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: sh.constrain(x, ("batch", None)))(x)),
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: par.constrain(x, ("batch", None)))(x)),
                                 np.asarray(x))
   with pytest.raises(ValueError, match="one entry per dimension"):
-    sh.constrain(x, ("batch",), mesh)
+    par.constrain(x, ("batch",), mesh)

@@ -3,7 +3,6 @@ training on expert/tensor meshes (sharded state, expert-parallel MoE) equals dat
 gradient accumulation (grad_accum) and a bf16 Adam first moment; SIGTERM leaves a restorable
 checkpoint."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -19,14 +18,15 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxmoe import expert_parallel as ep
+from jaxmoe import parallel as par
 from jaxmoe.checkpointing import Checkpointer
-from jaxmoe.model import ModelConfig, TransformerLM
+from jaxmoe.config import ConfigError, ModelConfig, TrainConfig
+from jaxmoe.model import TransformerLM
 from jaxmoe.presets import get_preset
 from jaxmoe.sample import generate, load_model
 from jaxmoe import cli
-from jaxmoe.train import ConfigError, TrainConfig, _jitted_steps, _loss_fn, batch_sharding, \
-    init_sharded_state, make_grad_fn, make_mesh, microbatches, parallel_config, run, step_graphdef
+from jaxmoe.train import batch_sharding, build_program, loss_fn, make_grad_fn, microbatches, \
+    parallel_config, run, train_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,27 +106,27 @@ def test_resume_is_exact_and_restores_onto_another_mesh(tmp_path):
 def test_mesh_validation():
   model_cfg, train_cfg = _configs()
   with pytest.raises(ConfigError, match="num_experts=4 is not divisible"):
-    make_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=1, mesh_expert=8))
+    train_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=1, mesh_expert=8))
   with pytest.raises(ConfigError, match=r"model.d_ff=64 \(the expert width\) must be divisible"):
-    make_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=2, mesh_tensor=3))
+    train_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=2, mesh_tensor=3))
   dense = ModelConfig(**{**get_preset("test")["model"], "ffn": "dense"})
   with pytest.raises(ConfigError, match="mesh_tensor=2 splits only MoE expert weights"):
-    make_mesh(dense, TrainConfig(batch_size=8, mesh_data=4, mesh_tensor=2))
+    train_mesh(dense, TrainConfig(batch_size=8, mesh_data=4, mesh_tensor=2))
   capacity = ModelConfig(**{**get_preset("test")["model"], "moe_impl": "capacity"})
   with pytest.raises(ConfigError, match="moe_impl='capacity' has no expert-parallel version"):
-    make_mesh(capacity, TrainConfig(batch_size=8, mesh_data=4, mesh_expert=2))
+    train_mesh(capacity, TrainConfig(batch_size=8, mesh_data=4, mesh_expert=2))
   with pytest.raises(ConfigError, match="tokens per device .* = 3 must be divisible"):
-    make_mesh(model_cfg, TrainConfig(batch_size=4, seq_len=3, mesh_data=4, mesh_tensor=2))
+    train_mesh(model_cfg, TrainConfig(batch_size=4, seq_len=3, mesh_data=4, mesh_tensor=2))
   with pytest.raises(ConfigError, match="ep_a2a must be one of"):
     TrainConfig(ep_a2a="fast")
   with pytest.raises(ConfigError, match="batch_size=6 is not divisible"):
-    make_mesh(model_cfg, TrainConfig(batch_size=6))
+    train_mesh(model_cfg, TrainConfig(batch_size=6))
   with pytest.raises(ConfigError, match="does not fit"):
-    make_mesh(model_cfg, TrainConfig(mesh_data=16))
-  mesh = make_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=2, mesh_expert=2, mesh_tensor=2))
+    train_mesh(model_cfg, TrainConfig(mesh_data=16))
+  mesh = train_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=2, mesh_expert=2, mesh_tensor=2))
   assert dict(mesh.shape) == {"data": 2, "expert": 2, "tensor": 2}
   # Attention is not tensor-parallel: heads need not divide the tensor axis (n_kv_heads=2 here).
-  mesh = make_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=2, mesh_tensor=4))
+  mesh = train_mesh(model_cfg, TrainConfig(batch_size=8, mesh_data=2, mesh_tensor=4))
   assert dict(mesh.shape) == {"data": 2, "expert": 1, "tensor": 4}
 
 
@@ -150,7 +150,7 @@ def test_expert_and_tensor_meshes_train_like_data_parallel(tmp_path):
     results[shape, remat_mlp] = (_losses(out) + [_records(out)[-1]["val_loss"]], _params(result))
     want_spec = {(8, 1, 1): P(), (2, 4, 1): P("expert"), (1, 4, 2): P("expert", None, "tensor")}
     assert _w_gate(result.state["params"]).sharding.spec == want_spec[shape]
-  mesh = make_mesh(model_cfg, train_cfg)
+  mesh = train_mesh(model_cfg, train_cfg)
   assert parallel_config(model_cfg, train_cfg, mesh).remat == "comm_aware"
   want_losses, want_params = results[(8, 1, 1), False]
   assert len(want_losses) == 5     # 4 training losses, then the final eval step's val_loss
@@ -165,10 +165,10 @@ def test_state_is_sharded_by_the_rules():
   "tensor" (each device holds E/4 experts x d_ff/2); the rest is replicated; the train step runs
   the expert-parallel layer (all-to-alls in its HLO), while on (8,1,1) it has none."""
   model_cfg, train_cfg = _configs(**_mesh_kw((1, 4, 2)))
-  mesh = make_mesh(model_cfg, train_cfg)
+  mesh = train_mesh(model_cfg, train_cfg)
   pcfg = parallel_config(model_cfg, train_cfg, mesh)
-  assert isinstance(pcfg, ep.ParallelConfig) and (pcfg.ep, pcfg.tp) == (4, 2)
-  state = init_sharded_state(model_cfg, train_cfg, mesh)
+  assert isinstance(pcfg, par.ParallelConfig) and (pcfg.ep, pcfg.tp) == (4, 2)
+  state = build_program(model_cfg, train_cfg, mesh).init_state()
   e, d, f = model_cfg.num_experts, model_cfg.d_model, model_cfg.d_ff
   w = _w_gate(state["params"])
   assert w.shape == (e, d, f) and w.sharding.spec == P("expert", None, "tensor")
@@ -190,9 +190,10 @@ def test_state_is_sharded_by_the_rules():
   def all_to_alls(shape) -> int:
     """all_to_all ops in the lowered train step (StableHLO: no XLA compile, which takes ~10 s)."""
     model_cfg, train_cfg = _configs(**_mesh_kw(shape))
-    mesh = make_mesh(model_cfg, train_cfg)
-    st = jax.eval_shape(lambda: init_sharded_state(model_cfg, train_cfg, mesh))
-    jit_train, _ = _jitted_steps(model_cfg, json.dumps(dataclasses.asdict(train_cfg)), mesh)
+    mesh = train_mesh(model_cfg, train_cfg)
+    program = build_program(model_cfg, train_cfg, mesh)
+    st = jax.eval_shape(program.init_state)
+    jit_train = program.train_step
     x = jax.ShapeDtypeStruct((train_cfg.batch_size, train_cfg.seq_len), np.int32,
                              sharding=batch_sharding(mesh))
     return jit_train.lower(st, x, x).as_text().count("all_to_all")
@@ -243,12 +244,14 @@ def test_grad_accum_equals_the_full_batch_for_a_dense_model(tmp_path):
     # warmup_steps=0: the first step already has lr > 0 (the warmup starts at lr 0).
     model_cfg, train_cfg = _configs({"ffn": "dense"}, steps=1, batch_size=16, warmup_steps=0,
                                     log_every=1, grad_accum=k)
-    mesh = make_mesh(model_cfg, train_cfg)
-    state = init_sharded_state(model_cfg, train_cfg, mesh)
+    mesh = train_mesh(model_cfg, train_cfg)
+    program = build_program(model_cfg, train_cfg, mesh)
+    state = program.init_state()
     graphdef = nnx.split(nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0))),
                          nnx.Param, ...)[0]
     bs = batch_sharding(mesh)
-    grads, ce, _ = jax.jit(make_grad_fn(graphdef, model_cfg, train_cfg, mesh))(
+    grads, ce, _ = jax.jit(make_grad_fn(graphdef, model_cfg, train_cfg, mesh,
+                                        program.state_shardings["params"]))(
         state["params"], state["rest"], jax.device_put(x, bs), jax.device_put(y, bs))
     out = str(tmp_path / f"k{k}")
     result = run(model_cfg, train_cfg, out, **quiet)
@@ -292,10 +295,10 @@ def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
   grads, ce, _ = jax.jit(grad_fn)(params, rest, x, y)
 
-  loss_fn = _loss_fn(graphdef)
+  loss = loss_fn(graphdef)
   want, ces = None, []
   for xb, yb in zip(microbatches(x, 2, None), microbatches(y, 2, None)):
-    (_, (c, _)), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=4)(
+    (_, (c, _)), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=4)(
         params, rest, xb, yb, False)
     g = jax.tree.map(lambda a: a.astype(np.float32) / 2, g)
     want = g if want is None else jax.tree.map(np.add, want, g)
@@ -317,10 +320,11 @@ def test_grad_accum_casts_expert_weights_once_and_keeps_the_gradients():
   # be the float32 ones, not those of a bf16 copy.
   mesh_cfg, mesh_train = _configs({"dtype": "bfloat16"}, batch_size=16, grad_accum=2,
                                   **_mesh_kw((2, 4, 1)))
-  mesh = make_mesh(mesh_cfg, mesh_train)
-  mesh_graphdef = step_graphdef(mesh_cfg, mesh_train, mesh)
+  mesh = train_mesh(mesh_cfg, mesh_train)
+  program = build_program(mesh_cfg, mesh_train, mesh)
   x16, y16 = (jax.numpy.concatenate([a, a]) for a in (x, y))
-  top = jax.make_jaxpr(make_grad_fn(mesh_graphdef, mesh_cfg, mesh_train, mesh))(
+  top = jax.make_jaxpr(make_grad_fn(program.graphdef, mesh_cfg, mesh_train, mesh,
+                                    program.state_shardings["params"]))(
       params, rest, x16, y16).jaxpr
   (scan,) = [q for q in top.eqns if q.primitive.name == "scan"]
   ins = [(tuple(v.aval.shape), str(v.aval.dtype)) for v in scan.invars]
@@ -336,8 +340,8 @@ def test_remat_casts_expert_weights_outside_the_checkpointed_blocks():
   model_cfg, train_cfg, graphdef, params, rest, x, y = _bf16_moe_case({"remat": True})
   grad_fn = make_grad_fn(graphdef, model_cfg, train_cfg)
   grads, ce, _ = jax.jit(grad_fn)(params, rest, x, y)
-  loss_fn = _loss_fn(graphdef)
-  (_, (ce0, _)), want = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=4)(
+  loss = loss_fn(graphdef)
+  (_, (ce0, _)), want = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=4)(
       params, rest, x, y, False)
   np.testing.assert_allclose(float(ce), float(ce0), rtol=1e-6)
   _assert_float32_grads_close(grads, want)
@@ -394,7 +398,7 @@ def test_microbatches_stay_on_their_devices():
   all 8 devices and each device's rows are rows it already held (no data moves; the compiled
   program has no collective)."""
   model_cfg, train_cfg = _configs(batch_size=32, grad_accum=4, **_mesh_kw((2, 4, 1)))
-  mesh = make_mesh(model_cfg, train_cfg)
+  mesh = train_mesh(model_cfg, train_cfg)
   x = jax.device_put(np.arange(32 * 3).reshape(32, 3), batch_sharding(mesh))
   fn = jax.jit(lambda a: microbatches(a, 4, mesh))
   mb = fn(x)
@@ -420,14 +424,14 @@ def test_grad_accum_and_adam_mu_dtype_validation():
     TrainConfig(batch_size=6, grad_accum=4)
   with pytest.raises(ConfigError, match=r"batch_size=8 is not divisible by train.grad_accum x the "
                                         r"data-parallel size data x expert = 2 x 8 = 16"):
-    make_mesh(model_cfg, TrainConfig(batch_size=8, grad_accum=2))
+    train_mesh(model_cfg, TrainConfig(batch_size=8, grad_accum=2))
   with pytest.raises(ConfigError, match=r"tokens per device batch_size/\(grad_accum x data x "
                                         r"expert\) x seq_len = 3 must be divisible"):
-    make_mesh(model_cfg, TrainConfig(batch_size=8, grad_accum=2, seq_len=3, mesh_data=4,
+    train_mesh(model_cfg, TrainConfig(batch_size=8, grad_accum=2, seq_len=3, mesh_data=4,
                                      mesh_tensor=2))
   with pytest.raises(ConfigError, match="train.adam_mu_dtype must be one of .* got 'int8'"):
     TrainConfig(adam_mu_dtype="int8")
-  assert dict(make_mesh(model_cfg, TrainConfig(batch_size=16, grad_accum=2)).shape)["data"] == 8
+  assert dict(train_mesh(model_cfg, TrainConfig(batch_size=16, grad_accum=2)).shape)["data"] == 8
   # Both are command-line flags (every TrainConfig field is one).
   args = cli.build_parser().parse_args(["train", "--preset", "test", "--batch-size", "32",
                                         "--grad-accum", "4", "--adam-mu-dtype", "bfloat16"])
@@ -440,9 +444,9 @@ def test_bf16_adam_first_moment():
   parameters on (2,4,1), and stays bf16 through a train step (with grad_accum=2)."""
   model_cfg, train_cfg = _configs(adam_mu_dtype="bfloat16", batch_size=16, grad_accum=2,
                                   **_mesh_kw((2, 4, 1)))
-  mesh = make_mesh(model_cfg, train_cfg)
-  state = init_sharded_state(model_cfg, train_cfg, mesh)
-  jit_train, _ = _jitted_steps(model_cfg, json.dumps(dataclasses.asdict(train_cfg)), mesh)
+  mesh = train_mesh(model_cfg, train_cfg)
+  state = build_program(model_cfg, train_cfg, mesh).init_state()
+  jit_train = build_program(model_cfg, train_cfg, mesh).train_step
   x = jax.device_put(np.arange(16 * 32).reshape(16, 32) % 256, batch_sharding(mesh))
   for _ in range(2):
     state, metrics = jit_train(state, x, x)

@@ -1,6 +1,6 @@
 """The Hugging Face MoE architectures jaxmoe converts, and their configs in jaxmoe's terms.
 
-Each `Arch` says how one transformers model class maps onto `jaxmoe.model.ModelConfig`: the
+Each `Arch` says how one transformers model class maps onto `jaxmoe.config.ModelConfig`: the
 config keys read (and written back on export), the routing it uses, and the names of its tensors
 (`jaxmoe.hf.weights`). Semantics as transformers 5 defines them (tests/data/hf/README.md cites
 the functions): pre-norm blocks, RMSNorm `weight * x / rms(x)`, half-split RoPE, grouped-query

@@ -104,7 +104,8 @@ def load_hf(folder: str, *, dtype: str = "float32", moe_impl: str = "grouped",
   """(ModelConfig, arch, TransformerLM with the checkpoint's weights) from a Hugging Face folder."""
   from flax import nnx
 
-  from jaxmoe.model import ModelConfig, TransformerLM
+  from jaxmoe.config import ModelConfig
+  from jaxmoe.model import TransformerLM
 
   if not os.path.isdir(folder):
     raise ConvertError(f"{folder!r} is not a folder")

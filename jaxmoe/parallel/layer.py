@@ -1,9 +1,9 @@
 """Expert- and tensor-parallel routed experts (DeepSpeed-TED, arXiv 2303.06318) in a `shard_map`.
 
-Layout (mesh axes of jaxmoe.sharding): tokens are split over every mesh axis except "tensor"
+Layout (mesh axes of jaxmoe.parallel.mesh): tokens are split over every mesh axis except "tensor"
 ("data", "expert"); tensor ranks hold the same tokens. Expert weights (E, d, f) are split over
 "expert" on E and over "tensor" on d_ff; the router stays replicated and runs per device in its
-own shard_map (`route`); its outputs are global arrays, so the layer's statistics are computed
+own shard_map (`run_router`); its outputs are global arrays, so the layer's statistics are computed
 exactly as on one device.
 
 Per device (T_l local tokens, k slots, E experts, EP expert ranks of E_l = E / EP experts, TP tensor
@@ -37,6 +37,12 @@ jax.checkpoint with a policy that saves only the named communication results
 (`COMM_NAMES`): the backward pass recomputes the expert matmuls but not the all-to-alls.
 remat="full" recomputes everything (communication included); remat="none" saves everything.
 
+The MoE layer reaches these through its ParallelConfig, the object that implements the layer's
+jaxmoe.moe.ExpertParallel protocol: the layer only calls its methods, so no layer module imports
+jaxmoe.parallel. (ParallelConfig lives here rather than in jaxmoe.config beside the other frozen
+configs: it holds a live jax.sharding.Mesh, devices rather than plain values a checkpoint could
+save, and its methods run this module's program.)
+
   pcfg = ParallelConfig(mesh, a2a="padded", duplicate_token_dropping=True, remat="comm_aware")
   set_parallel(model, pcfg)           # every MoE layer in `model` now runs expert-parallel
 """
@@ -46,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,31 +60,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
-import kernels
-from kernels.hidden import hidden
-from kernels.common.groups import inverse_permutation
 from jaxmoe import dispatch
-from jaxmoe.experts import RoutedExperts, activation_fn
-from jaxmoe.router import RouterOutput
-
-try:  # Varying -> invariant all-gather (transposes to a slice); not exported by jax.lax in 0.11.
-  from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
-except ImportError:  # pragma: no cover - older/newer jax: emulate with a psum of a padded buffer
-  _all_gather_invariant = None
-
-A2A_MODES = ("padded", "ragged", "ragged_emulated")
-REMAT_MODES = ("none", "comm_aware", "full")
-EP_IMPLS = ("grouped", "ragged_dot")
-
-# checkpoint_name()s of the communication results kept by remat="comm_aware".
-COMM_NAMES = ("moe_counts", "moe_dispatch", "moe_dispatch_gathered", "moe_expert_ids",
-              "moe_combine")
-
-
-def comm_aware_policy() -> Callable[..., Any]:
-  """The named checkpoint policy of communication-aware activation checkpointing: save the
-  all-to-all / all-gather results (COMM_NAMES), recompute everything else."""
-  return jax.checkpoint_policies.save_only_these_names(*COMM_NAMES)
+from jaxmoe.config import A2A_MODES, MoEConfig
+from jaxmoe.experts import RoutedExperts
+from jaxmoe.moe import MoE
+from jaxmoe.parallel import collectives, fit
+from jaxmoe.parallel.local_experts import expert_ids, local_experts, matmul_fn
+from jaxmoe.parallel.remat import REMAT_MODES, comm_aware_policy, rematerialized
+from jaxmoe.router import Router, RouterOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +75,7 @@ class ParallelConfig:
   """How the MoE layer runs on a mesh (hashable: it is a static attribute of the layer).
 
   Attributes:
-    mesh: a Mesh with axes among ("data", "expert", "tensor") (jaxmoe.sharding.make_mesh); a
+    mesh: a Mesh with axes among ("data", "expert", "tensor") (jaxmoe.parallel.make_mesh); a
       missing axis counts as size 1. Tokens are split over all axes but "tensor".
     a2a: "padded" (jax.lax.all_to_all of a padded buffer; runs everywhere) or "ragged"
       (jax.lax.ragged_all_to_all; GPU/TPU only, XLA:CPU lacks it), or "ragged_emulated": the
@@ -179,25 +167,37 @@ class ParallelConfig:
   def token_shards(self) -> int:
     return int(np.prod([self.mesh.shape[a] for a in self.token_axes]))
 
-  def check(self, num_experts: int, d_ff: int, num_tokens: int | None = None) -> None:
-    """ValueError unless the layer fits the mesh: E divisible by expert, d_ff by tensor, tokens by
-    the token shards (and by tensor too with duplicate token dropping)."""
-    if num_experts % self.ep:
-      raise ValueError(f"MoEConfig.num_experts={num_experts} must be divisible by the mesh's "
-                       f"expert axis ({self.ep})")
-    if d_ff % self.tp:
-      raise ValueError(f"MoEConfig.d_ff={d_ff} must be divisible by the mesh's tensor axis "
-                       f"({self.tp})")
-    if num_tokens is not None:
-      if num_tokens % self.token_shards:
-        raise ValueError(f"number of tokens {num_tokens} must be divisible by the token shards "
-                         f"{dict((a, self.mesh.shape[a]) for a in self.token_axes)} = "
-                         f"{self.token_shards}")
-      local = num_tokens // self.token_shards
-      if self.duplicate_token_dropping and self.tp > 1 and local % self.tp:
-        raise ValueError(f"duplicate_token_dropping: tokens per device {local} must be divisible "
-                         f"by the tensor axis ({self.tp}); got {num_tokens} tokens over "
-                         f"{self.token_shards} shards (set duplicate_token_dropping=False)")
+  def check_layer(self, config: MoEConfig, num_tokens: int | None = None,
+                  impl: str | None = None) -> None:
+    """ValueError unless an MoE layer of `config` runs on this mesh (jaxmoe.parallel.fit: E
+    divisible by expert, d_ff by tensor, num_tokens by the token shards, and by tensor too with
+    duplicate token dropping; impl with an expert-parallel version). num_tokens / impl None: not
+    checked. A call (num_tokens given) also checks the settings: MoEConfig.remat_experts needs a
+    recomputing `remat`."""
+    if not isinstance(config, MoEConfig):
+      raise ValueError(f"config must be a MoEConfig, got {type(config).__name__}")
+    fit.check_layer_fits(
+        num_experts=config.num_experts, d_ff=config.d_ff, expert=self.ep, tensor=self.tp,
+        impl=impl, num_tokens=num_tokens,
+        token_shards={a: int(self.mesh.shape[a]) for a in self.token_axes},
+        duplicate_token_dropping=self.duplicate_token_dropping)
+    if num_tokens is not None and config.remat_experts and self.remat == "none":
+      # The expert-parallel layer recomputes what its ParallelConfig.remat says.
+      raise ValueError("MoEConfig.remat_experts=True on the expert-parallel layer needs "
+                       "ParallelConfig.remat 'comm_aware' (recompute the experts, keep the "
+                       "all-to-all results) or 'full', got 'none'")
+
+  # The jaxmoe.moe.ExpertParallel protocol: how the MoE layer runs its router and experts here.
+
+  def run_router(self, router: Router, tokens: jax.Array, deterministic: bool) -> RouterOutput:
+    """The router on tokens (T, d_model), per device over the token axes (run_router)."""
+    return run_router(router, tokens, self, deterministic)
+
+  def run_experts(self, experts: RoutedExperts, tokens: jax.Array, routing: RouterOutput,
+                  impl: str) -> tuple[jax.Array, jax.Array]:
+    """(y (T, d_model), dropped_fraction) of the routed experts, expert- and tensor-parallel
+    (routed_experts)."""
+    return routed_experts(experts, tokens, routing.indices, routing.weights, self, impl=impl)
 
   def capacity(self, tokens_sent: int, top_k: int, experts_per_rank: int) -> int:
     """Rows per (source, destination) of the padded all-to-all for T_s = tokens_sent tokens."""
@@ -219,15 +219,13 @@ class ParallelConfig:
 def set_parallel(module: nnx.Module, pcfg: ParallelConfig | None) -> int:
   """Sets `parallel` on every jaxmoe.MoE inside `module` (itself included): those layers run
   expert-parallel on pcfg.mesh (None: back to the single-device path). Returns how many."""
-  from jaxmoe.moe import MoE  # here: jaxmoe.moe imports this module
-
   if pcfg is not None and not isinstance(pcfg, ParallelConfig):
     raise ValueError(f"pcfg must be a ParallelConfig or None, got {type(pcfg).__name__}")
   n = 0
   for _, m in nnx.iter_graph(module):
     if isinstance(m, MoE):
       if pcfg is not None:
-        pcfg.check(m.config.num_experts, m.config.d_ff)
+        pcfg.check_layer(m.config)
       m.parallel = pcfg
       n += 1
   return n
@@ -235,165 +233,6 @@ def set_parallel(module: nnx.Module, pcfg: ParallelConfig | None) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # The per-device program.
-
-
-# shard_map's check_vma. With True, a pallas_call inside the shard_map needs its out_shape typed with
-# the mesh axes it varies over (jax.ShapeDtypeStruct(..., manual_axis_type=...)); the kernels/ ops do
-# not set it (jax 0.11: "When `check_vma=True` on `jax.shard_map`, `manual_axis_type` on
-# `jax.ShapeDtypeStruct` must not be `None`"), so the shard_maps here run unchecked: shard_map's
-# transpose then sums the cotangents of replicated operands over the axes they are replicated on.
-# Both settings give the same numbers (tests run the True path with the XLA backend too).
-CHECK_VMA = False
-
-
-def _vma(x: jax.Array) -> frozenset:
-  """The mesh axes x varies over inside shard_map (its "varying manual axes")."""
-  if not CHECK_VMA:
-    return frozenset()
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", frozenset()))
-
-
-def _vary(x: jax.Array, axes) -> jax.Array:
-  """Marks x as varying over `axes` (inside shard_map with check_vma): its gradient is then
-  psum'd over them by the transpose, as a replicated operand's must be."""
-  if not CHECK_VMA:
-    return x
-  vma = _vma(x)
-  missing = tuple(a for a in axes if a not in vma)
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _gather_invariant(x: jax.Array, axis: str, size: int) -> jax.Array:
-  """Tiled all-gather over `axis` whose result is invariant over it (dim 0 grows size-fold).
-
-  Without check_vma, shard_map's transpose divides the output cotangent among the replicas of
-  `axis` and sums the input cotangents over them: the plain all_gather (which transposes to a
-  psum_scatter) is the one that matches; with check_vma, all_gather_invariant (transposes to a
-  slice).
-  """
-  if not CHECK_VMA:
-    return jax.lax.all_gather(x, axis, axis=0, tiled=True)
-  if _all_gather_invariant is not None:
-    return _all_gather_invariant(x, axis, axis=0, tiled=True)
-  i = jax.lax.axis_index(axis)
-  buf = jnp.zeros((size,) + x.shape, x.dtype).at[i].set(x)
-  return jax.lax.psum(buf, axis).reshape((size * x.shape[0],) + x.shape[1:])
-
-
-def _matmul_fn(impl: str, backend):
-  """(lhs (M, K), rhs (G, K, N), sizes (G,), out_dtype) -> (M, N), operands first made to vary
-  over the same mesh axes (a custom_vjp's cotangents must match its inputs' types)."""
-  def align(lhs, rhs):
-    axes = tuple(sorted(_vma(lhs) | _vma(rhs)))
-    return _vary(lhs, axes), _vary(rhs, axes)
-
-  if impl == "ragged_dot":
-    def mm(lhs, rhs, sizes, out_dtype):
-      lhs, rhs = align(lhs, rhs)
-      return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32).astype(out_dtype)
-  else:
-    def mm(lhs, rhs, sizes, out_dtype):
-      lhs, rhs = align(lhs, rhs)
-      return kernels.grouped_matmul(lhs, rhs, sizes, backend=backend, out_dtype=out_dtype)
-  return mm
-
-
-def ragged_all_to_all_emulated(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
-                               send_sizes: jax.Array, output_offsets: jax.Array,
-                               recv_sizes: jax.Array, *, axis_name: str | None) -> jax.Array:
-  """jax.lax.ragged_all_to_all's semantics (same arguments, one slice per device of the axis)
-  from a padded all_to_all and a scatter; runs on every backend, differentiable.
-
-  operand (N, ...), output (M, ...), the four (P,) int32 arrays for an axis of size P. Sends
-  operand[input_offsets[j] : + send_sizes[j]] to device j, which writes it at
-  output[output_offsets[j] : + recv_sizes[...]] (output_offsets are the sender's view, as in
-  ragged_all_to_all). Moves P * N rows per device: a reference, not a fast path.
-  """
-  n = operand.shape[0]
-  r = jnp.arange(n, dtype=jnp.int32)
-  src = jnp.clip(input_offsets[:, None] + r[None, :], 0, n - 1)                   # (P, N)
-  buf = jnp.where((r[None, :] < send_sizes[:, None]).reshape((-1, n) + (1,) * (operand.ndim - 1)),
-                  jnp.take(operand, src, axis=0), 0)
-  if axis_name is None:  # an axis of size 1: no communication
-    recv, offsets = buf, output_offsets
-  else:
-    recv = jax.lax.all_to_all(buf, axis_name, 0, 0, tiled=False)                 # [src, row]
-    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)    # where mine land
-  dst = offsets[:, None] + r[None, :]
-  dst = jnp.where(r[None, :] < recv_sizes[:, None], dst, output.shape[0])         # drop padding
-  return output.at[dst.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]), mode="drop")
-
-
-def _local_experts(rows, eid, params, *, cfg, dtype, mm, num_local, skip, fast_rows=None,
-                   partial_dtype=jnp.float32):
-  """rows (M, d) in any order with local expert ids eid (M,) in [0, num_local] (num_local =
-  padding) -> (M, d) float32 partial outputs (this tensor rank's d_ff slice, no output bias);
-  padding rows give zeros. partial_dtype: the output projection's dtype (float32 when the
-  partial sums are reduced over "tensor"; the compute dtype otherwise, as on one device, which
-  also keeps the fastest kernels for 16-bit outputs).
-
-  Rows are sorted by expert for the grouped matmul (padding last: the kernels leave rows past
-  sum(group_sizes) zero) and put back in their original order. fast_rows (< M): a lax.cond runs
-  the experts on the first fast_rows sorted rows when the real rows fit there, else on all M.
-  """
-  if skip:
-    return rows.astype(jnp.float32)
-  m = rows.shape[0]
-  order = jnp.argsort(eid, stable=True)
-  inverse = inverse_permutation(order)
-  sizes = jnp.bincount(eid, length=num_local + 1)[:num_local].astype(jnp.int32)
-  act = activation_fn(cfg.activation)
-
-  def w(name):
-    p = params.get(name)
-    return None if p is None else p.astype(dtype)
-
-  def mlp(n):
-    """The experts on the first n expert-sorted rows -> (n, d) float32."""
-    idx = order[:n]
-    x = jnp.take(rows, idx, axis=0).astype(dtype)
-    e_sorted = jnp.take(eid, idx)
-
-    def proj(wname, bname, lhs, out_dtype):
-      y = mm(lhs, w(wname), sizes, out_dtype)
-      b = w(bname)
-      if b is not None:
-        y = y + jnp.take(b, e_sorted, axis=0, mode="fill", fill_value=0).astype(out_dtype)
-      return y
-
-    gate = proj("w_gate", "b_gate", x, dtype)
-    up = proj("w_up", "b_up", x, dtype) if cfg.is_glu else None
-    return proj("w_out", None, hidden(act, gate, up), partial_dtype).astype(jnp.float32)
-
-  def unsort(y_sorted):   # rows sorted past y_sorted's end are padding: zeros
-    return jnp.take(y_sorted, inverse, axis=0, mode="fill", fill_value=0)
-
-  if fast_rows is None or fast_rows >= m:
-    return unsort(mlp(m))
-  return jax.lax.cond(jnp.sum(sizes) <= fast_rows, lambda: unsort(mlp(fast_rows)),
-                      _rematerialized(lambda: unsort(mlp(m))))
-
-
-def _rematerialized(branch: Callable[[], Any]) -> Callable[[], Any]:
-  """A lax.cond branch whose backward pass recomputes its computation (communication-aware: the
-  named all-to-all results are kept, so no collective runs twice).
-
-  Differentiating a lax.cond keeps the union of both branches' residuals, the untaken branch's
-  as zeros that are written every step: the rarely taken dropless-bound branch (EP x the
-  balanced rows) would put all its activations there, more memory than the fast branch itself
-  (the EP2 Mixtral-like layer planned 42 GiB per device against ~10 on one GPU). Recomputed,
-  it costs its forward compute again only in the steps that take it."""
-  return jax.checkpoint(branch, policy=comm_aware_policy())
-
-
-def _expert_ids(ends: jax.Array, pos: jax.Array, total: jax.Array, num_local: int) -> jax.Array:
-  """Local expert of received rows: ends (..., n) cumulative counts of the blocks in the row
-  layout, pos (..., M) positions -> (..., M) int32 block index mod num_local, num_local where
-  pos >= total (padding)."""
-  block = jnp.sum(pos[..., :, None] >= ends[..., None, :], axis=-1).astype(jnp.int32)
-  return jnp.where(pos < total, block % num_local, num_local).astype(jnp.int32)
 
 
 def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: int):
@@ -406,7 +245,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
   t_send = num_tokens_local // tp if dtd else num_tokens_local
   a_send = t_send * k
   has_expert, has_tensor = "expert" in pcfg.mesh.axis_names, "tensor" in pcfg.mesh.axis_names
-  mm = _matmul_fn(impl, cfg.backend)
+  mm = matmul_fn(impl, cfg.backend)
   # Balanced load of the local experts: the rows all (gathered) sources send here on average.
   fast_rows = None if pcfg.compute_capacity_factor is None else \
       math.ceil(pcfg.compute_capacity_factor * a_send * (tp if dtd else 1))
@@ -415,17 +254,17 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
     return jax.lax.all_to_all(x, "expert", 0, 0, tiled=False) if has_expert else x
 
   if not has_expert:
-    ragged = functools.partial(ragged_all_to_all_emulated, axis_name=None)
+    ragged = functools.partial(collectives.ragged_all_to_all_emulated, axis_name=None)
   elif pcfg.a2a == "ragged_emulated":
-    ragged = functools.partial(ragged_all_to_all_emulated, axis_name="expert")
+    ragged = functools.partial(collectives.ragged_all_to_all_emulated, axis_name="expert")
   else:
     def ragged(operand, output, *offsets_and_sizes):
       # The primitive types its result like `output`: make the zeros vary like the rows they get.
-      output = _vary(output, tuple(sorted(_vma(operand))))
+      output = collectives.vary(output, tuple(sorted(collectives.vma(operand))))
       return jax.lax.ragged_all_to_all(operand, output, *offsets_and_sizes, axis_name="expert")
 
   def body(x, indices, weights, params):
-    params = {n: _vary(p, pcfg.token_axes) for n, p in params.items()}
+    params = {n: collectives.vary(p, pcfg.token_axes) for n, p in params.items()}
     me = jax.lax.axis_index("expert") if has_expert else 0
     if dtd:
       r = jax.lax.axis_index("tensor")
@@ -454,7 +293,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
         eid_all = checkpoint_name(jax.lax.all_gather(eid, "tensor", tiled=True), "moe_expert_ids")
       else:
         recv_all, eid_all = recv, eid
-      y = _local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm,
+      y = local_experts(recv_all, eid_all, params, cfg=cfg, dtype=dtype, mm=mm,
                          num_local=e_local, skip=pcfg.skip_expert_compute, fast_rows=fast_rows,
                          partial_dtype=jnp.float32 if tp > 1 else dtype)    # (M, d) f32 partial
       if dtd:
@@ -475,7 +314,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
       buf = jnp.where(valid[..., None], jnp.take(rows, src, axis=0), 0).astype(dtype)
       recv = checkpoint_name(a2a(buf), "moe_dispatch")                           # (EP, C, d)
       got = jnp.minimum(jnp.sum(mine, axis=1), cap)                              # (EP,)
-      eid = _expert_ids(jnp.cumsum(mine, axis=1), c[None, :].repeat(ep, 0), got[:, None], e_local)
+      eid = expert_ids(jnp.cumsum(mine, axis=1), c[None, :].repeat(ep, 0), got[:, None], e_local)
       y = compute(recv.reshape(ep * cap, -1), eid.reshape(-1))
       back = checkpoint_name(a2a(y.reshape(ep, cap, -1)), "moe_combine")         # (EP, C, d)
       dest = disp.expert // e_local                                              # (A,)
@@ -498,7 +337,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
         sync = tuple(a for a in ("expert", "tensor") if a in pcfg.mesh.axis_names)
         fits = jax.lax.pmin(fits, sync) if sync else fits
         y_sorted, dropped = jax.lax.cond(fits > 0, lambda: padded(cap_fast),
-                                         _rematerialized(lambda: padded(cap)))
+                                         rematerialized(lambda: padded(cap)))
     else:
       rbuf = ep * t_send * min(k, e_local)
       recv_sizes = per_pair[:, me]                                               # (EP,) from src
@@ -508,7 +347,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
           send.astype(jnp.int32), out_offsets.astype(jnp.int32), recv_sizes.astype(jnp.int32))
       recv = checkpoint_name(recv, "moe_dispatch")                               # (R, d)
       pos = jnp.arange(rbuf, dtype=jnp.int32)
-      eid = _expert_ids(jnp.cumsum(mine.reshape(-1)), pos, jnp.sum(recv_sizes), e_local)
+      eid = expert_ids(jnp.cumsum(mine.reshape(-1)), pos, jnp.sum(recv_sizes), e_local)
       y = compute(recv, eid)
       recv_start = jnp.cumsum(recv_sizes) - recv_sizes
       back_offsets = (jnp.cumsum(per_pair, axis=1) - per_pair)[:, me]           # on each source
@@ -519,7 +358,7 @@ def _device_fn(pcfg: ParallelConfig, cfg, dtype, impl: str, num_tokens_local: in
 
     out = dispatch.combine_sorted(y_sorted, disp, weights)                       # (T_s, d)
     if dtd:
-      out = _gather_invariant(out, "tensor", tp)                                 # (T_l, d)
+      out = collectives.gather_invariant(out, "tensor", tp)                                 # (T_l, d)
       dropped = jax.lax.psum(dropped, "tensor")
     dropped = jax.lax.psum(dropped, pcfg.token_axes) if pcfg.token_axes else dropped
     return out, dropped
@@ -561,17 +400,8 @@ def _filter_spec(spec: P, mesh: Mesh) -> P:
   return P(*out)
 
 
-def check_call(pcfg: ParallelConfig, cfg, num_tokens: int, impl: str) -> None:
-  """ValueError unless MoE(config=cfg, impl=impl) can run on pcfg's mesh with num_tokens tokens
-  (before anything is traced or compiled)."""
-  if impl not in EP_IMPLS:
-    raise ValueError(f"impl must be one of {EP_IMPLS} for expert-parallel MoE (mesh given), got "
-                     f"{impl!r}")
-  pcfg.check(cfg.num_experts, cfg.d_ff, num_tokens)
-
-
-def route(router: nnx.Module, tokens: jax.Array, pcfg: ParallelConfig,
-          deterministic: bool = True):
+def run_router(router: Router, tokens: jax.Array, pcfg: ParallelConfig,
+               deterministic: bool = True) -> RouterOutput:
   """The router (jaxmoe.router.Router) on tokens (T, d_model) -> RouterOutput of (T, ...) arrays,
   run per device in a shard_map over the token axes (router replicated).
 
@@ -580,8 +410,6 @@ def route(router: nnx.Module, tokens: jax.Array, pcfg: ParallelConfig,
   active (jitter > 0 and not deterministic) the router mutates its RNG state, which a shard_map body
   cannot: it then runs in the ordinary jit program (same noise as on one device).
   """
-  cfg = router.config
-  pcfg.check(cfg.num_experts, cfg.d_ff, tokens.shape[0])
   if not deterministic and getattr(router, "jitter_rngs", None) is not None:
     return router(tokens, deterministic=deterministic)
   mesh = pcfg.mesh
@@ -592,7 +420,7 @@ def route(router: nnx.Module, tokens: jax.Array, pcfg: ParallelConfig,
     return nnx.merge(graphdef, state)(x, deterministic=True)
 
   fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), tok),
-                     out_specs=RouterOutput(tok, tok, tok, tok), check_vma=CHECK_VMA)
+                     out_specs=RouterOutput(tok, tok, tok, tok), check_vma=collectives.CHECK_VMA)
   return fn(state, tokens)
 
 
@@ -603,7 +431,7 @@ def routed_experts(experts: RoutedExperts, tokens: jax.Array, indices: jax.Array
 
   Args:
     experts: the layer's RoutedExperts (stacked (E, ...) parameters, any sharding: jit moves them
-      to E over "expert", d_ff over "tensor"; shard them that way, jaxmoe.sharding.shard_model,
+      to E over "expert", d_ff over "tensor"; shard them that way, jaxmoe.parallel.shard_model,
       to avoid any weight movement).
     tokens: (T, d_model) float; T divisible by the token shards (mesh size / tensor).
     indices: (T, k) int32 router choices; weights: (T, k) float combine weights.
@@ -616,66 +444,18 @@ def routed_experts(experts: RoutedExperts, tokens: jax.Array, indices: jax.Array
     capacity_factor made the padded all-to-all drop rows).
   """
   cfg = experts.config
-  if impl not in EP_IMPLS:
-    raise ValueError(f"impl must be one of {EP_IMPLS} for expert-parallel MoE (mesh given), got "
-                     f"{impl!r}")
   if tokens.ndim != 2 or indices.shape != (tokens.shape[0], cfg.top_k) \
       or weights.shape != indices.shape:
     raise ValueError(f"tokens (T, d), indices and weights (T, k={cfg.top_k}) expected, got "
                      f"{tokens.shape}, {indices.shape}, {weights.shape}")
   t = tokens.shape[0]
-  pcfg.check(cfg.num_experts, cfg.d_ff, t)
+  pcfg.check_layer(cfg, t, impl)
   params = expert_params(experts)
   mesh = pcfg.mesh
   tok = _filter_spec(P(pcfg.token_axes if pcfg.token_axes else None, None), mesh)
   specs = {n: _filter_spec(s, mesh) for n, s in param_specs(params).items()}
   body = _device_fn(pcfg, cfg, jnp.dtype(experts.dtype), impl, t // pcfg.token_shards)
   fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, specs), out_specs=(tok, P()),
-                     check_vma=CHECK_VMA)
+                     check_vma=collectives.CHECK_VMA)
   y, dropped = fn(tokens, indices.astype(jnp.int32), weights.astype(jnp.float32), params)
   return y, dropped / (t * cfg.top_k)
-
-
-# ------------------------------------------------------------------------------------------------
-# HLO accounting (tests and benchmarks).
-
-_COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
-                "collective-permute")
-_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "s32": 4, "u32": 4, "s16": 2,
-                "u16": 2, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
-
-
-def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
-  """Collective instructions of an HLO module's text (jax `.compile().as_text()`):
-  [{"op": "all-to-all" | "ragged-all-to-all" | "all-gather" | "all-reduce" | "reduce-scatter" |
-  "collective-permute", "shapes": [(dtype, dims), ...] of the result (async *-start ops: the output
-  half of their tuple), "bytes": result bytes, "line": the instruction}] (one per instruction;
-  *-done halves are skipped). For ragged-all-to-all the bytes are the static output buffer's,
-  not the rows actually moved.
-  """
-  import re
-
-  out = []
-  op_re = re.compile(r"=\s*(.*?)\s+(" + "|".join(map(re.escape, _COLLECTIVES)) + r")(-start)?\(")
-  shape_re = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
-  for line in hlo_text.splitlines():
-    m = op_re.search(line)
-    if m is None:
-      continue
-    shapes = [(dt, tuple(int(v) for v in dims.split(",") if v))
-              for dt, dims in shape_re.findall(m.group(1)) if dt in _DTYPE_BYTES]
-    if m.group(3) and len(shapes) >= 2:   # async start: (operands..., outputs...)
-      shapes = shapes[len(shapes) // 2:]
-    nbytes = sum(_DTYPE_BYTES[dt] * int(np.prod(dims)) for dt, dims in shapes)
-    out.append({"op": m.group(2), "shapes": shapes, "bytes": nbytes, "line": line.strip()})
-  return out
-
-
-def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{op: {"count", "bytes"}} over hlo_collectives(hlo_text)."""
-  summary: dict[str, dict[str, int]] = {}
-  for c in hlo_collectives(hlo_text):
-    s = summary.setdefault(c["op"], {"count": 0, "bytes": 0})
-    s["count"] += 1
-    s["bytes"] += c["bytes"]
-  return summary
