@@ -484,7 +484,11 @@ class TrainConfig:
   ckpt_every: int = 100       # 0: only at the end / on a signal
   keep: int = 3
   log_every: int = 10
-  data: str | None = None     # None: embedded corpus; else text file/folder, .npy or .bin
+  data: str | None = None     # None/"builtin", "python" (embedded corpora); a text file/folder,
+                              # .npy or .bin (jaxmoe train --help lists the formats)
+  tokenizer: str = "byte"     # "byte", "bpe" (trained on the data, vocab_size entries) or a
+                              # tokenizer.json path; the run keeps it as RUN/tokenizer.json
+  init_from: str | None = None  # a run or checkpoint whose parameters a new run starts from
   data_dtype: str = "uint16"  # for .bin
   val_fraction: float = 0.05
   corpus_bytes: int = 8 << 20

@@ -33,8 +33,11 @@ def _megablocks(d_model: int, n_layers: int, n_heads: int, remat: bool = False,
                     ffn="moe", num_experts=64, top_k=1, router="softmax_topk", renormalize=False,
                     moe_impl="grouped", dtype="bfloat16",
                     remat=remat, remat_mlp=remat_mlp, capacity_factor=1.0),
+      # Real text: the Python sources on the machine ("python", up to 128 MB), tokenized by a
+      # byte-level BPE of the model's vocabulary trained on them (cached after the first run).
       "train": dict(steps=20000, batch_size=64, seq_len=1024, lr=6e-4, warmup_steps=2000,
-                    eval_every=1000, eval_batches=8, ckpt_every=1000, log_every=50),
+                    eval_every=1000, eval_batches=8, ckpt_every=1000, log_every=50,
+                    data="python", tokenizer="bpe", corpus_bytes=128 << 20),
   }
 
 

@@ -3,6 +3,7 @@ the embedded "python" corpus, and clear errors on data a tokenizer cannot take."
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -102,3 +103,48 @@ def test_run_tokenizer_falls_back_to_bytes(tmp_path):
     tok_lib.load_run_tokenizer(str(tmp_path), 128)
   tok_lib.train_bpe(TEXT, 300).save(str(tmp_path / "tokenizer.json"))
   assert tok_lib.load_run_tokenizer(str(tmp_path), 300).vocab_size == 300
+
+
+def _train(out, **train):
+  from jaxmoe.config import ModelConfig, TrainConfig
+  from jaxmoe.presets import get_preset
+  from jaxmoe.train import run
+  p = get_preset("test")
+  model = {**p["model"], **train.pop("model", {})}
+  return run(ModelConfig.from_dict(model), TrainConfig.from_dict({**p["train"], **train}),
+             str(out), progress=False, log=lambda *_: None)
+
+
+def test_a_bpe_run_keeps_its_tokenizer_and_sample_decodes_with_it(tmp_path, cache, capsys):
+  from jaxmoe import cli
+  folder = tmp_path / "text"
+  folder.mkdir()
+  for i, t in enumerate(TEXT[:3]):
+    (folder / f"{i}.py").write_text(t * 40)
+  _train(tmp_path / "run", steps=4, ckpt_every=0, eval_every=0, data=str(folder),
+         tokenizer="bpe", model={"vocab_size": 320})
+  saved = tok_lib.load_run_tokenizer(str(tmp_path / "run"), 320)
+  assert isinstance(saved, tok_lib.BPETokenizer) and saved.vocab_size == 320
+  capsys.readouterr()
+  assert cli.main(["sample", str(tmp_path / "run"), "--prompt", "def add", "--tokens", "8"]) == 0
+  assert capsys.readouterr().out.startswith("def add")
+
+
+def test_init_from_starts_with_the_saved_parameters(tmp_path):
+  import jax
+  from flax import nnx
+
+  from jaxmoe.config import ConfigError
+  from jaxmoe.sample import load_model
+  _train(tmp_path / "a", steps=3, ckpt_every=0, eval_every=0)
+  _train(tmp_path / "b", steps=3, ckpt_every=0, eval_every=0, init_from=str(tmp_path / "a"))
+  # b's first logged loss continues from a's parameters: lower than a fresh model's first loss.
+  first = lambda run: [json.loads(l) for l in open(run / "metrics.jsonl")][0]["loss"]
+  assert first(tmp_path / "b") < first(tmp_path / "a")
+  # A changed runtime field is fine; a changed architecture is named.
+  with pytest.raises(ConfigError, match=r"differs in d_model \(saved 32, requested 64\)"):
+    _train(tmp_path / "c", steps=1, init_from=str(tmp_path / "a"),
+           model={"d_model": 64, "n_heads": 4})
+  assert not os.path.exists(tmp_path / "c")
+  a, _ = load_model(str(tmp_path / "a"))
+  assert jax.tree.leaves(nnx.state(a, nnx.Param))

@@ -22,8 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxmoe import corpus as corpus_lib
 from jaxmoe import data as data_lib
-from jaxmoe.checkpointing import Checkpointer
+from jaxmoe import tokenizer as tok_lib
+from jaxmoe.checkpointing import Checkpointer, CheckpointError
 from jaxmoe.config import ConfigError, ModelConfig, TrainConfig, with_saved_defaults
 from jaxmoe.metrics import MetricsLogger, ProgressBar
 from jaxmoe.model import flops_per_token, param_counts
@@ -51,10 +53,14 @@ class _Data:
   val_batches: data_lib.Batches | None
   train_tokens: int
   val_tokens: int
+  tokenizer: tok_lib.Tokenizer
 
 
-def _load_data(model_cfg: ModelConfig, train: TrainConfig) -> _Data:
-  tokens = data_lib.load_tokens(train.data, dtype=train.data_dtype, max_bytes=train.corpus_bytes)
+def _load_data(model_cfg: ModelConfig, train: TrainConfig, log) -> _Data:
+  corpus = corpus_lib.load(train.data, train.tokenizer, vocab_size=model_cfg.vocab_size,
+                           data_dtype=train.data_dtype, corpus_bytes=train.corpus_bytes,
+                           val_fraction=train.val_fraction, log=log)
+  tokens = corpus.tokens
   data_lib.check_vocab(tokens, model_cfg.vocab_size)
   if train.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len="
@@ -63,7 +69,7 @@ def _load_data(model_cfg: ModelConfig, train: TrainConfig) -> _Data:
   batches = data_lib.Batches(train_tokens, train.batch_size, train.seq_len, seed=train.seed)
   val_batches = data_lib.Batches(val_tokens, train.batch_size, train.seq_len, seed=train.seed + 1) \
       if val_tokens.size > train.seq_len else None
-  return _Data(batches, val_batches, train_tokens.size, val_tokens.size)
+  return _Data(batches, val_batches, train_tokens.size, val_tokens.size, corpus.tokenizer)
 
 
 def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: int | None = None,
@@ -73,9 +79,13 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   Outputs: out_dir/config.json, out_dir/metrics.jsonl, out_dir/tb/, out_dir/ckpt/<step>/.
   """
   mesh = train_mesh(model_cfg, train, devices)
-  data = _load_data(model_cfg, train)
+  data = _load_data(model_cfg, train, log)
 
-  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), keep=train.keep)
+  ckpt_dir = os.path.join(out_dir, "ckpt")
+  fresh = not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir))
+  # --init-from is read and checked before anything is written.
+  init = _init_params(train.init_from, model_cfg) if fresh and train.init_from else None
+  ckpt = Checkpointer(ckpt_dir, keep=train.keep)
   latest = ckpt.latest_step()
   if latest is not None:
     _, meta = ckpt.read_meta(latest)
@@ -85,7 +95,10 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
                         f"--out, or the saved settings to resume")
   os.makedirs(out_dir, exist_ok=True)
   _write_json(os.path.join(out_dir, "config.json"),
-              {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train)})
+              {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train),
+               "tokenizer": tok_lib.describe(data.tokenizer)})
+  if isinstance(data.tokenizer, tok_lib.BPETokenizer):
+    data.tokenizer.save(os.path.join(out_dir, tok_lib.TOKENIZER_FILE))   # for jaxmoe sample
 
   # Every jit of the program carries explicit shardings: no ambient mesh is needed.
   program = build_program(model_cfg, train, mesh)
@@ -95,6 +108,9 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
     log(f"resuming from {ckpt.directory}/{latest}")
   else:
     state = program.init_state()
+    if init is not None:
+      state = _with_params(state, init, program)
+      log(f"starting from the parameters of {train.init_from}")
   step = int(state["step"])
   data.batches.position = step
 
@@ -150,6 +166,40 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
     log(f"stopped by signal {interrupted} at step {step}; checkpoint saved in {ckpt.directory}")
   return RunResult(step=step, state=state, interrupted_by=interrupted, out_dir=out_dir,
                    last_metrics=last)
+
+
+# Fields that change how a model runs, not what it computes: --init-from may set them anew.
+RUNTIME_FIELDS = ("moe_impl", "backend", "block_size", "dtype", "remat", "remat_skip", "remat_mlp",
+                  "attention", "capacity_factor", "aux_loss_weight", "z_loss_weight",
+                  "bias_balancing", "max_seq_len")
+
+
+def _init_params(path: str, model_cfg: ModelConfig):
+  """The parameters (an nnx State of float32 arrays) of run or checkpoint `path`, whose model
+  must be model_cfg but for RUNTIME_FIELDS; ConfigError naming the fields that differ."""
+  from jaxmoe.sample import load_model
+
+  try:
+    model, meta = load_model(path)
+  except CheckpointError as e:
+    raise ConfigError(f"--init-from: {e}") from None
+  saved = model.cfg.to_dict()
+  wanted = model_cfg.to_dict()
+  differ = [k for k in wanted if k not in RUNTIME_FIELDS and saved.get(k) != wanted[k]]
+  if differ:
+    raise ConfigError(f"--init-from {path}: its model differs in " + ", ".join(
+        f"{k} (saved {saved.get(k)!r}, requested {wanted[k]!r})" for k in differ) +
+        "; give the saved values (jaxmoe train --config RUN/config.json) or leave them unset")
+  from flax import nnx
+  return nnx.split(model, nnx.Param, ...)[1]
+
+
+def _with_params(state: dict, params, program) -> dict:
+  """The fresh train state with `params` in place of the initial parameters (same shardings)."""
+  shardings = program.state_shardings["params"]
+  placed = jax.tree.map(lambda new, old, sh: jax.device_put(new.astype(old.dtype), sh),
+                        params, state["params"], shardings)
+  return {**state, "params": placed}
 
 
 def _describe(model_cfg: ModelConfig, train: TrainConfig, mesh, expert_parallel: bool,
