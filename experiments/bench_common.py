@@ -112,6 +112,9 @@ def git_commit() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
       return None
 
+  # A copy of the tree on another machine may carry a stale .git: the launcher can name the commit.
+  if os.environ.get("JAXMOE_COMMIT"):
+    return {"commit": os.environ["JAXMOE_COMMIT"], "uncommitted_changes": None}
   commit = git("rev-parse", "HEAD")
   status = git("status", "--porcelain", "--untracked-files=no") if commit else None
   return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}

@@ -167,15 +167,21 @@ def _poison_check(shape: GroupedShape, dtype, interpret: bool) -> float:
   return rel_err(got, want)
 
 
-def run(quick: bool) -> list[dict[str, Any]]:
+def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] = ()
+        ) -> list[dict[str, Any]]:
+  """The check rows; `ops` / `dtypes_wanted` (names) restrict the ops and dtypes (empty: all)."""
   shapes = QUICK_SHAPES if quick else GPU_SHAPES
   rows = []
   for dtype in DTYPES:
+    if dtypes_wanted and jnp.dtype(dtype).name not in dtypes_wanted:
+      continue
     dn = jnp.dtype(dtype).name
     dtypes = make_dtypes(dtype)
     cases = (_grouped_cases(shapes, dtype) + _scatter_cases(shapes, dtype)
              + _blocksparse_cases(quick, dtype))
     for op, shape_name, shape, call, want, tail in cases:
+      if ops and op.split("(")[0] not in ops:
+        continue
       reg = _registry_of(op)
       reg_dtypes = (jnp.dtype(dtype),) if reg is kernels.BLOCKSPARSE_BACKENDS else dtypes
       for name in reg.names:
@@ -235,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--quick", action="store_true",
                   help="small shapes, xla and interpret backends (for CPU)")
   ap.add_argument("--out", required=True, help="JSON file for the rows and the environment")
+  ap.add_argument("--ops", default="", help="comma-separated op names (default: all), e.g. "
+                  "grouped_matmul,group_xty,scatter_matmul")
+  ap.add_argument("--dtypes", default="", help="comma-separated: bfloat16,float32 (default both)")
   args = ap.parse_args(argv)
-  rows = run(args.quick)
+  rows = run(args.quick, tuple(filter(None, args.ops.split(","))),
+             tuple(filter(None, args.dtypes.split(","))))
   print(table(rows))
   env = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
          "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),

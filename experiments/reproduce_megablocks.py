@@ -138,7 +138,7 @@ def main() -> None:
   overrides = {} if args.quick else dict(
       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
       warmup_steps=args.warmup_steps, eval_every=args.eval_every, ckpt_every=0, log_every=20,
-      data=args.data, tokenizer=args.tokenizer, corpus_bytes=1 << 30)
+      data=args.data, tokenizer=args.tokenizer, corpus_bytes=1 << 30, tensorboard=False)
   os.makedirs(args.out, exist_ok=True)
   results = {}
   for name in variants:
