@@ -6,10 +6,9 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 for v in "$@"; do
-  timeout 230 python3 -m experiments.reproduce_megablocks --out /tmp/mb --preset xs --steps 2000 \
+  timeout 200 python3 -m experiments.reproduce_megablocks --out /tmp/mb --preset xs --steps 2000 \
       --variants "$v" --data .carry/python-bpe50304.npy --tokenizer .carry/tokenizer.json \
       > "$OUT/mb-$v.log" 2>&1
   echo "$v: exit $?"; tail -4 "$OUT/mb-$v.log"
   cp /tmp/mb/"$v"/metrics.jsonl "$OUT/mb-$v-metrics.jsonl" 2>/dev/null
-  cp /tmp/mb/"$v"/config.json "$OUT/mb-$v-config.json" 2>/dev/null
 done
