@@ -64,8 +64,9 @@ def cast_expert_weights(params, dtype):
   """params with the routed experts' weight matrices cast to `dtype` (the compute dtype).
 
   With gradient accumulation the step casts these once per step instead of once per microbatch
-  (XLA redoes the cast inside the scan body, forward and backward: on the Small preset's 3.6B
-  expert parameters that was 89 ms of a 473 ms step at 8 microbatches). Their gradients then come
+  (left inside the scan body, XLA redoes the cast in every microbatch, forward and backward: on
+  the Small preset's 3.6B expert parameters 89 ms of a 473 ms step at 8 microbatches on the
+  H100, experiments/results/h100/2026-11-23-profile-small-b64-ga8-dmoe-cast-per-microbatch.json). Their gradients then come
   back in `dtype`, as they already did through the cast inside the model; the accumulator and the
   update stay float32. With remat and one microbatch the cast likewise runs once, outside the
   checkpointed blocks, instead of again in the recompute. make_grad_fn does either only on meshes
