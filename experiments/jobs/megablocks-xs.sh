@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU: the MegaBlocks reproduction at the XS preset (1500 steps of 32 x 1024 tokens), some
+# GPU: the MegaBlocks reproduction at the XS preset (1000 steps of 32 x 1024 tokens), some
 # variants per call (a call has 10 min),
 # on the tokenized corpus carried in .carry/ (python-bpe50304.npy, tokenizer.json: made by
 # jaxmoe.corpus.load("python", "bpe", vocab_size=50304) on the CPU machine).
@@ -7,7 +7,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 for v in "$@"; do
-  timeout 170 python3 -m experiments.reproduce_megablocks --out /tmp/mb --preset xs --steps 1500 \
+  timeout 150 python3 -m experiments.reproduce_megablocks --out /tmp/mb --preset xs --steps 1000 \
       --variants "$v" --data .carry/python-bpe50304.npy --tokenizer .carry/tokenizer.json \
       > "$OUT/mb-$v.log" 2>&1
   echo "$v: exit $?"; tail -4 "$OUT/mb-$v.log"
