@@ -36,7 +36,7 @@ from experiments import bench_common as bc
 from kernels import grouped_matmul
 from kernels.blocksparse import (
     BlockSparseConfig, dds, dds_reference, dmoe_mlp, dsd, dsd_reference, make_topology, pad_rows,
-    route, sdd, sdd_reference)
+    pad_to_blocks, sdd, sdd_reference)
 
 OP_SHAPES = {  # name: (rows M, d, f, E)
     "mixtral": (32768, 4096, 14336, 8),
@@ -266,7 +266,7 @@ def bench_mlp(name, shape, backend, cfg, block, iters, checks, smoke, ragged=Tru
   if not ragged:   # --no-ragged-dot: its f+b takes seconds at the 64-expert shapes
     del impls["ragged_dot"]
   flops = 18.0 * t * k * d * f      # 3 products, forward + 2x backward
-  r = route(idx, e, ffn_size=f, block_size=block)
+  r = pad_to_blocks(idx, e, ffn_size=f, block_size=block)
   row = {"shape": name, "T": t, "d": d, "f": f, "E": e, "k": k, "block": block, "flops_fwdbwd": flops,
          "padded_rows_valid": int(r.topo.padded_offsets[-1]), "padded_rows_bound": r.topo.padded_rows}
   print(f"== mlp {name}: T={t} d={d} f={f} E={e} k={k}", flush=True)

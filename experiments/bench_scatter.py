@@ -37,7 +37,7 @@ import numpy as np
 from experiments import bench_common as bc
 from kernels import grouped_matmul
 from kernels.scatter import scatter_glu, scatter_mlp
-from kernels.scatter import make_routing, scatter_matmul
+from kernels.scatter import sort_slots, scatter_matmul
 from kernels.scatter import scatter_matmul_reference
 from kernels.scatter import TritonScatterConfig, scatter2scatter
 from kernels.common.groups import row_group_ids
@@ -115,7 +115,7 @@ def check_edge(checks, edge, backend, cfg):
   choices = np.stack([rng.choice(pool, k, replace=False) for _ in range(t)])
   choices[: t // 2, 0] = 1
   choices[: t // 2, 1:] = rng.choice([2, 4], (t // 2, k - 1)) if k > 1 else choices[: t // 2, 1:]
-  routing = make_routing(jnp.asarray(choices, jnp.int32), e)
+  routing = sort_slots(jnp.asarray(choices, jnp.int32), e)
   ks = jax.random.split(jax.random.key(1), 6)
   dt = jnp.bfloat16
   gates = jax.random.uniform(ks[0], (t, k), jnp.float32, 0.1, 1.0)
@@ -173,7 +173,7 @@ def bench_ops(name, shape, backend, gmm_backend, cfg, iters, checks, smoke):
   dt = jnp.bfloat16
   ks = jax.random.split(jax.random.key(0), 6)
   idx, gates = top_k_routing(ks[0], t, e, k, jnp.float32)
-  routing = make_routing(idx, e)
+  routing = sort_slots(idx, e)
   gs = routing.group_sizes
   x_tok = normal(ks[1], (t, kin), dt)
   w = normal(ks[2], (e, kin, n), dt, kin ** -0.5)
@@ -293,7 +293,7 @@ def bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend, cfg, iters
   ks = jax.random.split(jax.random.key(2), 7)
   x = normal(ks[0], (t, d), dt)
   idx, gates = top_k_routing(ks[1], t, e, k, jnp.float32)
-  routing = make_routing(idx, e)
+  routing = sort_slots(idx, e)
   glu = kind == "glu"
   act = jax.nn.silu if glu else jax.nn.gelu
   ws = [normal(ks[2], (e, d, f), dt, d ** -0.5)]

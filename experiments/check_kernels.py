@@ -100,7 +100,7 @@ def _scatter_cases(shapes, dtype):
     # Expert choices drawn to follow `sizes` roughly: unused experts stay empty.
     probs = np.asarray(sizes, np.float64) + 1e-9
     idx = np.random.default_rng(m).choice(e, size=(t, top), p=probs / probs.sum())
-    routing = kernels.make_routing(jnp.asarray(idx, jnp.int32), e)
+    routing = kernels.sort_slots(jnp.asarray(idx, jnp.int32), e)
     x, h = _rand(keys[0], (t, k), dtype), _rand(keys[1], (t * top, k), dtype)
     w = _rand(keys[2], (e, k, n), dtype, k ** -0.5)
     gates = jax.random.uniform(keys[3], (t, top), jnp.float32)
@@ -158,7 +158,7 @@ def _poison_check(shape: GroupedShape, dtype, interpret: bool) -> float:
   x = _rand(keys[0], (m, k), dtype)
   w = _rand(keys[1], (e, k, n), dtype, k ** -0.5)
   idx = jax.random.randint(keys[2], (m,), 0, e - 1)
-  routing = kernels.make_routing(idx[:, None], e)
+  routing = kernels.sort_slots(idx[:, None], e)
   poison = jnp.full((m, n), jnp.nan, dtype)
   got = scatter2scatter(x, w, routing.group_sizes, routing.sorted_flat, None, None, m=m,
                         transpose_w=False, out_dtype=dtype, interpret=interpret, poison=poison)

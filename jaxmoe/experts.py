@@ -136,7 +136,7 @@ class RoutedExperts(nnx.Module):
     from kernels import scatter  # imported here: only this impl needs it
 
     cfg = self.config
-    routing = scatter.make_routing(indices, cfg.num_experts)
+    routing = scatter.sort_slots(indices, cfg.num_experts)
     x = x.astype(self.dtype)
     gates = weights.astype(jnp.float32)  # combine weights stay float32, as in the other impls
     kw = dict(activation=activation_fn(cfg.activation), backend=cfg.backend)

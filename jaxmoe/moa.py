@@ -132,7 +132,7 @@ class MoA(nnx.Module):
     if impl == "scatter":
       from kernels import scatter as sm  # imported here: only this impl needs it
 
-      route = sm.make_routing(routing.indices, e)
+      route = sm.sort_slots(routing.indices, e)
       kw = dict(backend=cfg.backend)
       # Token rows gathered in the kernel; queries written in flat (t * k + j) order.
       q = sm.scatter_matmul(xc, w(self.w_q), route, **kw)                      # (T*k, h*dh)

@@ -17,7 +17,7 @@ from kernels.common.registry import Backend, Registry, default_backend
 from kernels.gmm import GMM_BACKENDS, XTY_BACKENDS, gmm_reference, group_xty, group_xty_reference
 from kernels.gmm import grouped_matmul
 from kernels.scatter import (
-    SCATTER_BACKENDS, ScatterRouting, make_routing, scatter_glu, scatter_matmul, scatter_mlp)
+    SCATTER_BACKENDS, SortedSlots, sort_slots, scatter_glu, scatter_matmul, scatter_mlp)
 from kernels.blocksparse import BLOCKSPARSE_BACKENDS
 
 # Every op's registry, by the op's public name (the autotuner, the GPU checks and the tests walk it).
@@ -30,7 +30,7 @@ REGISTRIES: dict[str, Registry] = {
 
 __all__ = [
     "BLOCKSPARSE_BACKENDS", "Backend", "GMM_BACKENDS", "REGISTRIES", "Registry",
-    "SCATTER_BACKENDS", "ScatterRouting", "XTY_BACKENDS", "default_backend", "gmm_reference",
-    "group_xty", "group_xty_reference", "grouped_matmul", "inverse_permutation", "make_routing",
+    "SCATTER_BACKENDS", "SortedSlots", "XTY_BACKENDS", "default_backend", "gmm_reference",
+    "group_xty", "group_xty_reference", "grouped_matmul", "inverse_permutation", "sort_slots",
     "scatter_glu", "scatter_matmul", "scatter_mlp",
 ]

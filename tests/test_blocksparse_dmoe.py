@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_close
 
 import kernels
-from kernels.blocksparse import BlockSparseConfig, dmoe_mlp, route
+from kernels.blocksparse import BlockSparseConfig, dmoe_mlp, pad_to_blocks
 
 CFG = BlockSparseConfig(block_k=16, block_n=16, block_m=16, group_lines=3)
 B = 16
@@ -107,7 +107,7 @@ def test_mlp_one_expert_takes_all_bf16(backend, rng):
 
 def test_route_covers_every_slot(rng):
   idx = jnp.asarray(rng.integers(0, 5, (13, 3)), jnp.int32)
-  r = jax.jit(lambda i: route(i, 5, ffn_size=32, block_size=B))(idx)
+  r = jax.jit(lambda i: pad_to_blocks(i, 5, ffn_size=32, block_size=B))(idx)
   rows = np.asarray(r.slot_padded_row)
   assert len(set(rows.tolist())) == rows.size and rows.max() < r.topo.padded_rows
   src = np.asarray(r.source_token)

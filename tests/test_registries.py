@@ -107,7 +107,7 @@ def test_scatter_matmul_backends(rng):
   (the grouped product, on the grouped-matmul kernels for "mosaic"), through the public op."""
   t, k, e = 50, 2, 4
   idx = jnp.asarray(rng.integers(0, e - 1, (t, k)), jnp.int32)   # expert 3 gets no rows
-  routing = kernels.make_routing(idx, e)
+  routing = kernels.sort_slots(idx, e)
   x, h = _rand(rng, (t, K)), _rand(rng, (t * k, K))
   w = _rand(rng, (e, K, N), scale=K ** -0.5)
   gates = jnp.asarray(rng.uniform(size=(t, k)), jnp.float32)

@@ -13,7 +13,7 @@ from conftest import assert_close
 from kernels import grouped_matmul
 from kernels.scatter import triton as scatter_triton
 from kernels.scatter import scatter_glu, scatter_mlp
-from kernels.scatter import make_routing
+from kernels.scatter import sort_slots
 
 SMALL = scatter_triton.TritonScatterConfig(block_m=16, block_n=16, block_k=16, group_m=2)
 T, K, E, D, F = 19, 2, 5, 24, 32
@@ -73,7 +73,7 @@ def loop_reference(x, ws, choices, gates):
 
 
 def _scatter(x, ws, choices, gates, backend):
-  routing = make_routing(choices, E)
+  routing = sort_slots(choices, E)
   kw = dict(backend=backend, config=SMALL)
   if len(ws) == 3:
     return scatter_glu(x, ws[0], ws[1], ws[2], routing, gates, activation=jax.nn.silu, **kw)
@@ -132,7 +132,7 @@ def test_bf16_mlp_triton_interpret(rng):
 
 def test_validation(rng):
   choices, x, ws, gates = _setup(rng, "empty", True)
-  routing = make_routing(choices, E)
+  routing = sort_slots(choices, E)
   with pytest.raises(ValueError, match="w_down"):
     scatter_glu(x, ws[0], ws[1], ws[0], routing, gates)
   with pytest.raises(ValueError, match="w_up"):
@@ -151,7 +151,7 @@ def test_glu_gradient_lowers_for_h100():
   t, k, e, d, f = 300, 2, 4, 256, 384
 
   def loss(x, g, wg, wu, wd, choices):
-    out = scatter_glu(x, wg, wu, wd, make_routing(choices, e), g, backend="triton")
+    out = scatter_glu(x, wg, wu, wd, sort_slots(choices, e), g, backend="triton")
     return jnp.sum(out.astype(jnp.float32))
 
   bf = jnp.bfloat16

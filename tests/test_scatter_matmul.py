@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_close
 from kernels.scatter import triton as scatter_triton
 from kernels.common.groups import row_group_ids
-from kernels.scatter import ScatterRouting, make_routing, scatter_matmul
+from kernels.scatter import SortedSlots, sort_slots, scatter_matmul
 from kernels.scatter import scatter_matmul_reference
 
 # Small tiles so a few dozen rows span several tiles and tiles shared by two experts.
@@ -31,7 +31,7 @@ def expert_choices(rng, t: int, k: int, e: int, kind: str) -> np.ndarray:
 def make_inputs(rng, *, t=21, k=2, e=6, kin=24, n=40, kind="empty", dtype=jnp.float32,
                 transpose_w=False):
   choices = expert_choices(rng, t, k, e, kind)
-  routing = make_routing(jnp.asarray(choices), e)
+  routing = sort_slots(jnp.asarray(choices), e)
   x = jnp.asarray(rng.standard_normal((t, kin)), dtype)
   wshape = (e, n, kin) if transpose_w else (e, kin, n)
   w = jnp.asarray(rng.standard_normal(wshape) / np.sqrt(kin), dtype)
@@ -41,7 +41,7 @@ def make_inputs(rng, *, t=21, k=2, e=6, kin=24, n=40, kind="empty", dtype=jnp.fl
 
 def test_make_routing_is_a_stable_sort(rng):
   choices = expert_choices(rng, 13, 3, 7, "empty")
-  sorted_flat, group_sizes = make_routing(jnp.asarray(choices), 7)
+  sorted_flat, group_sizes = sort_slots(jnp.asarray(choices), 7)
   flat = choices.reshape(-1)
   np.testing.assert_array_equal(np.asarray(sorted_flat), np.argsort(flat, kind="stable"))
   np.testing.assert_array_equal(np.asarray(group_sizes), np.bincount(flat, minlength=7))
@@ -188,13 +188,13 @@ def test_validation_names_the_argument(rng):
   with pytest.raises(ValueError, match="gates"):
     scatter_matmul(x, w, routing, gates=gates[:, :1])
   with pytest.raises(ValueError, match="group_sizes"):
-    scatter_matmul(x, w, ScatterRouting(routing.sorted_flat, routing.group_sizes[:-1]))
+    scatter_matmul(x, w, SortedSlots(routing.sorted_flat, routing.group_sizes[:-1]))
   with pytest.raises(ValueError, match="config"):
     scatter_matmul(x, w, routing, config={"block_m": 64})
   with pytest.raises(ValueError, match="block_m"):
     scatter_triton.TritonScatterConfig(block_m=48)
   with pytest.raises(ValueError, match="expert_idx"):
-    make_routing(jnp.zeros((4,), jnp.int32), 3)
+    sort_slots(jnp.zeros((4,), jnp.int32), 3)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -225,7 +225,7 @@ def test_mosaic_grouped_products_lower_for_h100(layout):
   x_grouped, _, use_gates, transpose_w = layout
 
   def loss(x, w, g, choices):
-    out = _call(x, w, make_routing(choices, e), g, layout, "mosaic")
+    out = _call(x, w, sort_slots(choices, e), g, layout, "mosaic")
     return jnp.sum(out.astype(jnp.float32))
 
   x = s((t * k if x_grouped else t, kin), jnp.bfloat16)
@@ -249,7 +249,7 @@ def test_gradient_lowers_for_h100(layout):
   x_grouped, _, use_gates, transpose_w = layout
 
   def loss(x, w, g, choices):
-    routing = make_routing(choices, e)
+    routing = sort_slots(choices, e)
     out = _call(x, w, routing, g, layout, "triton")
     return jnp.sum(out.astype(jnp.float32))
 

@@ -6,7 +6,7 @@
   MLP:  y[t] = sum_j c[t, j] * act(x[t] w1[e]) w2[e]                 with e = expert_indices[t, j]
   GLU:  y[t] = sum_j c[t, j] * (act(x[t] w1[e]) * (x[t] w3[e])) w2[e]
 
-Steps: route (sort by expert, pad each expert to block_size, topology) -> padded gather of tokens
+Steps: pad_to_blocks (sort by expert, pad each expert to block_size, topology) -> padded gather of tokens
 -> sdd with the (d, E*f) concatenated first weight(s) -> elementwise activation on the nonzero
 blocks -> dsd with the (E*f, d) second weight -> gather back to (token, slot) and combine.
 Gradients come from the ops' custom VJPs (and JAX for the gathers and the activation).
@@ -29,14 +29,14 @@ from kernels.common.groups import inverse_permutation
 from kernels.hidden import hidden
 
 
-class Routing(NamedTuple):
+class PaddedRows(NamedTuple):
   topo: Topology
   source_token: jax.Array     # (P,) int32 token held by each padded row; T for padding rows
   slot_padded_row: jax.Array  # (T*k,) int32 padded row of each (token, slot), row-major
 
 
-def route(expert_indices: jax.Array, num_experts: int, *, ffn_size: int,
-          block_size: int = 128) -> Routing:
+def pad_to_blocks(expert_indices: jax.Array, num_experts: int, *, ffn_size: int,
+          block_size: int = 128) -> PaddedRows:
   """Sort (token, slot) pairs by expert (stable), pad to block_size, build the topology.
 
   P = topo.padded_rows = (cdiv(T*k, b) + E - 1) * b is the static bound on padded rows.
@@ -55,7 +55,7 @@ def route(expert_indices: jax.Array, num_experts: int, *, ffn_size: int,
   source_token = jnp.where(src < t * k, src_slot // k, t).astype(jnp.int32)
   rank = inverse_permutation(order)                                   # slot -> sorted row
   slot_padded_row = padded_destination_rows(topo)[rank]
-  return Routing(topo, source_token, slot_padded_row)
+  return PaddedRows(topo, source_token, slot_padded_row)
 
 
 def _concat_experts_in(w: jax.Array) -> jax.Array:
@@ -107,7 +107,7 @@ def dmoe_mlp(
   if f % block_size:
     raise ValueError(f"w1: d_ff={f} must be a multiple of block_size={block_size}")
 
-  routing = route(expert_indices, num_experts, ffn_size=f, block_size=block_size)
+  routing = pad_to_blocks(expert_indices, num_experts, ffn_size=f, block_size=block_size)
   topo = routing.topo
   kw = dict(backend=backend, config=config)
   xp = jnp.take(x, routing.source_token, axis=0, mode="fill", fill_value=0)      # (P, d)

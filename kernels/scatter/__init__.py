@@ -2,7 +2,7 @@
 MLP/GLU built on it, its reference.
 
   api.py        scatter_matmul (custom_vjp): gather / scatter / gate-weighted combine in the kernel
-  routing.py    ScatterRouting, make_routing: expert-sorted routing metadata
+  routing.py    SortedSlots, sort_slots: expert-sorted routing metadata
   backends.py   SCATTER_BACKENDS: the registry (name -> ScatterBackend record)
   xla.py        backend "xla": gather + ragged_dot + scatter as XLA ops
   triton.py     the Pallas-Triton scatter2scatter kernel and its config (backends "triton",
@@ -15,10 +15,10 @@ from kernels.scatter.api import scatter_matmul
 from kernels.scatter.backends import SCATTER_BACKENDS, ScatterBackend
 from kernels.scatter.experts import scatter_glu, scatter_mlp
 from kernels.scatter.reference import scatter_matmul_reference
-from kernels.scatter.routing import ScatterRouting, make_routing
+from kernels.scatter.routing import SortedSlots, sort_slots
 from kernels.scatter.triton import TritonScatterConfig, scatter2scatter
 
 __all__ = [
-    "SCATTER_BACKENDS", "ScatterBackend", "ScatterRouting", "TritonScatterConfig", "make_routing",
+    "SCATTER_BACKENDS", "ScatterBackend", "SortedSlots", "TritonScatterConfig", "sort_slots",
     "scatter2scatter", "scatter_glu", "scatter_matmul", "scatter_matmul_reference", "scatter_mlp",
 ]

@@ -2,7 +2,7 @@
 and scatters its output rows inside the kernel, with an optional gate-weighted combine.
 
 Routing: T tokens each pick k experts; flat index f = t * k + j is token t's j-th choice. A
-`ScatterRouting` holds `sorted_flat` (M = T * k,), the flat indices in expert-sorted order (stable),
+`SortedSlots` holds `sorted_flat` (M = T * k,), the flat indices in expert-sorted order (stable),
 and `group_sizes` (E,), the rows per expert. Sorted row p is flat choice sorted_flat[p].
 
   scatter_matmul(x, w, routing, *, x_grouped, y_grouped, gates)
@@ -48,7 +48,7 @@ from kernels.common.groups import inverse_permutation
 from kernels.gmm.api import group_xty, grouped_matmul
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 from kernels.scatter.backends import SCATTER_BACKENDS, ScatterBackend
-from kernels.scatter.routing import ScatterRouting
+from kernels.scatter.routing import SortedSlots
 from kernels.scatter.triton import TritonScatterConfig
 
 
@@ -172,7 +172,7 @@ _scatter_matmul.defvjp(_fwd, _bwd)
 def scatter_matmul(
     x: jax.Array,
     w: jax.Array,
-    routing: ScatterRouting,
+    routing: SortedSlots,
     *,
     gates: jax.Array | None = None,
     x_grouped: bool = False,
@@ -187,7 +187,7 @@ def scatter_matmul(
   Args:
     x: (T, K) token order (or (M, K) flat order) unless x_grouped, then (M, K) sorted order.
     w: (E, K, N) expert weights of x's dtype, or (E, N, K) with transpose_w.
-    routing: ScatterRouting from make_routing (sorted_flat (M,), group_sizes (E,), int32).
+    routing: SortedSlots from sort_slots (sorted_flat (M,), group_sizes (E,), int32).
     gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
     x_grouped, y_grouped: input / output already in expert-sorted order.
     backend: a name of `SCATTER_BACKENDS` (kernels.scatter.backends): "xla" (plain XLA; CPU
@@ -204,8 +204,8 @@ def scatter_matmul(
   validation.check_float_operand("x", x, 2)
   validation.check_float_operand("w", w, 3)
   validation.check_same_dtype(x=x, w=w)
-  if not isinstance(routing, ScatterRouting):
-    raise ValueError(f"routing must be a ScatterRouting (see make_routing), got "
+  if not isinstance(routing, SortedSlots):
+    raise ValueError(f"routing must be a SortedSlots (see sort_slots), got "
                      f"{type(routing).__name__}")
   sorted_flat, group_sizes = routing
   validation.check_group_sizes(group_sizes, w.shape[0])

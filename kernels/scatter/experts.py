@@ -18,7 +18,7 @@ import jax
 from kernels.common import validation
 from kernels.hidden import hidden
 from kernels.scatter.api import scatter_matmul
-from kernels.scatter.routing import ScatterRouting
+from kernels.scatter.routing import SortedSlots
 
 
 def _check(x, routing, gates, named_weights):
@@ -27,8 +27,8 @@ def _check(x, routing, gates, named_weights):
   for name, w in named_weights.items():
     validation.check_float_operand(name, w, 3)
   validation.check_same_dtype(x=x, **named_weights)
-  if not isinstance(routing, ScatterRouting):
-    raise ValueError(f"routing must be a ScatterRouting (see kernels.scatter.make_routing), "
+  if not isinstance(routing, SortedSlots):
+    raise ValueError(f"routing must be a SortedSlots (see kernels.scatter.sort_slots), "
                      f"got {type(routing).__name__}")
   validation.check_float_operand("gates", gates, 2)
   if gates.shape[0] != t or gates.shape[0] * gates.shape[1] != routing.sorted_flat.shape[0]:
@@ -41,7 +41,7 @@ def scatter_mlp(
     x: jax.Array,
     w_in: jax.Array,
     w_out: jax.Array,
-    routing: ScatterRouting,
+    routing: SortedSlots,
     gates: jax.Array,
     *,
     activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
@@ -65,7 +65,7 @@ def scatter_glu(
     w_gate: jax.Array,
     w_up: jax.Array,
     w_down: jax.Array,
-    routing: ScatterRouting,
+    routing: SortedSlots,
     gates: jax.Array,
     *,
     activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,

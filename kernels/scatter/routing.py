@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 
 
-class ScatterRouting(NamedTuple):
+class SortedSlots(NamedTuple):
   """Expert-sorted routing metadata (a pytree of two int32 arrays)."""
   sorted_flat: jax.Array   # (M,) flat choice index t * k + j of each sorted row
   group_sizes: jax.Array   # (E,) sorted rows per expert
 
 
-def make_routing(expert_idx: jax.Array, num_experts: int) -> ScatterRouting:
-  """Routing metadata from a (T, k) int32 top-k expert assignment (computed on device)."""
+def sort_slots(expert_idx: jax.Array, num_experts: int) -> SortedSlots:
+  """The (token, slot) choices of a (T, k) int32 top-k assignment sorted by expert (on device)."""
   if not hasattr(expert_idx, "ndim") or expert_idx.ndim != 2:
     raise ValueError(
         f"expert_idx must be a (T, k) integer array, got {getattr(expert_idx, 'shape', expert_idx)}"
@@ -32,4 +32,4 @@ def make_routing(expert_idx: jax.Array, num_experts: int) -> ScatterRouting:
   flat = expert_idx.reshape(-1).astype(jnp.int32)
   sorted_flat = jnp.argsort(flat, stable=True).astype(jnp.int32)
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return ScatterRouting(sorted_flat, group_sizes)
+  return SortedSlots(sorted_flat, group_sizes)
