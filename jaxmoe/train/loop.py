@@ -20,6 +20,7 @@ and saves nothing of it (jaxmoe.train.finite). RUN/.lock keeps a second process 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -96,7 +97,9 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   fresh = not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir))
   # --init-from is read and checked before anything is written.
   init = _init_params(train.init_from, model_cfg, log) if fresh and train.init_from else None
-  with RunLock(out_dir, log=log):
+  # One lock per job: on several hosts (jax.distributed) its other processes share the folder.
+  lock = RunLock(out_dir, log=log) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
     return _run_locked(model_cfg, train, out_dir, mesh, data, init, stop_at, progress, log)
 
 
