@@ -1,15 +1,21 @@
 """The `jaxmoe` command: train, sample, plot.
 
-  jaxmoe train --preset tiny [--config FILE.json|.toml] [--out DIR] [--<model or train field> V ...]
+  jaxmoe train --preset tiny [--config FILE.json|.toml] [--out DIR] [--stop-at STEP]
+               [--<model or train field> V ...]
   jaxmoe sample RUN_OR_CHECKPOINT --prompt "def " [--tokens 200] [--temperature 0.8]
   jaxmoe plot RUN [--out FILE.png]
   jaxmoe convert HF_FOLDER RUN | RUN HF_FOLDER [--arch mixtral|olmoe|qwen2_moe|qwen3_moe]
 
 Every ModelConfig / TrainConfig field is a flag (`--d-model 256`, `--moe-impl capacity`,
-`--ffn dense`, `--remat true`). Precedence: preset < config file < flags. User mistakes (unknown
-preset or values, a config that does not fit the mesh, missing/corrupt checkpoint, empty corpus)
-print one error line and exit with status 2; a run stopped by SIGTERM/SIGINT exits 128 + signal
-after saving its checkpoint.
+`--ffn dense`, `--remat true`). Precedence: preset < config file < flags. `--stop-at STEP` ends a
+run early (with a checkpoint) without changing its learning-rate schedule, which a resume keeps.
+
+Exit status: 0 done; 2 a user mistake, in one error line (unknown preset or values, a config that
+does not fit the mesh, missing/corrupt checkpoint, empty corpus, a resume asking for another model
+or schedule, a run folder another process is training into: docs/bad-inputs.md lists them);
+3 (DIVERGED) training reached a non-finite loss or gradient norm and stopped without saving that
+state (the older checkpoints stay); 128 + signal a run stopped by SIGTERM/SIGINT, after saving its
+checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Sequence
 from jaxmoe.presets import PRESETS, get_preset
 
 USER_ERROR = 2
+DIVERGED = 3   # a non-finite loss or gradient norm stopped training (nothing of it saved)
 
 DATA_HELP = """data (--data):
   (none) or builtin  the Python standard library's source found on this machine (byte-level)
@@ -104,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_preset_flags(tr, "tiny")
   tr.add_argument("--out", help="run folder (default runs/<preset>); resumes if it has checkpoints")
   tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+  tr.add_argument("--stop-at", type=int, metavar="STEP",
+                  help="stop at this step (saving a checkpoint) before --steps, keeping the "
+                       "learning-rate schedule of --steps; a later run without it continues")
   _add_config_fields(tr)
 
   sp = sub.add_parser("sample", help="generate text from a checkpoint", allow_abbrev=False)
@@ -210,10 +220,12 @@ def _train(args) -> int:
   from jaxmoe.train import run
 
   model_cfg, train_cfg = resolve_configs(args)
+  if args.stop_at is not None and args.stop_at < 1:
+    raise UserError(f"--stop-at must be a step >= 1, got {args.stop_at}")
   out = args.out or os.path.join("runs", args.preset)
   _check_platform(model_cfg, train_cfg)
   _check_run_folder(out)
-  result = run(model_cfg, train_cfg, out, progress=not args.no_progress)
+  result = run(model_cfg, train_cfg, out, stop_at=args.stop_at, progress=not args.no_progress)
   out = os.path.abspath(out)
   print(f"run folder: {out}\n  metrics: {out}/metrics.jsonl (TensorBoard: {out}/tb)\n"
         f"  checkpoints: {out}/ckpt (step {result.step})\n"
@@ -270,7 +282,9 @@ def _sample(args) -> int:
     raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
   if args.top_k < 0:
     raise UserError(f"--top-k must be >= 0 (0: no limit), got {args.top_k}")
-  model, _ = load_model(args.checkpoint)
+  # A damaged newest checkpoint: the newest one that loads, said in one line (nothing renamed).
+  model, _ = load_model(args.checkpoint, log=lambda line: print(f"jaxmoe: {line}",
+                                                                file=sys.stderr))
   tokenizer = load_run_tokenizer(run_folder(args.checkpoint), model.cfg.vocab_size)
   prompt = tokenizer.encode(args.prompt)
   if prompt.size and prompt.max() >= model.cfg.vocab_size:
@@ -311,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jaxmoe.plot import PlotError
   from jaxmoe.tokenizer import TokenizerError
   from jaxmoe.config import ConfigError
+  from jaxmoe.train.finite import NonFiniteError
+  from jaxmoe.train.lock import RunFolderLocked
 
   args = build_parser().parse_args(argv)
   # Let JAX use 92% of GPU memory instead of its default 75% (an explicit setting wins): large
@@ -320,9 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return {"train": _train, "sample": _sample, "plot": _plot,
             "convert": _convert}[args.command](args)
   except (UserError, ConfigError, DataError, CheckpointError, PlotError, TokenizerError,
-          ConvertError) as e:
+          ConvertError, RunFolderLocked) as e:
     print(f"jaxmoe: error: {e}", file=sys.stderr)
     return USER_ERROR
+  except NonFiniteError as e:
+    print(f"jaxmoe: error: {e}", file=sys.stderr)
+    return DIVERGED
   except OSError as e:  # a folder or file the user named that cannot be read or written
     where = f": {e.filename!r}" if e.filename else ""
     print(f"jaxmoe: error: {e.strerror or e}{where}", file=sys.stderr)

@@ -19,12 +19,15 @@ class TensorBoardWriter:
   """Scalar event file in `logdir`: a new file per writer (named with the process id, so two
   writers started in the same second never share one), non-finite values left out."""
 
-  def __init__(self, logdir: str, flush_secs: int = 10):
+  def __init__(self, logdir: str, flush_secs: int = 10, purge_step: int | None = None):
+    """purge_step: TensorBoard hides the folder's older events of steps >= purge_step (those of
+    a run resumed from purge_step - 1)."""
     from tensorboardX import SummaryWriter  # imported here: only runs that log to TensorBoard pay
 
     os.makedirs(logdir, exist_ok=True)
     self.logdir = logdir
-    self._writer = SummaryWriter(logdir, flush_secs=flush_secs, filename_suffix=f".{os.getpid()}")
+    self._writer = SummaryWriter(logdir, flush_secs=flush_secs, filename_suffix=f".{os.getpid()}",
+                                 purge_step=purge_step)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     wall_time = time.time()
@@ -48,14 +51,47 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return records
 
 
-class MetricsLogger:
-  """Writes each record to RUN/metrics.jsonl and its numeric fields to TensorBoard (RUN/tb)."""
+def truncate_jsonl(path: str, last_step: int) -> bool:
+  """Drop the records of steps after `last_step` (and torn lines) from a metrics file, rewriting
+  it atomically (a temporary file, then os.replace); records without a step stay. True if the
+  file held any record (it was rewritten only if something was dropped)."""
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    step = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(step, int) or step <= last_step:
+      keep.append(line)
+  if len(keep) < len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+  return bool(lines)
 
-  def __init__(self, run_dir: str, tensorboard: bool = True):
+
+class MetricsLogger:
+  """Writes each record to RUN/metrics.jsonl and its numeric fields to TensorBoard (RUN/tb).
+
+  resume_step: the step a run starts from (0 for a fresh one). Records the folder holds for later
+  steps (written after the checkpoint a killed run resumes from) are dropped from metrics.jsonl,
+  and TensorBoard is told to hide their events, so every step appears once, in order.
+  """
+
+  def __init__(self, run_dir: str, tensorboard: bool = True, resume_step: int | None = None):
     os.makedirs(run_dir, exist_ok=True)
     self.path = os.path.join(run_dir, "metrics.jsonl")
+    had_records = resume_step is not None and truncate_jsonl(self.path, resume_step)
     self._f = open(self.path, "a")
-    self._tb = TensorBoardWriter(os.path.join(run_dir, "tb")) if tensorboard else None
+    purge = resume_step + 1 if had_records else None
+    self._tb = TensorBoardWriter(os.path.join(run_dir, "tb"), purge_step=purge) \
+        if tensorboard else None
 
   def log(self, record: dict[str, Any]) -> None:
     self._f.write(json.dumps(record, default=float) + "\n")

@@ -8,6 +8,7 @@ model's own), else bytes (jaxmoe.tokenizer.load_run_tokenizer).
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,25 +39,39 @@ def run_folder(path: str) -> str:
   return os.path.dirname(directory) if os.path.basename(directory) == "ckpt" else directory
 
 
-def load_model(path: str) -> tuple[TransformerLM, dict]:
-  """The model stored in checkpoint `path` (its newest step unless a step folder is given)."""
+def load_model(path: str,
+               log: Callable[[str], Any] | None = None) -> tuple[TransformerLM, dict]:
+  """The model stored in checkpoint `path` (a ckpt/<step> folder, or the newest step of a run).
+
+  From a run, a newest checkpoint that does not load is skipped for the newest one that does,
+  named in a line to `log` (nothing is renamed: sampling changes no run); a step folder that does
+  not load, or a run none of whose checkpoints loads, is a CheckpointError.
+  """
   directory, step = _locate(path)
   ckpt = Checkpointer(directory, create=False)
   try:
-    step, meta = ckpt.read_meta(step)
-    try:
-      cfg = ModelConfig.from_saved(meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise CheckpointError(f"checkpoint {directory}/{step} has no valid model config: {e}") from None
-    model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            {"params": params, "rest": rest})
-    # Restore only the model part of the train state (a partial restore by tree structure).
-    state, meta = ckpt.restore_partial(abstract, step)
+    if step is not None:
+      return _load_step(ckpt, directory, step)
+    _, loaded = ckpt.restore_newest(lambda s: _load_step(ckpt, directory, s), set_aside=False,
+                                    log=log or (lambda line: None))
+    return loaded
   finally:
     ckpt.close()
+
+
+def _load_step(ckpt: Checkpointer, directory: str, step: int) -> tuple[TransformerLM, dict]:
+  step, meta = ckpt.read_meta(step)
+  try:
+    cfg = ModelConfig.from_saved(meta["model"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"checkpoint {directory}/{step} has no valid model config: {e}") from None
+  model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          {"params": params, "rest": rest})
+  # Restore only the model part of the train state (a partial restore by tree structure).
+  state, meta = ckpt.restore_partial(abstract, step)
   return nnx.merge(graphdef, state["params"], state["rest"]), meta
 
 

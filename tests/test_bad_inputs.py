@@ -6,6 +6,7 @@ docs/bad-inputs.md lists the same cases (the last test holds the two together).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,6 +36,35 @@ def _file(tmp_path, name="a_file", data=b"text\n") -> str:
   path = tmp_path / name
   path.write_bytes(data)
   return str(path)
+
+
+def _saved_run(tmp_path, steps: int = 30) -> str:
+  """A run folder whose checkpoint (step 3) saved the test preset's model and --steps `steps`."""
+  import jax.numpy as jnp
+  from jaxmoe.checkpointing import Checkpointer
+  from jaxmoe.config import ModelConfig, TrainConfig
+  from jaxmoe.presets import get_preset
+
+  preset = get_preset("test")
+  train = dataclasses.asdict(TrainConfig(**{**preset["train"], "steps": steps}))
+  run = str(tmp_path / "run")
+  ck = Checkpointer(os.path.join(run, "ckpt"))
+  ck.save(3, {"x": jnp.ones(3)}, {"step": 3, "model": ModelConfig(**preset["model"]).to_dict(),
+                                  "train": train})
+  ck.close()
+  return run
+
+
+_HELD: list = []   # locks a case holds while `jaxmoe` runs; released after the case
+
+
+def _locked_run(tmp_path) -> str:
+  from jaxmoe.train.lock import RunLock
+
+  lock = RunLock(str(tmp_path / "run"))
+  lock.acquire()
+  _HELD.append(lock)
+  return lock.run_dir
 
 
 # id -> (argv builder from tmp_path, a regular expression the one error line must match)
@@ -83,18 +113,38 @@ CASES = {
     "plot-unknown-image-type": (lambda p: ["plot", _metrics_run(p), "--out", str(p / "c.xyz")],
                                 r"unknown image type 'xyz'"),
     "plot-not-a-run": (lambda p: ["plot", str(p)], r"no metrics file"),
+    "resume-changed-steps": (
+        lambda p: ["train", "--preset", "test", "--steps", "20", "--out", _saved_run(p)],
+        r"another learning-rate schedule \(steps: saved 30, requested 20\).*resume with "
+        r"--steps 30 \(stop earlier with --stop-at STEP\)"),
+    "resume-steps-below-saved-step": (
+        lambda p: ["train", "--preset", "test", "--steps", "2", "--out", _saved_run(p)],
+        r"steps: saved 30, requested 2"),
+    "resume-changed-lr": (
+        lambda p: ["train", "--preset", "test", "--lr", "0.5", "--out", _saved_run(p)],
+        r"lr: saved 0\.01, requested 0\.5.*--lr 0\.01"),
+    "stop-at-zero": (lambda p: ["train", "--preset", "test", "--stop-at", "0"],
+                     r"--stop-at must be a step >= 1, got 0"),
+    "run-folder-locked": (
+        lambda p: ["train", "--preset", "test", "--out", _locked_run(p)],
+        rf"is in use by process {os.getpid()} on host .* \(since .*\); wait for that run"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_nothing_left(case, tmp_path, capsys):
   build, pattern = CASES[case]
-  argv = build(tmp_path)
-  before = sorted(os.listdir(tmp_path))
   try:
-    code = cli.main(argv)
-  except SystemExit as e:   # argparse's own errors (usage line + error line)
-    code = e.code
+    argv = build(tmp_path)
+    before = _snapshot(tmp_path)
+    try:
+      code = cli.main(argv)
+    except SystemExit as e:   # argparse's own errors (usage line + error line)
+      code = e.code
+    after = _snapshot(tmp_path)
+  finally:
+    while _HELD:
+      _HELD.pop().release()
   err = capsys.readouterr().err.strip()
   assert code == 2, (code, err)
   assert "Traceback" not in err
@@ -102,8 +152,14 @@ def test_bad_input_is_one_line_exit_2_nothing_left(case, tmp_path, capsys):
   assert last.startswith("jaxmoe") and re.search(pattern, last), err
   if not err.startswith("usage:"):
     assert len(err.splitlines()) == 1, err
-  assert sorted(os.listdir(tmp_path)) == before or case.startswith("plot"), \
-      f"left behind: {set(os.listdir(tmp_path)) - set(before)}"
+  assert after == before or case.startswith("plot"), \
+      f"changed: {set(after.items()) ^ set(before.items())}"
+
+
+def _snapshot(root) -> dict[str, int]:
+  """Every file and folder under root with its modification time (files) or 0 (folders)."""
+  return {os.path.join(d, n): (os.stat(os.path.join(d, n)).st_mtime_ns if n in files else 0)
+          for d, dirs, files in os.walk(root) for n in dirs + files}
 
 
 def test_plot_prints_the_file_it_wrote(tmp_path, capsys):

@@ -71,3 +71,45 @@ def test_missing_and_corrupt(tmp_path):
     fh.write("{not json")
   with pytest.raises(CheckpointError, match="unreadable"):
     ck.read_meta()
+
+
+def _damage_arrays(step_dir) -> None:
+  """Truncate every array data file of a saved state (what a disk fault or a torn copy leaves)."""
+  for dirpath, _, files in os.walk(os.path.join(step_dir, "state")):
+    if os.path.basename(dirpath) == "d":
+      for f in files:
+        with open(os.path.join(dirpath, f), "r+b") as fh:
+          fh.truncate(10)
+
+
+def test_restore_newest_skips_a_damaged_checkpoint_and_keeps_it(tmp_path):
+  ck = Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  for step in (1, 2, 3):
+    ck.save(step, _state(step), {"step": step})
+  _damage_arrays(tmp_path / "ckpt" / "3")
+  target = abstract_like(_state(0), NamedSharding(Mesh(np.array(jax.devices()[:1]), ("d",)), P()))
+  lines = []
+  step, (state, meta) = ck.restore_newest(lambda s: ck.restore(target, s), log=lines.append)
+  assert step == 2 and meta == {"step": 2} and int(state["step"]) == 2
+  # One line: which checkpoint, why (the innermost reason, not orbax's array-spec dump), where.
+  (line,) = lines
+  assert f"{tmp_path}/ckpt/3 is unreadable" in line and "renamed to" in line and "\n" not in line
+  assert "TensorStore({" not in line and len(line) < 500
+  # Kept under a name orbax does not list, so neither `keep` nor a new save of step 3 touches it.
+  assert ck.all_steps() == [2] and (tmp_path / "ckpt" / "3.corrupt" / "state").is_dir()
+  for step in (3, 4, 5):
+    ck.save(step, _state(step), {"step": step})
+  assert ck.all_steps() == [4, 5] and (tmp_path / "ckpt" / "3.corrupt" / "state").is_dir()
+  ck.close()
+
+
+def test_restore_newest_renames_nothing_when_nothing_restores(tmp_path):
+  ck = Checkpointer(str(tmp_path / "ckpt"))
+  for step in (1, 2):
+    ck.save(step, _state(step), {"step": step})
+    _damage_arrays(tmp_path / "ckpt" / str(step))
+  target = abstract_like(_state(0), NamedSharding(Mesh(np.array(jax.devices()[:1]), ("d",)), P()))
+  with pytest.raises(CheckpointError, match=r"ckpt/2 is unreadable.*nor does the older one"):
+    ck.restore_newest(lambda s: ck.restore(target, s), log=pytest.fail)
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
+  ck.close()

@@ -3,6 +3,7 @@ and the progress bar."""
 
 import glob
 import io
+import os
 import struct
 
 import pytest
@@ -56,6 +57,41 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
                    for e in map(Event.FromString, _event_file_records(path)[1:])
                    for v in e.summary.value)
   assert scalars == [(1, "loss", 3.0), (2, "loss", 2.0), (2, "lr", pytest.approx(0.1))]
+
+
+def test_resume_drops_later_records_and_purges_tensorboard(tmp_path):
+  """A run killed at step 6 after its step-4 checkpoint resumes from 4: metrics.jsonl keeps steps
+  1-4 (rewritten whole, the torn line gone) so every step appears once, in order; TensorBoard's
+  new event file starts with the session-start event at step 5 that hides the older events of
+  steps >= 5."""
+  old = MetricsLogger(str(tmp_path))
+  for step in range(1, 7):
+    old.log({"step": step, "loss": 10.0 - step})
+  old.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "lo')    # torn by the kill
+  for name in glob.glob(str(tmp_path / "tb" / "*")):   # one event file per process
+    os.rename(name, name + ".old")
+  logger = MetricsLogger(str(tmp_path), resume_step=4)
+  logger.log({"step": 5, "loss": 1.0})
+  logger.close()
+  assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+  assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+  (path,) = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*[0-9]"))
+  events = [Event.FromString(r) for r in _event_file_records(path)]
+  starts = [e.step for e in events if e.HasField("session_log")]
+  assert starts == [5] and events[-1].summary.value[0].simple_value == 1.0
+
+
+def test_fresh_run_over_an_unfinished_one_starts_the_metrics_anew(tmp_path):
+  """No checkpoint (killed before its first): resume_step 0 drops every old record; a folder
+  without metrics gets no purge event."""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+  MetricsLogger(str(tmp_path), tensorboard=False, resume_step=0).close()
+  assert read_jsonl(str(tmp_path / "metrics.jsonl")) == []
+  MetricsLogger(str(tmp_path / "new"), resume_step=0).close()
+  (path,) = glob.glob(str(tmp_path / "new" / "tb" / "events.out.tfevents.*"))
+  assert not any(Event.FromString(r).HasField("session_log") for r in _event_file_records(path))
 
 
 class _Terminal(io.StringIO):

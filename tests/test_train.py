@@ -368,9 +368,11 @@ def test_grad_accum_trains_an_moe_model_on_data_and_expert_meshes(tmp_path):
   inside the scan) equals the one on (8,1,1) up to float32 reduction order (the microbatch split
   does not depend on the mesh); its checkpoint resumes with other grad_accum / adam_mu_dtype."""
   quiet = dict(progress=False, log=lambda *a: None)
-  model_cfg, train_cfg = _configs(steps=12, batch_size=16, grad_accum=2, log_every=1,
+  # A schedule of 13 steps, stopped at 12 (--stop-at): the resume below adds the 13th (a resume
+  # keeps the saved schedule).
+  model_cfg, train_cfg = _configs(steps=13, batch_size=16, grad_accum=2, log_every=1,
                                   val_fraction=0.0, **_mesh_kw((8, 1, 1)))
-  run(model_cfg, train_cfg, str(tmp_path / "dp"), **quiet)
+  run(model_cfg, train_cfg, str(tmp_path / "dp"), stop_at=12, **quiet)
   records = _records(tmp_path / "dp")
   losses = [r["loss"] for r in records]
   assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
@@ -380,7 +382,7 @@ def test_grad_accum_trains_an_moe_model_on_data_and_expert_meshes(tmp_path):
     assert r["dropped_fraction"] == 0.0
     assert sum(r["tokens_per_expert"]) == 2 * 16 * 32 * 2      # layers * tokens * top_k
   assert records[-1]["tokens"] == 12 * 16 * 32
-  _, train_ep = _configs(steps=12, batch_size=16, grad_accum=2, log_every=1, val_fraction=0.0,
+  _, train_ep = _configs(steps=13, batch_size=16, grad_accum=2, log_every=1, val_fraction=0.0,
                          **_mesh_kw((2, 4, 1)))
   result = run(model_cfg, train_ep, str(tmp_path / "ep"), stop_at=3, **quiet)
   assert _w_gate(result.state["params"]).sharding.spec == P("expert")

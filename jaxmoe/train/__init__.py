@@ -13,6 +13,8 @@
   step.py     loss, gradients with accumulation (microbatches), the train and eval steps
   program.py  TrainProgram: all of the above built once per (model, train config, mesh), cached
   stop.py     SIGTERM/SIGINT: save and return after the current step
+  finite.py   stop at the first non-finite loss or gradient norm, before anything is saved
+  lock.py     RUN/.lock: one process at a time trains into a run folder
   loop.py     run: data, resume, the loop, metrics, checkpoints
 
 The configuration (TrainConfig, ConfigError) lives in jaxmoe.config with the model's.

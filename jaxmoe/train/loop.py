@@ -9,10 +9,18 @@ batch), and adam_mu_dtype too (the saved first moment is cast to the new dtype o
 The checkpoint is restored straight onto the current mesh's shardings, so a run saved on one mesh
 (say data=8) resumes on another (data=2, expert=4). SIGTERM/SIGINT finish the current step, save a
 checkpoint and return.
+
+What a resume keeps: the learning-rate schedule (SCHEDULE_FIELDS: a resume asking for another is
+refused; `stop_at` ends a run early without changing it); the last good checkpoint (a damaged newer
+one is renamed aside, Checkpointer.restore_newest); metrics.jsonl in step order (records past the
+resumed step are dropped). A diverging run stops at its first non-finite loss or gradient norm
+and saves nothing of it (jaxmoe.train.finite). RUN/.lock keeps a second process out of the folder
+(jaxmoe.train.lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +37,8 @@ from jaxmoe.checkpointing import Checkpointer, CheckpointError
 from jaxmoe.config import ConfigError, ModelConfig, TrainConfig, with_saved_defaults
 from jaxmoe.metrics import MetricsLogger, ProgressBar
 from jaxmoe.model import flops_per_token, param_counts
+from jaxmoe.train.finite import FiniteWatch
+from jaxmoe.train.lock import RunLock
 from jaxmoe.train.mesh import train_mesh
 from jaxmoe.train.program import build_program
 from jaxmoe.train.stop import StopFlag
@@ -77,6 +87,8 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   """Train (or resume) into out_dir until train.steps (or stop_at); checkpoint at the end.
 
   Outputs: out_dir/config.json, out_dir/metrics.jsonl, out_dir/tb/, out_dir/ckpt/<step>/.
+  Raises ConfigError for a refused resume (another model or schedule), RunFolderLocked while
+  another process trains into out_dir, NonFiniteError when training diverges (nothing saved).
   """
   mesh = train_mesh(model_cfg, train, devices)
   data = _load_data(model_cfg, train, log)
@@ -84,27 +96,56 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   ckpt_dir = os.path.join(out_dir, "ckpt")
   fresh = not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir))
   # --init-from is read and checked before anything is written.
-  init = _init_params(train.init_from, model_cfg) if fresh and train.init_from else None
-  ckpt = Checkpointer(ckpt_dir, keep=train.keep)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    _, meta = ckpt.read_meta(latest)
+  init = _init_params(train.init_from, model_cfg, log) if fresh and train.init_from else None
+  # One lock per job: on several hosts (jax.distributed) its other processes share the folder.
+  lock = RunLock(out_dir, log=log) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _run_locked(model_cfg, train, out_dir, mesh, data, init, stop_at, progress, log)
+
+
+def _run_locked(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, mesh, data: _Data, init,
+                stop_at: int | None, progress: bool, log) -> RunResult:
+  """run, once out_dir's lock is held."""
+  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), keep=train.keep)
+  try:
+    return _train(model_cfg, train, out_dir, mesh, data, init, stop_at, progress, log, ckpt)
+  finally:
+    ckpt.close()
+
+
+def _resume(ckpt: Checkpointer, program, model_cfg: ModelConfig, train: TrainConfig, out_dir: str,
+            log) -> tuple[Any, int | None]:
+  """(state, step restored or None for a fresh run): the newest checkpoint that restores (newer
+  damaged ones are renamed aside, each named in a log line); ConfigError, before anything is
+  written, if it holds another model or another learning-rate schedule."""
+  if ckpt.latest_step() is None:
+    return None, None
+
+  def restore(step: int):
+    _, meta = ckpt.read_meta(step)
     diff = _model_diff(meta.get("model"), model_cfg)
     if diff:
       raise ConfigError(f"{out_dir} holds a checkpoint of a different model ({diff}); use another "
                         f"--out, or the saved settings to resume")
-  os.makedirs(out_dir, exist_ok=True)
+    _check_schedule(meta.get("train"), train, out_dir)
+    # Restored straight into this mesh's shardings, whatever mesh wrote the checkpoint.
+    return ckpt.restore(program.restore_target(), step)[0]
+
+  step, state = ckpt.restore_newest(restore, log=log)
+  return state, step
+
+
+def _train(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, mesh, data: _Data, init,
+           stop_at: int | None, progress: bool, log, ckpt: Checkpointer) -> RunResult:
+  # Every jit of the program carries explicit shardings: no ambient mesh is needed.
+  program = build_program(model_cfg, train, mesh)
+  state, latest = _resume(ckpt, program, model_cfg, train, out_dir, log)
   _write_json(os.path.join(out_dir, "config.json"),
               {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train),
                "tokenizer": tok_lib.describe(data.tokenizer)})
   if isinstance(data.tokenizer, tok_lib.BPETokenizer):
     data.tokenizer.save(os.path.join(out_dir, tok_lib.TOKENIZER_FILE))   # for jaxmoe sample
-
-  # Every jit of the program carries explicit shardings: no ambient mesh is needed.
-  program = build_program(model_cfg, train, mesh)
   if latest is not None:
-    # Restored straight into this mesh's shardings, whatever mesh wrote the checkpoint.
-    state, meta = ckpt.restore(program.restore_target(), latest)
     log(f"resuming from {ckpt.directory}/{latest}")
   else:
     state = program.init_state()
@@ -115,13 +156,15 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
   data.batches.position = step
 
   end = train.steps if stop_at is None else min(stop_at, train.steps)
-  logger = MetricsLogger(out_dir, tensorboard=train.tensorboard)
+  logger = MetricsLogger(out_dir, tensorboard=train.tensorboard, resume_step=step)
   if latest is None:
     log(_describe(model_cfg, train, mesh, program.parallel is not None, data))
   bar = ProgressBar(train.steps, start=step) if progress else None
   last: dict[str, Any] = {}
   interrupted = None
   rate = _Throughput(model_cfg, train, mesh.size, step)
+  watch = FiniteWatch(train.lr)
+  saved = latest
 
   def evaluate():
     if data.val_batches is None:
@@ -129,6 +172,12 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
     losses = [program.eval_step(state, *data.val_batches.batch(i))
               for i in range(train.eval_batches)]
     return float(np.mean([float(v) for v in losses]))
+
+  def save():
+    nonlocal saved
+    watch.check(saved)   # never a non-finite state on disk (it could rotate good ones out)
+    ckpt.save(step, state, _meta(step, model_cfg, train))
+    saved = step
 
   try:
     with StopFlag() as stop:
@@ -144,8 +193,10 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
           log(f"train step compiled in {time.perf_counter() - t_compile:.1f} s")
           t_compile = None
         step += 1
+        watch.add(step, m)
         at_end = step == end
         if step % train.log_every == 0 or at_end or stop.signum is not None:
+          watch.check(saved)   # the loop waits for this step here anyway
           record = _record(step, jax.device_get(m), rate, model_cfg)
           if (train.eval_every and step % train.eval_every == 0) or at_end:
             record["val_loss"] = evaluate()
@@ -154,18 +205,38 @@ def run(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, *, stop_at: in
           if bar is not None:
             bar.update(step, record["loss"], record["tokens_per_s"])
         if train.ckpt_every and step % train.ckpt_every == 0 and not at_end:
-          ckpt.save(step, state, _meta(step, model_cfg, train))
+          save()
       interrupted = stop.signum
-    ckpt.save(step, state, _meta(step, model_cfg, train))
+    save()
   finally:
     if bar is not None:
       bar.close()
     logger.close()
-    ckpt.close()
   if interrupted is not None:
     log(f"stopped by signal {interrupted} at step {step}; checkpoint saved in {ckpt.directory}")
   return RunResult(step=step, state=state, interrupted_by=interrupted, out_dir=out_dir,
                    last_metrics=last)
+
+
+# The fields that define the learning-rate schedule (jaxmoe.train.state.make_optimizer): fixed
+# when a run starts, so that N steps then N more train exactly as one run of 2N.
+SCHEDULE_FIELDS = ("steps", "lr", "warmup_steps", "min_lr_ratio")
+
+
+def _check_schedule(saved: Any, train: TrainConfig, out_dir: str) -> None:
+  """ConfigError if a resume asks for another schedule than the checkpoint's (meta["train"]);
+  a checkpoint that saved no train config (an older one) is accepted."""
+  if not isinstance(saved, dict):
+    return
+  differ = [(k, saved[k], getattr(train, k)) for k in SCHEDULE_FIELDS
+            if k in saved and saved[k] != getattr(train, k)]
+  if not differ:
+    return
+  changes = ", ".join(f"{k}: saved {old!r}, requested {new!r}" for k, old, new in differ)
+  flags = " ".join(f"--{k.replace('_', '-')} {old}" for k, old, _ in differ)
+  raise ConfigError(f"{out_dir} was started with another learning-rate schedule ({changes}), "
+                    f"which a resume cannot change; resume with {flags} (stop earlier with "
+                    f"--stop-at STEP), or train into another --out")
 
 
 # Fields that change how a model runs, not what it computes: --init-from may set them anew.
@@ -174,13 +245,13 @@ RUNTIME_FIELDS = ("moe_impl", "backend", "block_size", "dtype", "remat", "remat_
                   "bias_balancing", "max_seq_len")
 
 
-def _init_params(path: str, model_cfg: ModelConfig):
+def _init_params(path: str, model_cfg: ModelConfig, log=print):
   """The parameters (an nnx State of float32 arrays) of run or checkpoint `path`, whose model
   must be model_cfg but for RUNTIME_FIELDS; ConfigError naming the fields that differ."""
   from jaxmoe.sample import load_model
 
   try:
-    model, meta = load_model(path)
+    model, meta = load_model(path, log=log)
   except CheckpointError as e:
     raise ConfigError(f"--init-from: {e}") from None
   saved = model.cfg.to_dict()
