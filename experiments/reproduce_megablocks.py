@@ -130,6 +130,8 @@ def main() -> None:
   ap.add_argument("--data", default="python", help="as jaxmoe train --data")
   ap.add_argument("--tokenizer", default="bpe", help="as jaxmoe train --tokenizer")
   ap.add_argument("--no-train", action="store_true", help="only summarize existing runs")
+  ap.add_argument("--runs-device", default=None,
+                  help="with --no-train: the device the runs trained on (recorded in the JSON)")
   args = ap.parse_args()
   variants = args.variants.split(",")
   for v in variants:
@@ -151,6 +153,8 @@ def main() -> None:
     r["to_reach_capacity_1.0_final_loss"] = \
         time_to(r["curve"], ref["final_val_loss"]) if ref and ref["final_val_loss"] else None
   env = bc.environment()
+  if args.runs_device:   # summarized elsewhere than trained: the figure names the runs' device
+    env = {**env, "summarized_on": env["device"], "device": args.runs_device}
   payload = {"environment": env, "preset": "quick" if args.quick else args.preset,
              "settings": overrides, "results": results}
   bc.write_json(args.out, "megablocks.json", payload)
