@@ -61,14 +61,15 @@ def train_variant(name: str, preset: str, out_dir: str, train_overrides: dict, q
 
 def summarize(run_dir: str) -> dict:
   records = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "step" in r]
-  # The first logging interval holds the step's compilation: its seconds are counted at the
-  # median rate of the others instead.
-  rates = [r["tokens_per_s"] for r in records[1:] if r.get("tokens_per_s")] or \
-      [records[0]["tokens_per_s"]]
+  # The first logging interval holds the train step's compilation, and an interval that follows
+  # an evaluation holds the evaluation (and, the first time, its compilation): those intervals
+  # are counted at the median rate of the clean ones instead.
+  clean = [i for i in range(1, len(records)) if records[i - 1].get("val_loss") is None]
+  rates = [records[i]["tokens_per_s"] for i in clean] or [records[0]["tokens_per_s"]]
   median = statistics.median(rates)
   seconds, last_tokens, curve, dropped = 0.0, 0, [], []
   for i, r in enumerate(records):
-    seconds += (r["tokens"] - last_tokens) / (median if i == 0 else r["tokens_per_s"])
+    seconds += (r["tokens"] - last_tokens) / (r["tokens_per_s"] if i in clean else median)
     last_tokens = r["tokens"]
     if r.get("val_loss") is not None:
       curve.append({"step": r["step"], "seconds": seconds, "val_loss": r["val_loss"]})
