@@ -167,9 +167,10 @@ def _poison_check(shape: GroupedShape, dtype, interpret: bool) -> float:
   return rel_err(got, want)
 
 
-def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] = ()
-        ) -> list[dict[str, Any]]:
-  """The check rows; `ops` / `dtypes_wanted` (names) restrict the ops and dtypes (empty: all)."""
+def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] = (),
+        backends: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+  """The check rows; `ops` / `dtypes_wanted` / `backends` (names) restrict the ops, dtypes and
+  registry names checked (empty: all)."""
   shapes = QUICK_SHAPES if quick else GPU_SHAPES
   rows = []
   for dtype in DTYPES:
@@ -185,6 +186,8 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
       reg = _registry_of(op)
       reg_dtypes = (jnp.dtype(dtype),) if reg is kernels.BLOCKSPARSE_BACKENDS else dtypes
       for name in reg.names:
+        if backends and name not in backends:
+          continue
         row: dict[str, Any] = {"op": op, "backend": name, "shape": shape_name, "dtype": dn}
         resolved = reg.select(name, shape, reg_dtypes)
         row["runs_on"] = resolved.name
@@ -217,7 +220,8 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
     # Poisoned output buffer: the scatter kernel must write every row.
     shape = GroupedShape(96 if quick else 4000, 128, 256, 4)
     for name, interpret in (("triton_interpret", True),) if quick else (("triton", False),):
-      if not interpret and not registry.on_gpu():
+      if (not interpret and not registry.on_gpu()) or (backends and name not in backends) or (
+          ops and "scatter_matmul" not in ops):
         continue
       err = _poison_check(shape, dtype, interpret)
       rows.append({"op": "scatter2scatter(poisoned)", "backend": name, "runs_on": name,
@@ -244,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--ops", default="", help="comma-separated op names (default: all), e.g. "
                   "grouped_matmul,group_xty,scatter_matmul")
   ap.add_argument("--dtypes", default="", help="comma-separated: bfloat16,float32 (default both)")
+  ap.add_argument("--backends", default="", help="comma-separated registry names (default: all), "
+                  "e.g. mosaic")
   args = ap.parse_args(argv)
   rows = run(args.quick, tuple(filter(None, args.ops.split(","))),
-             tuple(filter(None, args.dtypes.split(","))))
+             tuple(filter(None, args.dtypes.split(","))),
+             tuple(filter(None, args.backends.split(","))))
   print(table(rows))
   env = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
          "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),

@@ -35,22 +35,23 @@ class DataError(ValueError):
   """A user data problem (missing path, empty corpus, bad token values)."""
 
 
+# Folders never read into the embedded corpora: vendored copies, tests (much generated data),
+# caches, and the standard library's GUI demos.
+_SKIP_DIRS = ("test", "tests", "__pycache__", "idlelib", "lib2to3", "turtledemo", "site-packages",
+              "dist-packages")
+
+
 def stdlib_corpus(max_bytes: int = 8 << 20) -> np.ndarray:
   """Up to max_bytes of the Python standard library's .py sources as uint8 tokens, sorted by path."""
   root = sysconfig.get_paths()["stdlib"]
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
     # Skip vendored third-party packages and tests (much generated data in the tests).
-    dirnames[:] = sorted(d for d in dirnames
-                         if d not in ("site-packages", "dist-packages", "test", "tests", "__pycache__",
-                                      "idlelib", "lib2to3", "turtledemo"))
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
     files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
   return _concat_files(sorted(files), max_bytes)
 
 
-# Folders never read into the "python" corpus: vendored copies, generated data, caches.
-_SKIP_DIRS = ("test", "tests", "__pycache__", "idlelib", "lib2to3", "turtledemo", "site-packages",
-              "dist-packages")
 MAX_FILE_BYTES = 1 << 20
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 
@@ -105,7 +105,7 @@ def train_bpe(docs: Iterable[str], vocab_size: int) -> BPETokenizer:
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   with _single_thread():
-    tok.train_from_iterator(_iter(docs), trainer=trainer)
+    tok.train_from_iterator(docs, trainer=trainer)
   return BPETokenizer(tok)
 
 
@@ -143,10 +143,6 @@ def describe(tokenizer: Tokenizer) -> dict:
   if isinstance(tokenizer, BPETokenizer):
     return {"kind": "bpe", "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.fingerprint()}
   return {"kind": "byte", "vocab_size": 256}
-
-
-def _iter(docs: Iterable[str]) -> Iterator[str]:
-  yield from docs
 
 
 class _single_thread:
