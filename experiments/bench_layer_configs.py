@@ -31,15 +31,33 @@ from experiments import bench_common as bc
 from jaxmoe import MoE, MoEConfig
 from jaxmoe.config import DROPLESS_IMPLS
 
-# name: ((T, d, n, E, k), (SonicMoE forward, backward TFLOP/s read off Figure 14 on the H100)).
-# These are the five configurations whose values the project has on record; the figure has twelve.
+# name: ((T, d, n, E, k), (SonicMoE forward, backward TFLOP/s read off Figure 14, H100)): the
+# figure's twelve configurations (1.4B, 7B, 30B, 120B; three (n, E, k) each), its bar heights read
+# to about +-5 TFLOP/s from the figure image in the SonicMoE repository (assets/tput.png).
 CONFIGS = {
     "T40960-d768-n256-E128-k8": ((40960, 768, 256, 128, 8), (338, 365)),
+    "T40960-d768-n512-E64-k4": ((40960, 768, 512, 64, 4), (398, 402)),
+    "T40960-d768-n1024-E32-k2": ((40960, 768, 1024, 32, 2), (404, 434)),
+    "T24576-d1536-n256-E128-k8": ((24576, 1536, 256, 128, 8), (364, 404)),
     "T24576-d1536-n512-E64-k4": ((24576, 1536, 512, 64, 4), (432, 438)),
-    "T32768-d4096-n1024-E64-k4": ((32768, 4096, 1024, 64, 4), (553, 556)),
-    "T32768-d4096-n2048-E64-k4": ((32768, 4096, 2048, 64, 4), (598, 585)),
+    "T24576-d1536-n1024-E32-k2": ((24576, 1536, 1024, 32, 2), (466, 466)),
     "T32768-d4096-n256-E256-k16": ((32768, 4096, 256, 256, 16), (428, 460)),
+    "T32768-d4096-n512-E128-k8": ((32768, 4096, 512, 128, 8), (500, 508)),
+    "T32768-d4096-n1024-E64-k4": ((32768, 4096, 1024, 64, 4), (553, 556)),
+    "T32768-d4096-n512-E256-k16": ((32768, 4096, 512, 256, 16), (517, 526)),
+    "T32768-d4096-n1024-E128-k8": ((32768, 4096, 1024, 128, 8), (558, 566)),
+    "T32768-d4096-n2048-E64-k4": ((32768, 4096, 2048, 64, 4), (598, 585)),
 }
+# SonicMoE's activation memory per layer (GiB), read off Figure 13 (assets/mem.png in the same
+# repository) to about +-0.05 GiB; it is the same at the three (n, E, k) of a model scale.
+FIG13_GIB = {"1.4B": 0.58, "7B": 0.61, "30B": 2.5, "120B": 4.5}
+SCALE = {name: scale for scale, names in {
+    "1.4B": ("T40960-d768-n256-E128-k8", "T40960-d768-n512-E64-k4", "T40960-d768-n1024-E32-k2"),
+    "7B": ("T24576-d1536-n256-E128-k8", "T24576-d1536-n512-E64-k4", "T24576-d1536-n1024-E32-k2"),
+    "30B": ("T32768-d4096-n256-E256-k16", "T32768-d4096-n512-E128-k8", "T32768-d4096-n1024-E64-k4"),
+    "120B": ("T32768-d4096-n512-E256-k16", "T32768-d4096-n1024-E128-k8",
+             "T32768-d4096-n2048-E64-k4"),
+}.items() for name in names}
 SMOKE_CONFIGS = {"smoke": ((64, 32, 128, 4, 2), (None, None))}
 DEFAULT_IMPLS = ("grouped", "scatter", "blocksparse")
 
@@ -54,7 +72,22 @@ def _bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def jax_layer(shape, impl: str, backend, iters: int) -> dict:
+def kernel_profile(fn, *args, top: int = 12) -> dict:
+  """GPU kernel time of one call of fn, by kernel (jax.profiler trace, summed as in
+  experiments.profile_train): where a layer's time goes, for the fused-kernel work."""
+  import tempfile
+
+  from experiments.profile_train import summarize_trace
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      jax.block_until_ready(fn(*args))
+    summary = summarize_trace(trace_dir, top)
+  summary.pop("trace", None)
+  summary.pop("threads", None)
+  return summary
+
+
+def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False) -> dict:
   t, d, n, e, k = shape
   cfg = MoEConfig(d_model=d, d_ff=n, num_experts=e, top_k=k, activation="swiglu", impl=impl,
                   renormalize=True, backend=backend, block_size=min(128, n))
@@ -77,6 +110,9 @@ def jax_layer(shape, impl: str, backend, iters: int) -> dict:
   row["finite"] = bool(jnp.all(jnp.isfinite(y)))
   row["fwd_ms"] = bc.time_jax(fwd, state, x, iters=iters)
   row["fwdbwd_ms"] = bc.time_jax(fwdbwd, state, x, iters=iters)
+  if profile:
+    row["profile_fwd"] = kernel_profile(fwd, state, x)
+    row["profile_fwdbwd"] = kernel_profile(fwdbwd, state, x)
   vjp_fn = jax.eval_shape(lambda s, x: jax.vjp(forward, s, x)[1], state, x)
   row["residual_bytes"] = max(0, _bytes(vjp_fn) - _bytes(state) - _bytes(x))
   analysis = fwdbwd.lower(state, x).compile().memory_analysis()
@@ -130,6 +166,17 @@ def torch_layer(shape, iters: int) -> dict:
           "peak_bytes_above_inputs": torch.cuda.max_memory_allocated() - base}
 
 
+def print_row(row: dict) -> None:
+  """The row without its profiles, then each profile's kernels (microseconds, calls)."""
+  print(f"   { {k: v for k, v in row.items() if not k.startswith('profile')} }", flush=True)
+  for key in ("profile_fwd", "profile_fwdbwd"):
+    prof = row.get(key)
+    if prof and "top" in prof:
+      print(f"     {key}: busy {prof['busy_us']:.0f} us of {prof['span_us']:.0f} us span")
+      for k in prof["top"]:
+        print(f"       {k['us']:9.1f} us  x{k['count']:<3d} {k['name'][:100]}")
+
+
 def torch_available() -> bool:
   try:
     import torch
@@ -138,12 +185,15 @@ def torch_available() -> bool:
     return False
 
 
-def finish(row: dict, shape, sonic) -> dict:
+def finish(row: dict, name: str, shape, sonic) -> dict:
   f_fwd, f_bwd = flops(shape)
   bwd_ms = row["fwdbwd_ms"] - row["fwd_ms"]
   row["bwd_ms"] = bwd_ms
   row["fwd_tflops"] = bc.tflops(f_fwd, row["fwd_ms"])
   row["bwd_tflops"] = bc.tflops(f_bwd, bwd_ms) if bwd_ms > 0 else None
+  mem = FIG13_GIB.get(SCALE.get(name))
+  if mem is not None and row.get("residual_bytes") is not None:
+    row["residual_vs_sonicmoe_fig13"] = row["residual_bytes"] / 2 ** 30 / mem
   if sonic[0]:
     row["fwd_vs_sonicmoe"] = row["fwd_tflops"] / sonic[0]
     row["bwd_vs_sonicmoe"] = None if row["bwd_tflops"] is None else row["bwd_tflops"] / sonic[1]
@@ -156,8 +206,12 @@ def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   names = list(results)
-  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
-  for ax, name in zip(axes[0], names):
+  cols = min(3, len(names))  # the figure's layout: three (n, E, k) per model scale, one row each
+  nrows = -(-len(names) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.9 * nrows), squeeze=False)
+  for ax in axes.flat[len(names):]:
+    ax.set_visible(False)
+  for ax, name in zip(axes.flat, names):
     rows = [r for r in results[name]["rows"] if r.get("fwd_tflops")]
     xs = np.arange(len(rows))
     ax.bar(xs - 0.2, [r["fwd_tflops"] for r in rows], 0.4, label="forward")
@@ -169,7 +223,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xticks(xs, [r["impl"] for r in rows], rotation=30, ha="right")
     ax.set_title(name, fontsize=9)
     ax.set_ylabel("TFLOP/s")
-  axes[0][0].legend(fontsize=7)
+  axes.flat[0].legend(fontsize=7)
   env = bc.environment()
   fig.suptitle(f"MoE layer forward / backward TFLOP/s ({env['device']}, JAX {env['jax']}, "
                f"{env['date'][:10]}; SonicMoE FLOP count)")
@@ -187,49 +241,58 @@ def main() -> None:
                   help=f"comma-separated, of {DROPLESS_IMPLS}")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--profile", action="store_true",
+                  help="also trace one forward and one forward+backward per jaxmoe impl and record "
+                       "the GPU time of its top kernels (profile_fwd, profile_fwdbwd in the JSON)")
   args = ap.parse_args()
   table = SMOKE_CONFIGS if args.smoke else CONFIGS
   names = args.configs.split(",") if args.configs else list(table)
   impls = args.impls.split(",")
   for bad in [c for c in names if c not in table] + [i for i in impls if i not in DROPLESS_IMPLS]:
     ap.error(f"unknown config or impl {bad!r}; configs: {list(table)}; impls: {DROPLESS_IMPLS}")
+  if args.iters < 1:
+    ap.error(f"--iters must be >= 1, got {args.iters}")
   backend = "triton_interpret" if args.smoke else None
   use_torch = not args.no_torch and not args.smoke and torch_available()
-  results, summary = {}, []
+  results, summary, env = {}, [], bc.environment()
   for name in names:
     shape, sonic = table[name]
     print(f"== {name}", flush=True)
     rows, ref = [], None
     for impl in impls:
       try:
-        row, y = jax_layer(shape, impl, backend, args.iters)
+        row, y = jax_layer(shape, impl, backend, args.iters, args.profile)
         if ref is None:
           ref = y
         else:  # same parameters and routing: the dropless impls agree
           row["rel_err_vs_first"] = bc.rel_err(y, ref)
-        rows.append(finish(row, shape, sonic))
+        rows.append(finish(row, name, shape, sonic))
       except Exception as err:
         traceback.print_exc()
         rows.append({"impl": impl, "error": f"{type(err).__name__}: {err}"[:400]})
-      print(f"   {rows[-1]}", flush=True)
+      print_row(rows[-1])
     if use_torch:
       try:
-        rows.append(finish(torch_layer(shape, args.iters), shape, sonic))
+        rows.append(finish(torch_layer(shape, args.iters), name, shape, sonic))
       except Exception as err:
         traceback.print_exc()
         rows.append({"impl": "torch._grouped_mm", "error": f"{type(err).__name__}: {err}"[:400]})
       print(f"   {rows[-1]}", flush=True)
     results[name] = {"shape": dict(zip("T d n E k".split(), shape)), "sonicmoe": sonic,
+                     "sonicmoe_fig13_gib": FIG13_GIB.get(SCALE.get(name)),
                      "rows": rows}
     summary += [{"config": name, **{c: r.get(c) for c in (
         "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops", "fwd_vs_sonicmoe",
-        "bwd_vs_sonicmoe")}, "resid_GiB": (r.get("residual_bytes") or 0) / 2 ** 30} for r in rows]
-  payload = {"env": bc.environment(), "flop_count": "6 T k d n forward, 12 T k d n backward",
-             "results": results}
-  path = bc.write_result(args.out, "layer-configs", payload)
+        "bwd_vs_sonicmoe", "residual_vs_sonicmoe_fig13")},
+        "resid_GiB": (r.get("residual_bytes") or 0) / 2 ** 30} for r in rows]
+    # Written after every configuration, so a run cut short by a time limit keeps what it measured.
+    payload = {"env": env, "flop_count": "6 T k d n forward, 12 T k d n backward",
+               "results": results}
+    path = bc.write_result(args.out, "layer-configs", payload)
   plot(results, path.replace(".json", ".png"))
   print(bc.table(summary, ["config", "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops",
-                           "fwd_vs_sonicmoe", "bwd_vs_sonicmoe", "resid_GiB"]))
+                           "fwd_vs_sonicmoe", "bwd_vs_sonicmoe", "resid_GiB",
+                           "residual_vs_sonicmoe_fig13"]))
 
 
 if __name__ == "__main__":
