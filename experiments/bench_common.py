@@ -25,6 +25,8 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def time_jax(fn: Callable, *args, warmup: int = 2, iters: int = 10,
@@ -77,8 +79,6 @@ def time_torch(fn: Callable, *, warmup: int = 3, iters: int = 20) -> float:
 def rel_err(got, want) -> float:
   """||got - want|| / ||want||, computed in float32 on the device (no host copy of large arrays);
   inf when got has a NaN or inf, so an unwritten (poisoned) output can never pass."""
-  import jax.numpy as jnp
-
   got = jnp.asarray(got, jnp.float32)
   want = jnp.asarray(want, jnp.float32)
   if not bool(jnp.all(jnp.isfinite(got))):
@@ -184,6 +184,35 @@ def compiled_bytes(fn: Callable, *args) -> int | None:
       analysis.argument_size_in_bytes + analysis.output_size_in_bytes
       + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
   )
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays (or shape-dtype structs) of a pytree."""
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def layer_costs(forward: Callable, loss: Callable, params, x, iters: int):
+  """What one layer costs, given as forward(params, x) -> y and loss(params, x) -> scalar.
+
+  Returns (row, y, fwd, fwdbwd): row holds "finite" (y has no NaN/inf), "fwd_ms" and
+  "fwdbwd_ms" (time_jax of the forward and of jax.value_and_grad(loss) over params and x: under
+  jax.grad alone XLA would drop the unused forward value), "residual_bytes" (what the backward
+  keeps: the VJP's residuals less the parameters and the input, from jax.eval_shape),
+  "temp_bytes" and "fwd_temp_bytes" (XLA's planned temporaries of the forward+backward and of
+  the forward alone); fwd and fwdbwd are the compiled executables that were timed.
+  """
+  fwd = jax.jit(forward).lower(params, x).compile()
+  fwdbwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  y = fwd(params, x)
+  row = {"finite": bool(jnp.all(jnp.isfinite(y)))}
+  row["fwd_ms"] = time_jax(fwd, params, x, iters=iters)
+  row["fwdbwd_ms"] = time_jax(fwdbwd, params, x, iters=iters)
+  vjp_fn = jax.eval_shape(lambda p, x: jax.vjp(forward, p, x)[1], params, x)
+  row["residual_bytes"] = max(0, tree_bytes(vjp_fn) - tree_bytes(params) - tree_bytes(x))
+  for key, compiled in (("temp_bytes", fwdbwd), ("fwd_temp_bytes", fwd)):
+    analysis = compiled.memory_analysis()
+    row[key] = None if analysis is None else int(analysis.temp_size_in_bytes)
+  return row, y, fwd, fwdbwd
 
 
 def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:

@@ -68,10 +68,6 @@ def flops(shape) -> tuple[float, float]:
   return fwd, 2.0 * fwd
 
 
-def _bytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def kernel_profile(fn, *args, top: int = 12) -> dict:
   """GPU kernel time of one call of fn, by kernel (jax.profiler trace, summed as in
   experiments.profile_train): where a layer's time goes, for the fused-kernel work."""
@@ -87,10 +83,15 @@ def kernel_profile(fn, *args, top: int = 12) -> dict:
   return summary
 
 
-def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False) -> dict:
+def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False,
+              overrides: dict | None = None) -> tuple[dict, jax.Array]:
+  """(row, forward output) of one jaxmoe impl: forward and forward+backward times, the backward's
+  residual bytes, XLA's planned temporaries of the forward+backward ("temp_bytes") and of the
+  forward alone ("fwd_temp_bytes"); with impl "capacity" also the dropped fraction. `overrides`
+  go to MoEConfig (e.g. capacity_factor)."""
   t, d, n, e, k = shape
   cfg = MoEConfig(d_model=d, d_ff=n, num_experts=e, top_k=k, activation="swiglu", impl=impl,
-                  renormalize=True, backend=backend, block_size=min(128, n))
+                  renormalize=True, backend=backend, block_size=min(128, n), **(overrides or {}))
   layer = MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (t, d), jnp.float32).astype(jnp.bfloat16)
@@ -103,26 +104,21 @@ def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False) -> d
     y, stats = nnx.merge(graphdef, s)(x)
     return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)) + stats.loss
 
-  fwd = jax.jit(forward)
-  fwdbwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  row = {"impl": impl}
-  y = fwd(state, x)
-  row["finite"] = bool(jnp.all(jnp.isfinite(y)))
-  row["fwd_ms"] = bc.time_jax(fwd, state, x, iters=iters)
-  row["fwdbwd_ms"] = bc.time_jax(fwdbwd, state, x, iters=iters)
+  row, y, fwd, fwdbwd = bc.layer_costs(forward, loss, state, x, iters)
+  row = {"impl": impl, **row}
   if profile:
     row["profile_fwd"] = kernel_profile(fwd, state, x)
     row["profile_fwdbwd"] = kernel_profile(fwdbwd, state, x)
-  vjp_fn = jax.eval_shape(lambda s, x: jax.vjp(forward, s, x)[1], state, x)
-  row["residual_bytes"] = max(0, _bytes(vjp_fn) - _bytes(state) - _bytes(x))
-  analysis = fwdbwd.lower(state, x).compile().memory_analysis()
-  row["temp_bytes"] = None if analysis is None else int(analysis.temp_size_in_bytes)
+  if impl == "capacity":
+    dropped = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[1].dropped_fraction)(state, x)
+    row["dropped_fraction"] = float(dropped)
   return row, y
 
 
 def torch_layer(shape, iters: int) -> dict:
   """The same layer in PyTorch: fp32 router, softmax top-k renormalized, sort, torch._grouped_mm
-  SwiGLU experts, weighted combine; forward and forward+backward CUDA-event times, peak bytes."""
+  SwiGLU experts, weighted combine; forward (under no_grad) and forward+backward CUDA-event times,
+  and the peak bytes each allocates above the inputs."""
   import torch
 
   t, d, n, e, k = shape
@@ -156,14 +152,19 @@ def torch_layer(shape, iters: int) -> dict:
     for p in (x, router, w_up, w_down):
       p.grad = None
 
+  def timed_peak(fn) -> tuple[float, int]:
+    """(median ms of fn, peak bytes allocated while it ran above what was allocated before)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms = bc.time_torch(fn, iters=iters)
+    return ms, torch.cuda.max_memory_allocated() - base
+
   with torch.no_grad():
-    fwd_ms = bc.time_torch(forward, iters=iters)
-  torch.cuda.synchronize()
-  torch.cuda.reset_peak_memory_stats()
-  base = torch.cuda.memory_allocated()
-  fwdbwd_ms = bc.time_torch(step, iters=iters)
+    fwd_ms, fwd_peak = timed_peak(forward)
+  fwdbwd_ms, peak = timed_peak(step)
   return {"impl": "torch._grouped_mm", "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "finite": True,
-          "peak_bytes_above_inputs": torch.cuda.max_memory_allocated() - base}
+          "peak_bytes_above_inputs": peak, "fwd_peak_bytes_above_inputs": fwd_peak}
 
 
 def print_row(row: dict) -> None:
