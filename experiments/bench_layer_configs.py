@@ -6,7 +6,8 @@ jaxmoe impl asked for, plus a PyTorch layer on `torch._grouped_mm` where torch i
     (the SwiGLU up-projection 2 T k d 2n, the down-projection 2 T k n d), twice that backward;
     backward time = (forward+backward) - forward, both timed on their own;
   - activation memory: the bytes the backward keeps (the VJP residuals, less the parameters and
-    the input, from jax.eval_shape: what Figure 13 counts) and XLA's planned temporaries;
+    the input, from jax.eval_shape: what Figure 13 counts) and XLA's planned temporaries (of the
+    forward+backward; of the forward alone as fwd_temp_bytes);
   - SonicMoE's published numbers (read off Figure 14, H100) beside ours, as ratios.
 The layer is jaxmoe.MoE: router (float32 logits, softmax top-k, Mixtral's renormalized weights),
 dispatch, SwiGLU experts, combine; bf16 parameters and activations.

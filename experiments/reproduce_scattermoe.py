@@ -9,16 +9,18 @@ blocksparse, ragged_dot, capacity at --capacity-factor), plus the PyTorch layer 
 forward+backward (jax.value_and_grad over parameters and input), inference the forward alone;
 throughput is tokens/s of each. Memory: the bytes the backward keeps (VJP residuals less the
 parameters and input), XLA's planned temporaries of the forward+backward and of the forward; for
-torch, the peak bytes allocated above the inputs during each. Configurations (T tokens, d, expert
-width n, E, k), all at the paper's unit-benchmark T = 16384 (2048 x 8 in the authors'
-benchmark_moe.py):
+torch, the peak bytes allocated above the inputs during each. Every layer routes with softmax
+top-k renormalized (Mixtral's), float32 router logits, bf16 parameters and activations; the
+experts are SwiGLU (three matrices of width n; the paper's benchmark experts are two-matrix GELU
+MLPs). Configurations (T tokens, d, expert width n, E, k), all at T = 16384, the token count of
+the granularity sweep in the authors' benchmark script (benchmark_moe.py, L = 2048 x 8):
   mixtral      16384, 4096, 14336,   8,  2   Mixtral-8x7B's layer
   olmoe        16384, 2048,  1024,  64,  8   OLMoE-1B-7B's layer
-  finegrained  16384, 4096,   512, 128, 16   the finest point of the paper's granularity sweep:
-               its benchmark keeps the active width k n = 8192 at d 4096 and grows k with E = 8k
-               (k = 1 ... 16); k = 16 is where it shows padded and copying implementations
-               falling furthest behind the scatter one.
-The claim: scatter beats block-sparse, and the grouped (sort + gather copies) and padded
+  finegrained  16384, 4096,   512, 128, 16   the finest point of that granularity sweep, which
+               keeps the active width k n = 8192 at d 4096 and grows k with E = 8k (k = 1 ... 16):
+               the most, smallest experts, where the copies of the routed tokens (k per token)
+               and the padding per expert that the scatter kernels avoid weigh the most.
+The claim: scatter beats block-sparse, and the grouped (sort + gathered copies) and padded
 (capacity) layers, in training and inference throughput and in memory. The JSON has each
 config's ratios of every impl against scatter ("scatter_vs").
 
@@ -31,10 +33,10 @@ expert (16 active heads of 64: a standard d-1024 attention's).
 Part "moa-train": the compact LM (experiments.moa_lm; 4 layers, d 512, SwiGLU d_ff 1536, MoA E 16,
 top-4, 2 heads of 64 per expert against mha/gqa with 8 active heads of 64) trained with the same
 data, batches, steps, seed and AdamW schedule per attention: training loss per 10 steps,
-validation loss every --moa-eval-every steps, the final validation loss, step time. Data:
+validation loss every --eval-every steps, the final validation loss, step time. Data:
 --data/--tokenizer/--vocab-size as `jaxmoe train` (jaxmoe.corpus.load; default the embedded
 "python" corpus, its first --corpus-bytes, under a BPE of --vocab-size trained on its training
-share); the last 5% of tokens are validation. ScatterMoE's claim: MoA matches or beats standard
+share); the last 5% of tokens are validation. The claim checked: MoA matches or beats standard
 attention of the same active size.
 
 Writes OUT/<device>/<date>-scattermoe.json (run record, settings and every number; a run of some
@@ -188,7 +190,7 @@ def attention_cost(spec: dict, variant: str, backend, iters: int) -> dict:
 
   row, _, _, _ = bc.layer_costs(forward, loss, state, x, iters)
   tokens = spec["batch"] * spec["seq_len"]
-  return {"variant": variant, **row, "params": bc.tree_bytes(state) // 2,   # bf16 parameters
+  return {"variant": variant, **row, "params": sum(int(v.size) for v in jax.tree.leaves(state)),
           "active_params_per_token": moa_lm.active_attention_params(cfg, kind),
           "training_tokens_per_s": tokens / (row["fwdbwd_ms"] * 1e-3),
           "inference_tokens_per_s": tokens / (row["fwd_ms"] * 1e-3)}
@@ -246,25 +248,36 @@ def _footer(env: dict) -> str:
   return f"{env['device']}, JAX {env['jax']}, {env['date'][:10]}"
 
 
+# One color per impl in every panel.
+COLORS = {impl: f"C{i}" for i, impl in enumerate(LAYER_IMPLS + (TORCH,))}
+
+
+def _tick(row: dict, capacity_factor: float) -> str:
+  """An impl's axis label; a failed one keeps its place with a zero bar and says so."""
+  name = f"capacity {capacity_factor:g}" if row["impl"] == "capacity" else row["impl"]
+  return name + ("\n(failed)" if "error" in row else "")
+
+
 def plot_layers(part: dict, throughput_path: str, memory_path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   results, env = part["results"], part["env"]
+  tick = lambda r: _tick(r, part["settings"]["capacity_factor"])
   names = list(results)
   fig, axes = plt.subplots(2, len(names), figsize=(max(5.2 * len(names), 6.5), 8),
                            squeeze=False)
   for col, name in enumerate(names):
-    rows = [r for r in results[name]["rows"] if "error" not in r]
+    rows = results[name]["rows"]
     xs = np.arange(len(rows))
-    colors = [f"C{i}" for i in range(len(rows))]
     shape = results[name]["shape"]
     for ax, key, what in ((axes[0, col], "training_tokens_per_s", "training (forward+backward)"),
                           (axes[1, col], "inference_tokens_per_s", "inference (forward)")):
-      ax.bar(xs, [r[key] / 1e6 for r in rows], color=colors,
+      ax.bar(xs, [r.get(key, 0) / 1e6 for r in rows],
+             color=[COLORS.get(r["impl"], "grey") for r in rows],
              hatch=[("//" if r["impl"] == TORCH else "") for r in rows])
-      ax.set_xticks(xs, [r["impl"] for r in rows], rotation=30, ha="right")
+      ax.set_xticks(xs, [tick(r) for r in rows], rotation=30, ha="right")
       ax.set_ylabel(f"{what}\nthroughput (M tokens/s)")
       ax.set_title(f"{TITLES.get(name, name)}: T {shape['T']}, d {shape['d']}, n {shape['n']}, "
                    f"E {shape['E']}, k {shape['k']}", fontsize=9)
@@ -287,13 +300,13 @@ def plot_layers(part: dict, throughput_path: str, memory_path: str) -> None:
   fig, axes = plt.subplots(1, len(names), figsize=(max(5.2 * len(names), 6.5), 4.6),
                            squeeze=False)
   for ax, name in zip(axes[0], names):
-    rows = [r for r in results[name]["rows"] if "error" not in r]
+    rows = results[name]["rows"]
     xs = np.arange(len(rows))
     for i, (jax_key, torch_key, label) in enumerate(metrics):
-      vals = [(r.get(torch_key) if r["impl"] == TORCH and torch_key else
-               (None if r["impl"] == TORCH else r.get(jax_key))) for r in rows]
-      ax.bar(xs + (i - 1) * 0.27, [(v or 0) / 2 ** 30 for v in vals], 0.27, label=label)
-    ax.set_xticks(xs, [r["impl"] for r in rows], rotation=30, ha="right")
+      keys = [torch_key if r["impl"] == TORCH else jax_key for r in rows]
+      vals = [(r.get(k) or 0) if k else 0 for r, k in zip(rows, keys)]
+      ax.bar(xs + (i - 1) * 0.27, [v / 2 ** 30 for v in vals], 0.27, label=label)
+    ax.set_xticks(xs, [tick(r) for r in rows], rotation=30, ha="right")
     ax.set_ylabel("GiB")
     ax.set_title(TITLES.get(name, name), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
@@ -313,19 +326,20 @@ def plot_moa(cost: dict | None, train: dict | None, path: str) -> None:
   fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
   (a_ms, a_mem), (a_val, a_train) = axes
   if cost:
-    rows = [r for r in cost["rows"] if "error" not in r]
+    rows = cost["rows"]
     xs = np.arange(len(rows))
-    a_ms.bar(xs - 0.2, [r["fwd_ms"] for r in rows], 0.4, label="forward")
-    a_ms.bar(xs + 0.2, [r["fwdbwd_ms"] for r in rows], 0.4, label="forward+backward")
-    a_mem.bar(xs - 0.2, [r["residual_bytes"] / 2 ** 30 for r in rows], 0.4,
-              label="backward residuals")
-    a_mem.bar(xs + 0.2, [(r["temp_bytes"] or 0) / 2 ** 30 for r in rows], 0.4,
+    get = lambda key, scale=1.0: [(r.get(key) or 0) * scale for r in rows]
+    a_ms.bar(xs - 0.2, get("fwd_ms"), 0.4, label="forward")
+    a_ms.bar(xs + 0.2, get("fwdbwd_ms"), 0.4, label="forward+backward")
+    a_mem.bar(xs - 0.2, get("residual_bytes", 2.0 ** -30), 0.4, label="backward residuals")
+    a_mem.bar(xs + 0.2, get("temp_bytes", 2.0 ** -30), 0.4,
               label="forward+backward XLA temporaries")
     s = cost["spec"]
     shape = (f"B {s['batch']} x S {s['seq_len']}, d {s['d_model']}, MoA E {s['num_experts']} "
              f"top-{s['top_k']} x {s['heads']} heads of {s['head_dim']}")
     for ax, unit in ((a_ms, "time (ms)"), (a_mem, "GiB")):
-      ax.set_xticks(xs, [r["variant"] for r in rows], rotation=20, ha="right")
+      ax.set_xticks(xs, [r["variant"] + ("\n(failed)" if "error" in r else "") for r in rows],
+                    rotation=20, ha="right")
       ax.set_ylabel(unit)
       ax.legend(fontsize=8)
       ax.grid(axis="y", alpha=0.3)

@@ -33,3 +33,18 @@ def test_write_result_records_the_run(tmp_path):
   path = bc.write_result(str(tmp_path), "smoke", {"env": env, "results": [1.5]})
   assert path == str(tmp_path / bc.device_slug(env) / f"{env['date'][:10]}-smoke.json")
   assert json.load(open(path)) == {"env": env, "results": [1.5]}
+
+
+def test_layer_costs_counts_what_the_backward_keeps():
+  import jax.numpy as jnp
+
+  params = {"w": jnp.full((16, 24), 0.1, jnp.float32)}
+  x = jnp.ones((8, 16), jnp.float32)
+  # A matmul keeps only its operands (the parameters and the input, not counted); tanh after it
+  # keeps its (8, 24) float32 output as well.
+  for fn, residual in ((lambda p, x: x @ p["w"], 0), (lambda p, x: jnp.tanh(x @ p["w"]), 768)):
+    row, y, fwd, fwdbwd = bc.layer_costs(fn, lambda p, x: jnp.sum(fn(p, x)), params, x, iters=2)
+    assert row["residual_bytes"] == residual
+    assert row["finite"] and row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
+    assert row["temp_bytes"] is not None and row["fwd_temp_bytes"] is not None
+    assert y.shape == (8, 24) and fwdbwd(params, x)[0] == jnp.sum(y)
