@@ -39,14 +39,16 @@ validation loss every --eval-every steps, the final validation loss, step time. 
 share); the last 5% of tokens are validation. The claim checked: MoA matches or beats standard
 attention of the same active size.
 
-Writes OUT/<device>/<date>-scattermoe.json (run record, settings and every number; a run of some
---parts adds them to the same day's file, each part keeping its own run record) and beside it
--scattermoe-throughput.png, -scattermoe-memory.png and -scattermoe-moa.png.
+Writes OUT/<device>/<date>-scattermoe.json (run record, settings and every number) and beside it
+-scattermoe-throughput.png, -scattermoe-memory.png and -scattermoe-moa.png. A call of some
+--parts (or --configs) adds what it measures to the day's JSON found at that path: the parts and
+configurations it does not run stay, each with its own run record, and the figures show all.
 
-GPU (one H200; default OUT experiments/results):
+GPU (one H200; default OUT experiments/results), as two calls meant each to fit a 10-minute limit:
   python -m experiments.reproduce_scattermoe --parts layers [--out DIR]
   python -m experiments.reproduce_scattermoe --parts moa-cost,moa-train [--out DIR]
-(or all parts in one call: --parts layers,moa-cost,moa-train, the default).
+(all parts in one call is the default). A configuration cut short by a time limit is rerun alone
+with --configs NAME: the JSON is written after every configuration.
 CPU check of the whole pipeline (CI runs it; tiny shapes, Pallas interpret mode):
   python -m experiments.reproduce_scattermoe --quick --out DIR
 """
@@ -80,7 +82,7 @@ CONFIGS = {
 }
 TITLES = {"mixtral": "Mixtral-like", "olmoe": "OLMoE-like", "finegrained": "fine-grained"}
 QUICK_CONFIGS = {"finegrained": (64, 32, 32, 16, 8)}   # its capacity layer drops some tokens
-LAYER_IMPLS = ("grouped", "scatter", "blocksparse", "ragged_dot", "capacity")   # IMPLS' order
+LAYER_IMPLS = ("grouped", "scatter", "blocksparse", "ragged_dot", "capacity")   # jaxmoe's IMPLS
 TORCH = "torch._grouped_mm"
 
 COST_VARIANTS = ("moa-scatter", "moa-grouped", "moa-ragged_dot", "mha", "gqa")
@@ -118,14 +120,16 @@ def scatter_vs(rows: list[dict]) -> dict:
   return out
 
 
-def run_layers(table: dict, names, impls, tokens, capacity_factor, backend, iters, use_torch,
-               save) -> dict:
-  """Every impl (and torch) at each named configuration of table; save(results) after each."""
-  results = {}
+def run_layers(table: dict, names, impls, settings: dict, backend, use_torch: bool, env: dict,
+               results: dict, save) -> dict:
+  """Every impl (and torch) at each named configuration of table, into results (a config run
+  again replaces its entry; the others stay); save(results) after each configuration. settings:
+  tokens (None: the table's T), capacity_factor, iters."""
+  iters, capacity_factor = settings["iters"], settings["capacity_factor"]
   for name in names:
     shape = table[name]
-    if tokens:
-      shape = (tokens,) + tuple(shape[1:])
+    if settings["tokens"]:
+      shape = (settings["tokens"],) + tuple(shape[1:])
     print(f"== {name} (T, d, n, E, k) = {shape}", flush=True)
     rows, ref = [], None
     for impl in impls:
@@ -152,7 +156,8 @@ def run_layers(table: dict, names, impls, tokens, capacity_factor, backend, iter
         row = {"impl": TORCH, "error": f"{type(err).__name__}: {err}"[:400]}
       rows.append(_throughput(row, shape[0]))
       print(f"   {rows[-1]}", flush=True)
-    results[name] = {"shape": dict(zip("T d n E k".split(), shape)), "rows": rows,
+    results[name] = {"env": env, "settings": {**settings, "torch_reference": use_torch},
+                     "shape": dict(zip("T d n E k".split(), shape)), "rows": rows,
                      "scatter_vs": scatter_vs(rows)}
     save(results)   # after every configuration: a run cut short keeps what it measured
   return results
@@ -264,7 +269,6 @@ def plot_layers(part: dict, throughput_path: str, memory_path: str) -> None:
   import matplotlib.pyplot as plt
 
   results, env = part["results"], part["env"]
-  tick = lambda r: _tick(r, part["settings"]["capacity_factor"])
   names = list(results)
   fig, axes = plt.subplots(2, len(names), figsize=(max(5.2 * len(names), 6.5), 8),
                            squeeze=False)
@@ -277,7 +281,8 @@ def plot_layers(part: dict, throughput_path: str, memory_path: str) -> None:
       ax.bar(xs, [r.get(key, 0) / 1e6 for r in rows],
              color=[COLORS.get(r["impl"], "grey") for r in rows],
              hatch=[("//" if r["impl"] == TORCH else "") for r in rows])
-      ax.set_xticks(xs, [tick(r) for r in rows], rotation=30, ha="right")
+      ax.set_xticks(xs, [_tick(r, results[name]["settings"]["capacity_factor"]) for r in rows],
+                    rotation=30, ha="right")
       ax.set_ylabel(f"{what}\nthroughput (M tokens/s)")
       ax.set_title(f"{TITLES.get(name, name)}: T {shape['T']}, d {shape['d']}, n {shape['n']}, "
                    f"E {shape['E']}, k {shape['k']}", fontsize=9)
@@ -306,7 +311,8 @@ def plot_layers(part: dict, throughput_path: str, memory_path: str) -> None:
       keys = [torch_key if r["impl"] == TORCH else jax_key for r in rows]
       vals = [(r.get(k) or 0) if k else 0 for r, k in zip(rows, keys)]
       ax.bar(xs + (i - 1) * 0.27, [v / 2 ** 30 for v in vals], 0.27, label=label)
-    ax.set_xticks(xs, [tick(r) for r in rows], rotation=30, ha="right")
+    ax.set_xticks(xs, [_tick(r, results[name]["settings"]["capacity_factor"]) for r in rows],
+                  rotation=30, ha="right")
     ax.set_ylabel("GiB")
     ax.set_title(TITLES.get(name, name), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
@@ -388,12 +394,12 @@ def _csv(ap, flag: str, value: str, allowed) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  doc = __doc__
   ap = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0] + " (see the module docstring: python -c 'import "
-      "experiments.reproduce_scattermoe as m; print(m.__doc__)')",
-      epilog="GPU (one H200): python -m experiments.reproduce_scattermoe --parts layers; then "
-             "--parts moa-cost,moa-train (each under 10 minutes; the second adds to the same "
-             "day's JSON). CPU check: --quick --out DIR.")
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=doc[:doc.index("\n\nPart ")],
+      epilog=doc[doc.index("Writes OUT/"):] + "\nThe module docstring says what each part "
+      "measures: python -c 'import experiments.reproduce_scattermoe as m; print(m.__doc__)'")
   ap.add_argument("--out", default=bc.RESULTS_DIR,
                   help="results folder: writes OUT/<device>/<date>-scattermoe.json and .png files "
                        "(default experiments/results)")
@@ -464,11 +470,13 @@ def main(argv=None) -> str:
 
   if "layers" in args.parts:
     use_torch = not args.no_torch and not args.quick and torch_available()
-    settings = {"capacity_factor": args.capacity_factor, "iters": args.iters,
-                "torch_reference": use_torch, "tokens_override": args.tokens}
-    run_layers(QUICK_CONFIGS if args.quick else CONFIGS, args.configs, args.impls, args.tokens, args.capacity_factor, backend, args.iters,
-               use_torch, lambda results: save("layers", {"settings": settings,
-                                                          "results": results}))
+    settings = {"tokens": args.tokens, "capacity_factor": args.capacity_factor,
+                "iters": args.iters}
+    # Configurations measured by an earlier call stay (each with its own run record).
+    earlier = dict(payload["parts"].get("layers", {}).get("results", {}))
+    run_layers(QUICK_CONFIGS if args.quick else CONFIGS, args.configs, args.impls, settings,
+               backend, use_torch, env, earlier,
+               lambda results: save("layers", {"results": results}))
   if "moa-cost" in args.parts:
     print("== Mixture-of-Attention cost", flush=True)
     spec = QUICK_MOA_COST if args.quick else MOA_COST
