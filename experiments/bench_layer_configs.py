@@ -21,6 +21,7 @@ per configuration, forward and backward TFLOP/s per impl, SonicMoE's value as a 
 from __future__ import annotations
 
 import argparse
+import os
 import traceback
 
 import jax
@@ -85,11 +86,12 @@ def kernel_profile(fn, *args, top: int = 12) -> dict:
 
 
 def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False,
-              overrides: dict | None = None) -> tuple[dict, jax.Array]:
+              overrides: dict | None = None, hlo_path: str | None = None) -> tuple[dict, jax.Array]:
   """(row, forward output) of one jaxmoe impl: forward and forward+backward times, the backward's
   residual bytes, XLA's planned temporaries of the forward+backward ("temp_bytes") and of the
   forward alone ("fwd_temp_bytes"); with impl "capacity" also the dropped fraction. `overrides`
-  go to MoEConfig (e.g. capacity_factor)."""
+  go to MoEConfig (e.g. capacity_factor). `hlo_path`: write the compiled forward+backward's
+  optimized HLO there (gzip text: the profile's fusion names are its instruction names)."""
   t, d, n, e, k = shape
   cfg = MoEConfig(d_model=d, d_ff=n, num_experts=e, top_k=k, activation="swiglu", impl=impl,
                   renormalize=True, backend=backend, block_size=min(128, n), **(overrides or {}))
@@ -107,6 +109,10 @@ def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False,
 
   row, y, fwd, fwdbwd = bc.layer_costs(forward, loss, state, x, iters)
   row = {"impl": impl, **row}
+  if hlo_path:
+    import gzip
+    with gzip.open(hlo_path, "wt") as f:
+      f.write(fwdbwd.as_text())
   if profile:
     row["profile_fwd"] = kernel_profile(fwd, state, x)
     row["profile_fwdbwd"] = kernel_profile(fwdbwd, state, x)
@@ -246,6 +252,9 @@ def main() -> None:
   ap.add_argument("--profile", action="store_true",
                   help="also trace one forward and one forward+backward per jaxmoe impl and record "
                        "the GPU time of its top kernels (profile_fwd, profile_fwdbwd in the JSON)")
+  ap.add_argument("--dump-hlo", action="store_true",
+                  help="write each impl's optimized forward+backward HLO to "
+                       "OUT/hlo-<config>-<impl>.txt.gz")
   args = ap.parse_args()
   table = SMOKE_CONFIGS if args.smoke else CONFIGS
   names = args.configs.split(",") if args.configs else list(table)
@@ -263,7 +272,8 @@ def main() -> None:
     rows, ref = [], None
     for impl in impls:
       try:
-        row, y = jax_layer(shape, impl, backend, args.iters, args.profile)
+        hlo = os.path.join(args.out, f"hlo-{name}-{impl}.txt.gz") if args.dump_hlo else None
+        row, y = jax_layer(shape, impl, backend, args.iters, args.profile, hlo_path=hlo)
         if ref is None:
           ref = y
         else:  # same parameters and routing: the dropless impls agree
