@@ -142,6 +142,10 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
   if gates is not None:
     if x_grouped:
       d_sorted = jnp.sum(u.astype(jnp.float32) * x.astype(jnp.float32), axis=-1)
+      # The barrier keeps the row sums a reduction of their own. Fused into the scatter below,
+      # XLA computed each (M,) entry's sum over N in one thread (H200 profile at M 327680, N 256:
+      # a 773 us fusion, where reading the two (M, N) bf16 operands once takes about a tenth).
+      d_sorted = jax.lax.optimization_barrier(d_sorted)
       dgates = jnp.zeros((m,), jnp.float32).at[sorted_flat].set(d_sorted, unique_indices=True)
       u = u.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]
     else:
