@@ -1,4 +1,5 @@
-"""Plain-jnp references for the ScatterMoE scatter matmul (readable, obviously right; tests only).
+"""Plain-jnp references for the ScatterMoE scatter matmul and the expert GLU on it (readable,
+obviously right; tests only).
 
 Routing convention (kernels.scatter.routing): T tokens each pick k experts; flat index f = t * k + j
 is token t's j-th choice. `sorted_flat` (M = T * k,) lists the flat indices in expert-sorted order,
@@ -6,6 +7,8 @@ so sorted row p belongs to flat choice sorted_flat[p] and expert g(p) (from grou
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +51,23 @@ def scatter_matmul_reference(
     return flat
   t, k = gates.shape
   return jnp.einsum("tk,tkn->tn", gates.astype(jnp.float32), flat.reshape(t, k, -1))
+
+
+def scatter_glu_reference(
+    x: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    sorted_flat: jax.Array,
+    group_sizes: jax.Array,
+    gates: jax.Array,
+    activation: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+  """Float32 reference of kernels.scatter.scatter_glu: (T, d) = sum_j gates[t, j] *
+  (act(x[t] @ w_gate[e]) * (x[t] @ w_up[e])) @ w_down[e], with no rounding between the products;
+  differentiable (plain jnp). Small shapes only (see scatter_matmul_reference)."""
+  g = scatter_matmul_reference(x, w_gate, sorted_flat, group_sizes, y_grouped=True)
+  u = scatter_matmul_reference(x, w_up, sorted_flat, group_sizes, y_grouped=True)
+  a = activation(g) * u
+  return scatter_matmul_reference(a, w_down, sorted_flat, group_sizes, x_grouped=True,
+                                  gates=gates)
