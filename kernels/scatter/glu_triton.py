@@ -448,7 +448,7 @@ def search_space(shape: GroupedShape, dtypes: Dtypes, smoke: bool = False) -> li
                                num_stages=2)
     small = TritonScatterConfig(block_m=32, block_n=32, block_k=16, group_m=2, num_warps=4,
                                 num_stages=2)
-    return [FusedGluConfig.of_tiles(tiny), FusedGluConfig.of_tiles(small)]
+    return [FusedGluConfig.of_tiles(small), FusedGluConfig.of_tiles(tiny)]
   base = default_config(shape, dtypes)
   r = dataclasses.replace
   variants = []
