@@ -428,15 +428,16 @@ def check(shape: GroupedShape, dtypes: Dtypes, config: FusedGluConfig) -> str | 
 
 
 def default_config(shape: GroupedShape, dtypes: Dtypes) -> FusedGluConfig:
-  """128 x 128 tiles, K steps of 64 in 3 stages for 16-bit operands; float32 operands take twice
-  the bytes per tile: K steps of 32 in 2 stages."""
+  """128 x 128 tiles in 8 warps, K steps of 64 in 3 stages for 16-bit operands (the scatter
+  kernel's default); data_grad loads four tiles a step, so its K steps are 32 (96 KiB of stages,
+  like the others' 96-144). float32 operands take twice the bytes: K steps of 32 in 2 stages."""
+  c = TritonScatterConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8,
+                          num_stages=3)
+  r = dataclasses.replace
   if dtypes.operands.itemsize == 2:
-    tiles = TritonScatterConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8,
-                                num_stages=3)
-  else:
-    tiles = TritonScatterConfig(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8,
-                                num_stages=2)
-  return FusedGluConfig(up=tiles, hidden_grad=tiles, data_grad=tiles)
+    return FusedGluConfig(up=c, hidden_grad=c, data_grad=r(c, block_k=32))
+  c32 = r(c, block_k=32, num_stages=2)
+  return FusedGluConfig(up=c32, hidden_grad=c32, data_grad=c32)
 
 
 def search_space(shape: GroupedShape, dtypes: Dtypes, smoke: bool = False) -> list[FusedGluConfig]:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.common.groups import row_group_ids
+from kernels.gmm.reference import gmm_reference
 
 
 def scatter_matmul_reference(
@@ -65,9 +66,14 @@ def scatter_glu_reference(
 ) -> jax.Array:
   """Float32 reference of kernels.scatter.scatter_glu: (T, d) = sum_j gates[t, j] *
   (act(x[t] @ w_gate[e]) * (x[t] @ w_up[e])) @ w_down[e], with no rounding between the products;
-  differentiable (plain jnp). Small shapes only (see scatter_matmul_reference)."""
-  g = scatter_matmul_reference(x, w_gate, sorted_flat, group_sizes, y_grouped=True)
-  u = scatter_matmul_reference(x, w_up, sorted_flat, group_sizes, y_grouped=True)
-  a = activation(g) * u
-  return scatter_matmul_reference(a, w_down, sorted_flat, group_sizes, x_grouped=True,
-                                  gates=gates)
+  differentiable (plain jnp). The products are gmm_reference's masked dense products per expert
+  (E times the FLOPs, no per-row weight tensor), so GPU checks can use it at a few thousand rows."""
+  t, k = gates.shape
+  x_rows = jnp.take(x.astype(jnp.float32), sorted_flat // k, axis=0)
+  f32 = jnp.float32
+  g = gmm_reference(x_rows, w_gate.astype(f32), group_sizes, out_dtype=f32)
+  u = gmm_reference(x_rows, w_up.astype(f32), group_sizes, out_dtype=f32)
+  rows = gmm_reference(activation(g) * u, w_down.astype(f32), group_sizes, out_dtype=f32)
+  flat = jnp.zeros_like(rows).at[sorted_flat].set(rows)   # token-choice order
+  return jnp.einsum("tk,tkn->tn", gates.astype(f32), flat.reshape(t, k, -1),
+                    precision=jax.lax.Precision.HIGHEST)
