@@ -249,3 +249,21 @@ def test_fused_glu_lowers_for_h100(activation):
     assert name in text
   # The down projection's forward is the only scatter2scatter product left.
   assert text.count("jaxmoe_scatter2scatter") == text.count("jaxmoe_glu_up")
+
+
+def test_bench_scatter_glu_smoke(tmp_path, monkeypatch):
+  """experiments.bench_scatter --smoke --only glu: both paths timed, their outputs and gradients
+  compared, the JSON written."""
+  import json
+
+  from experiments import bench_scatter
+
+  monkeypatch.setattr("sys.argv", ["bench_scatter", "--smoke", "--only", "glu",
+                                   "--out", str(tmp_path)])
+  bench_scatter.main()
+  (path,) = tmp_path.glob("*/*-scatter-glu.json")
+  payload = json.loads(path.read_text())
+  (row,) = payload["glu"]
+  assert row["fused"]["fwdbwd_ms"] > 0 and row["products"]["fwdbwd_ms"] > 0
+  assert row["fused"]["residual_bytes"] < row["products"]["residual_bytes"]
+  assert len(payload["checks"]) == 6 and all(c["pass"] for c in payload["checks"])
