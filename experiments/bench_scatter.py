@@ -383,9 +383,30 @@ def bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend, cfg, iters
 
 # ---------------------------------------------------------------------------- fused GLU ---------
 
+def glu_costs(forward, params, x, ct, routing, iters):
+  """bc.layer_costs for forward(params, x, routing) with the loss <forward, ct>: ct and the
+  routing are arguments of the compiled programs (closed over, XLA would fold them into the
+  program as constants: 512 MiB of ct at T 32768, d 4096). Returns (row, y, fwd, fwdbwd)."""
+  loss = lambda p, x, ct, r: jnp.sum(forward(p, x, r).astype(jnp.float32) * ct)
+  fwd = jax.jit(forward).lower(params, x, routing).compile()
+  fwdbwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x, ct, routing).compile()
+  y = fwd(params, x, routing)
+  row = {"finite": bool(jnp.all(jnp.isfinite(y)))}
+  row["fwd_ms"] = bc.time_jax(fwd, params, x, routing, iters=iters)
+  row["fwdbwd_ms"] = bc.time_jax(fwdbwd, params, x, ct, routing, iters=iters)
+  vjp_fn = jax.eval_shape(lambda p, x: jax.vjp(lambda p, x: forward(p, x, routing), p, x)[1],
+                          params, x)
+  row["residual_bytes"] = max(0, bc.tree_bytes(vjp_fn) - bc.tree_bytes(params)
+                              - bc.tree_bytes(x) - bc.tree_bytes(routing))
+  for key, compiled in (("temp_bytes", fwdbwd), ("fwd_temp_bytes", fwd)):
+    analysis = compiled.memory_analysis()
+    row[key] = None if analysis is None else int(analysis.temp_size_in_bytes)
+  return row, y, fwd, fwdbwd
+
+
 def bench_glu(name, shape, backend, iters, checks, profile):
   """scatter_glu's fused path against its products path (fused=False) on `backend`, each with
-  its default configs: forward, forward+backward, residual and temporary bytes (bc.layer_costs),
+  its default configs: forward, forward+backward, residual and temporary bytes (glu_costs),
   TFLOP/s with SonicMoE's count; the products path's outputs and gradients as the comparison."""
   t, d, f, e, k = shape
   dt = jnp.bfloat16
@@ -404,28 +425,24 @@ def bench_glu(name, shape, backend, iters, checks, profile):
   print(f"== glu {name}: T={t} d={d} f={f} E={e} k={k} backend={backend}", flush=True)
   outs = {}
   for path, fused in (("fused", True), ("products", False)):
-    def forward(p, x, fused=fused):
+    def forward(p, x, r, fused=fused):
       wg, wu, wd, g = p
-      return scatter_glu(x, wg, wu, wd, routing, g, activation="silu", backend=backend,
-                         fused=fused)
-
-    def loss(p, x, forward=forward):
-      return jnp.sum(forward(p, x).astype(jnp.float32) * ct)
+      return scatter_glu(x, wg, wu, wd, r, g, activation="silu", backend=backend, fused=fused)
 
     res = {}
     try:
-      costs, y, fwd, fwdbwd = bc.layer_costs(forward, loss, params, x, iters)
+      costs, y, fwd, fwdbwd = glu_costs(forward, params, x, ct, routing, iters)
       res.update(costs)
       res["bwd_ms"] = res["fwdbwd_ms"] - res["fwd_ms"]
       res["fwd_tflops"] = bc.tflops(fwd_flops, res["fwd_ms"])
       res["bwd_tflops"] = bc.tflops(2 * fwd_flops, res["bwd_ms"]) if res["bwd_ms"] > 0 else None
       res["fwdbwd_tflops"] = bc.tflops(3 * fwd_flops, res["fwdbwd_ms"])
-      _, (dp, dx) = fwdbwd(params, x)
+      _, (dp, dx) = fwdbwd(params, x, ct, routing)
       outs[path] = (y, dx, *dp)
       if profile:
         from experiments.bench_layer_configs import kernel_profile
-        res["profile_fwd"] = kernel_profile(fwd, params, x)
-        res["profile_fwdbwd"] = kernel_profile(fwdbwd, params, x)
+        res["profile_fwd"] = kernel_profile(fwd, params, x, routing)
+        res["profile_fwdbwd"] = kernel_profile(fwdbwd, params, x, ct, routing)
     except Exception as ex:
       traceback.print_exc()
       res["error"] = f"{type(ex).__name__}: {ex}"[:400]

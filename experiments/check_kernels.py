@@ -140,6 +140,12 @@ GLU_GPU_SHAPES = [
 GLU_OUTPUTS = ("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates")
 
 
+def _glu_outputs(fn, x, ws, gates, probe):
+  """fn's output and the gradients of <output, probe> of x, the three weights and the gates."""
+  y, vjp = jax.vjp(fn, x, *ws, gates)
+  return (y, *vjp(probe.astype(y.dtype)))
+
+
 def _glu_cases(shapes, dtype):
   """The expert GLU: one case per output (y and the gradients of <y, probe>); each backend's
   forward and backward run once, for all six."""
@@ -163,20 +169,17 @@ def _glu_cases(shapes, dtype):
     gates = jax.random.uniform(keys[4], (t, top), jnp.float32, 0.1, 1.0)
     probe = jax.random.normal(keys[5], (t, d), jnp.float32)
 
-    def outputs(fn, x=x, ws=ws, gates=gates, probe=probe):
-      y, vjp = jax.vjp(fn, x, *ws, gates)
-      return (y, *vjp(probe.astype(y.dtype)))
-
     f32 = lambda a: a.astype(jnp.float32)
     ref = lambda x, wg, wu, wd, g, r=routing, act=act: scatter_glu_reference(
         x, wg, wu, wd, *r, g, ACTIVATIONS[act])
-    want = outputs(ref, f32(x), tuple(map(f32, ws)), gates)
+    want = _glu_outputs(ref, f32(x), tuple(map(f32, ws)), gates, probe)
 
     @functools.lru_cache(maxsize=None)
-    def got(backend, r=routing, act=act, outputs=outputs):
+    def got(backend, r=routing, act=act, args=(x, ws, gates, probe)):
       glu = lambda x, wg, wu, wd, g: kernels.scatter_glu(x, wg, wu, wd, r, g, activation=act,
                                                          backend=backend)
-      return jax.block_until_ready(jax.jit(lambda: outputs(glu))())
+      # The arrays are arguments, not constants folded into the compiled program.
+      return jax.block_until_ready(jax.jit(functools.partial(_glu_outputs, glu))(*args))
 
     shape = GroupedShape(t * top, d, f, e)
     label = f"{name}_k{top}_{act}"
