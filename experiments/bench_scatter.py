@@ -18,11 +18,22 @@ In ONE run:
      combine) vs the same with jax.lax.ragged_dot vs torch._grouped_mm (when torch imports with
      CUDA): time, TFLOP/s, memory (JAX: compiled plan arg+out+temp and device peak; torch:
      max_memory_allocated).
-  4. JSON (run record and all numbers) to OUT/<device>/<date>-scatter.json, compact tables last.
+  4. with --only glu (not part of "all"): the expert SwiGLU's fused path (kernels.scatter.glu)
+     against its products path (scatter_glu fused=False) on the same backend, at SonicMoE's
+     fine-grained configurations (T 40960, d 768, f 256, E 128, k 8; T 32768, d 4096, f 256,
+     E 256, k 16): forward and forward+backward (jax.value_and_grad) times, TFLOP/s with SonicMoE's
+     count (6 T k d f forward, twice that backward), the backward's residual bytes and XLA's
+     planned temporaries; the two paths' outputs and gradients compared; --profile adds each
+     one's top GPU kernels.
+  5. JSON (run record and all numbers) to OUT/<device>/<date>-scatter.json (--only glu:
+     <date>-scatter-glu.json), compact tables last.
 
 GPU:        python -m experiments.bench_scatter [--out DIR] [--block-m 128 --block-n 128
             --block-k 64 --group-m 8 --num-warps 8 --num-stages 3 --shapes mixtral,olmoe]
+            python -m experiments.bench_scatter --only glu [--glu-shapes NAME,...] [--profile]
+            [--out DIR]
 CPU smoke:  python -m experiments.bench_scatter --smoke --out /tmp/x   (tiny shapes, interpret)
+            python -m experiments.bench_scatter --smoke --only glu --out /tmp/x
 """
 
 from __future__ import annotations
@@ -52,6 +63,11 @@ MLP_SHAPES = {  # name: (tokens T, d, f, E, k)
     "olmoe": (16384, 2048, 1024, 64, 8),
     "finegrained": (16384, 2048, 1408, 64, 6),
 }
+GLU_SHAPES = {  # name: (tokens T, d, f, E, k): SonicMoE's (Figure 14) fine-grained layers
+    "T40960-d768-f256-E128-k8": (40960, 768, 256, 128, 8),
+    "T32768-d4096-f256-E256-k16": (32768, 4096, 256, 256, 16),
+}
+SMOKE_GLU = {"smoke": (40, 32, 48, 4, 2)}
 EDGE = (523, 2, 6, 200, 300)        # T, k, E, K, N
 SMOKE_OP = {"smoke": (48, 32, 48, 4, 2)}
 SMOKE_MLP = {"smoke": (24, 32, 48, 4, 2)}
@@ -365,6 +381,90 @@ def bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend, cfg, iters
   return row
 
 
+# ---------------------------------------------------------------------------- fused GLU ---------
+
+def glu_costs(forward, params, x, ct, routing, iters):
+  """bc.layer_costs for forward(params, x, routing) with the loss <forward, ct>: ct and the
+  routing are arguments of the compiled programs (closed over, XLA would fold them into the
+  program as constants: 512 MiB of ct at T 32768, d 4096). Returns (row, y, fwd, fwdbwd)."""
+  loss = lambda p, x, ct, r: jnp.sum(forward(p, x, r).astype(jnp.float32) * ct)
+  fwd = jax.jit(forward).lower(params, x, routing).compile()
+  fwdbwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x, ct, routing).compile()
+  y = fwd(params, x, routing)
+  row = {"finite": bool(jnp.all(jnp.isfinite(y)))}
+  row["fwd_ms"] = bc.time_jax(fwd, params, x, routing, iters=iters)
+  row["fwdbwd_ms"] = bc.time_jax(fwdbwd, params, x, ct, routing, iters=iters)
+  vjp_fn = jax.eval_shape(lambda p, x: jax.vjp(lambda p, x: forward(p, x, routing), p, x)[1],
+                          params, x)
+  row["residual_bytes"] = max(0, bc.tree_bytes(vjp_fn) - bc.tree_bytes(params)
+                              - bc.tree_bytes(x) - bc.tree_bytes(routing))
+  for key, compiled in (("temp_bytes", fwdbwd), ("fwd_temp_bytes", fwd)):
+    analysis = compiled.memory_analysis()
+    row[key] = None if analysis is None else int(analysis.temp_size_in_bytes)
+  return row, y, fwd, fwdbwd
+
+
+def bench_glu(name, shape, backend, iters, checks, profile):
+  """scatter_glu's fused path against its products path (fused=False) on `backend`, each with
+  its default configs: forward, forward+backward, residual and temporary bytes (glu_costs),
+  TFLOP/s with SonicMoE's count; the products path's outputs and gradients as the comparison."""
+  t, d, f, e, k = shape
+  dt = jnp.bfloat16
+  ks = jax.random.split(jax.random.key(3), 6)
+  x = normal(ks[0], (t, d), dt)
+  idx, gates = top_k_routing(ks[1], t, e, k, jnp.float32)
+  routing = sort_slots(idx, e)
+  params = (normal(ks[2], (e, d, f), dt, d ** -0.5), normal(ks[3], (e, d, f), dt, d ** -0.5),
+            normal(ks[4], (e, f, d), dt, f ** -0.5), gates)
+  ct = normal(ks[5], (t, d), jnp.float32)
+  fwd_flops = 6.0 * t * k * d * f
+  row = {"shape": name, "T": t, "d": d, "f": f, "E": e, "k": k, "backend": backend,
+         "flops_fwd": fwd_flops, "flops_bwd": 2 * fwd_flops,
+         "group_sizes_max": int(jnp.max(routing.group_sizes)),
+         "group_sizes_min": int(jnp.min(routing.group_sizes))}
+  print(f"== glu {name}: T={t} d={d} f={f} E={e} k={k} backend={backend}", flush=True)
+  outs = {}
+  for path, fused in (("fused", True), ("products", False)):
+    def forward(p, x, r, fused=fused):
+      wg, wu, wd, g = p
+      return scatter_glu(x, wg, wu, wd, r, g, activation="silu", backend=backend, fused=fused)
+
+    res = {}
+    try:
+      costs, y, fwd, fwdbwd = glu_costs(forward, params, x, ct, routing, iters)
+      res.update(costs)
+      res["bwd_ms"] = res["fwdbwd_ms"] - res["fwd_ms"]
+      res["fwd_tflops"] = bc.tflops(fwd_flops, res["fwd_ms"])
+      res["bwd_tflops"] = bc.tflops(2 * fwd_flops, res["bwd_ms"]) if res["bwd_ms"] > 0 else None
+      res["fwdbwd_tflops"] = bc.tflops(3 * fwd_flops, res["fwdbwd_ms"])
+      _, (dp, dx) = fwdbwd(params, x, ct, routing)
+      outs[path] = (y, dx, *dp)
+      if profile:
+        from experiments.bench_layer_configs import kernel_profile
+        res["profile_fwd"] = kernel_profile(fwd, params, x, routing)
+        res["profile_fwdbwd"] = kernel_profile(fwdbwd, params, x, ct, routing)
+    except Exception as ex:
+      traceback.print_exc()
+      res["error"] = f"{type(ex).__name__}: {ex}"[:400]
+    row[path] = res
+    print(f"   {path}: { {k_: v for k_, v in res.items() if not k_.startswith('profile')} }",
+          flush=True)
+    for key in ("profile_fwd", "profile_fwdbwd"):
+      prof = res.get(key)
+      if prof and "top" in prof:
+        print(f"     {key}: busy {prof['busy_us']:.0f} us of {prof['span_us']:.0f} us span")
+        for kern in prof["top"]:
+          print(f"       {kern['us']:9.1f} us  x{kern['count']:<3d} {kern['name'][:100]}")
+  if len(outs) == 2:
+    for which, a_, b_ in zip(("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates"),
+                             outs["fused"], outs["products"]):
+      report(checks, f"glu/{name}/{backend} fused vs products {which}", rel(a_, b_), tol=2e-2)
+  if row["fused"].get("fwdbwd_ms") and row["products"].get("fwdbwd_ms"):
+    row["speedup_fwd"] = row["products"]["fwd_ms"] / row["fused"]["fwd_ms"]
+    row["speedup_fwdbwd"] = row["products"]["fwdbwd_ms"] / row["fused"]["fwdbwd_ms"]
+  return row
+
+
 def torch_available() -> bool:
   try:
     import torch
@@ -380,7 +480,14 @@ def main():
                   help="results folder: writes OUT/<device>/<date>-scatter.json (default experiments/results)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via triton_interpret")
   ap.add_argument("--shapes", default=",".join(OP_SHAPES))
-  ap.add_argument("--only", choices=["ops", "mlp", "all"], default="all")
+  ap.add_argument("--only", choices=["ops", "mlp", "all", "glu"], default="all",
+                  help="glu: only the fused expert GLU against its products path (see item 4)")
+  ap.add_argument("--glu-shapes", default=",".join(GLU_SHAPES),
+                  help=f"--only glu: comma-separated, of {list(GLU_SHAPES)}")
+  ap.add_argument("--glu-backend", default="pallas",
+                  help="--only glu: the scatter_glu backend both paths run on (default pallas)")
+  ap.add_argument("--profile", action="store_true",
+                  help="--only glu: also record each path's top GPU kernels (one traced call)")
   ap.add_argument("--mlp-kinds", default="glu", help="comma list of glu, mlp")
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--block-m", type=int, default=128)
@@ -417,6 +524,9 @@ def main():
                                     **cfg.__dict__}, "torch": use_torch,
              "checks": [], "ops": [], "mlp": []}
   checks = payload["checks"]
+  if args.only == "glu":
+    run_glu(args, env, payload)
+    return
   out = lambda: bc.write_result(args.out, "scatter", payload)
 
   for be in dict.fromkeys((backend, mixed_backend)) if not args.no_edge else ():
@@ -465,6 +575,44 @@ def main():
           "memory = max_memory_allocated)")
     print(bc.table(rows, list(rows[0])))
   fails = [c["name"] for c in checks if not c.get("pass")]
+  print("CHECKS:", "ALL PASS" if not fails else f"{len(fails)} FAIL: {fails}")
+
+
+def run_glu(args, env, payload) -> None:
+  """--only glu: bench_glu at each shape, JSON after each, a table last."""
+  if args.smoke:
+    shapes, backend, iters = SMOKE_GLU, "triton_interpret", 1
+  else:
+    unknown = [n for n in args.glu_shapes.split(",") if n not in GLU_SHAPES]
+    if unknown:
+      raise SystemExit(f"--glu-shapes: unknown {unknown}; known: {list(GLU_SHAPES)}")
+    shapes = {n: GLU_SHAPES[n] for n in args.glu_shapes.split(",")}
+    backend, iters = args.glu_backend, args.iters
+  payload.update(config={"glu_backend": backend, "configs": "the registry defaults"}, glu=[])
+  del payload["ops"], payload["mlp"]
+  out = lambda: bc.write_result(args.out, "scatter-glu", payload)
+  for name, shape in shapes.items():
+    payload["glu"].append(bench_glu(name, shape, backend, iters, payload["checks"], args.profile))
+    out()
+  print(f"wrote {out()}")
+  rows = []
+  mib = lambda v: v / 2 ** 20 if v is not None else None
+  for r in payload["glu"]:
+    for path in ("fused", "products"):
+      res = r.get(path, {})
+      rows.append({"shape": r["shape"], "path": path, "fwd ms": res.get("fwd_ms"),
+                   "bwd ms": res.get("bwd_ms"), "fwd TF/s": res.get("fwd_tflops"),
+                   "bwd TF/s": res.get("bwd_tflops"), "resid MiB": mib(res.get("residual_bytes")),
+                   "temp MiB": mib(res.get("temp_bytes")),
+                   "error": (res.get("error") or "")[:40]})
+  print(f"expert SwiGLU, bf16, backend {backend}: fused vs products (scatter_glu fused=False); "
+        f"SonicMoE's FLOP count; {env['device']}, jax {env['jax']}")
+  print(bc.table(rows, list(rows[0])))
+  for r in payload["glu"]:
+    if "speedup_fwdbwd" in r:
+      print(f"{r['shape']}: fused is {r['speedup_fwd']:.2f}x (forward) and "
+            f"{r['speedup_fwdbwd']:.2f}x (forward+backward) the products path's speed")
+  fails = [c["name"] for c in payload["checks"] if not c.get("pass")]
   print("CHECKS:", "ALL PASS" if not fails else f"{len(fails)} FAIL: {fails}")
 
 

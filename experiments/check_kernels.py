@@ -1,13 +1,16 @@
 """Checks every backend of every op's registry (kernels.REGISTRIES) against the op's reference.
 
 For each op (grouped_matmul forward and transposed, group_xty, scatter_matmul in its gathering and
-its combining layout, the block-sparse sdd / dsd / dds), each backend name of its registry
+its combining layout, the expert GLU scatter_glu (output and its gradients of x, the three
+weights and the gates; the fused kernels on every backend but "xla"), the block-sparse sdd / dsd /
+dds), each backend name of its registry
 ("pallas" included: the row says which backend it picked), shapes with an empty group, one group
 taking all rows, sizes that are not tile multiples and rows past sum(group_sizes), in bfloat16 and
 float32: runs the public op where the backend's `unavailable` gives no reason (else the row
 records the reason), and reports the relative error against the float32 reference, whether every
-output is finite (the interpreter leaves unwritten rows NaN; the scatter kernel also runs on an
-output buffer poisoned with NaN) and whether the rows past the groups are zero.
+output is finite (the interpreter leaves unwritten rows NaN; the scatter kernel and the fused GLU
+kernels also run on output buffers poisoned with NaN, with rows past sum(group_sizes) that must
+come out zero) and whether the rows past the groups are zero.
 
 GPU:  python -m experiments.check_kernels --out results.json   (compiled backends, larger shapes)
 CPU:  python -m experiments.check_kernels --quick --out /tmp/check.json   (xla + interpret
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 import traceback
@@ -31,6 +35,7 @@ import numpy as np
 import kernels
 from kernels import blocksparse
 from kernels.common import registry
+from kernels.common.groups import row_group_ids
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 from kernels.scatter import scatter2scatter, scatter_matmul_reference
 
@@ -118,6 +123,129 @@ def _scatter_cases(shapes, dtype):
   return cases
 
 
+# (name, T, k, d, f, expert weights of the routing draw (0: an empty expert), activation): the
+# expert GLU at empty experts, one expert taking every token, sizes off the tiles, fine-grained
+# experts (f = 256, k = 8 and 16).
+GLU_QUICK_SHAPES = [
+    ("edge", 50, 2, 128, 128, [30, 0, 50, 5], "silu"),      # fits the Mosaic tiles
+    ("one_expert_all", 37, 1, 40, 72, [0, 1, 0, 0], "gelu"),
+]
+GLU_GPU_SHAPES = [
+    ("edge", 1500, 2, 1024, 2048, [300, 0, 1, 500, 0, 150, 0, 0], "silu"),
+    ("one_expert_all", 4099, 1, 2048, 1024, [0, 0, 1, 0], "gelu"),
+    ("ragged", 3001, 2, 1000, 1400, [17, 1000, 0, 1333, 600, 0, 40, 0], "gelu_tanh"),
+    ("fine_k8", 3001, 8, 768, 256, [0 if i % 4 == 3 else 1 + i % 5 for i in range(128)], "silu"),
+    ("fine_k16", 1021, 16, 4096, 256, [0 if i % 8 == 5 else 1 for i in range(256)], "silu"),
+]
+GLU_OUTPUTS = ("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates")
+
+
+def _glu_outputs(fn, x, ws, gates, probe):
+  """fn's output and the gradients of <output, probe> of x, the three weights and the gates."""
+  y, vjp = jax.vjp(fn, x, *ws, gates)
+  return (y, *vjp(probe.astype(y.dtype)))
+
+
+def _glu_cases(shapes, dtype):
+  """The expert GLU: one case per output (y and the gradients of <y, probe>); each backend's
+  forward and backward run once, for all six."""
+  from kernels.activations import ACTIVATIONS
+  from kernels.scatter import scatter_glu_reference
+
+  cases = []
+  for name, t, top, d, f, weights, act in shapes:
+    e = len(weights)
+    keys = jax.random.split(jax.random.key(5 * t + f), 6)
+    probs = np.asarray(weights, np.float64) + 1e-12
+    rng = np.random.default_rng(t)
+    idx = np.stack([rng.choice(e, size=top, replace=False, p=probs / probs.sum())
+                    for _ in range(t)]) if top <= np.count_nonzero(weights) else None
+    if idx is None:   # fewer used experts than k: repeats allowed
+      idx = rng.choice(e, size=(t, top), p=probs / probs.sum())
+    routing = kernels.sort_slots(jnp.asarray(idx, jnp.int32), e)
+    x = _rand(keys[0], (t, d), dtype)
+    ws = (_rand(keys[1], (e, d, f), dtype, d ** -0.5), _rand(keys[2], (e, d, f), dtype, d ** -0.5),
+          _rand(keys[3], (e, f, d), dtype, f ** -0.5))
+    gates = jax.random.uniform(keys[4], (t, top), jnp.float32, 0.1, 1.0)
+    probe = jax.random.normal(keys[5], (t, d), jnp.float32)
+
+    f32 = lambda a: a.astype(jnp.float32)
+    ref = lambda x, wg, wu, wd, g, r=routing, act=act: scatter_glu_reference(
+        x, wg, wu, wd, *r, g, ACTIVATIONS[act])
+    want = _glu_outputs(ref, f32(x), tuple(map(f32, ws)), gates, probe)
+
+    @functools.lru_cache(maxsize=None)
+    def got(backend, r=routing, act=act, args=(x, ws, gates, probe)):
+      glu = lambda x, wg, wu, wd, g: kernels.scatter_glu(
+          x, wg, wu, wd, r, g, activation=act, backend=backend,
+          fused=backend != "xla")   # every GLU backend but "xla" has the fused kernels
+      # The arrays are arguments, not constants folded into the compiled program.
+      return jax.block_until_ready(jax.jit(functools.partial(_glu_outputs, glu))(*args))
+
+    shape = GroupedShape(t * top, d, f, e)
+    label = f"{name}_k{top}_{act}"
+    for i, which in enumerate(GLU_OUTPUTS):
+      op = "scatter_glu" if which == "y" else f"scatter_glu({which})"
+      cases.append((op, label, shape, lambda b, i=i, got=got: got(b)[i], want[i], None))
+  return cases
+
+
+def _glu_poison_check(dtype, interpret: bool) -> float:
+  """The three fused GLU kernels writing into NaN-poisoned outputs, with rows past
+  sum(group_sizes): the largest rel_err of their outputs against the float32 reference (inf if a
+  row was left unwritten or a tail row is not zero)."""
+  from kernels.activations import ACTIVATIONS
+  from kernels.hidden import glu_math_grad
+  from kernels.scatter import glu_triton
+
+  m, t, d, f, e = (96, 48, 64, 48, 4) if interpret else (4000, 2000, 768, 256, 8)
+  sizes = jnp.asarray([m // 4, 0, m // 2, m // 8], jnp.int32) if e == 4 else jnp.asarray(
+      [m // 8, 0, m // 4, 1, 0, m // 4, m // 8, 7], jnp.int32)
+  used = int(sizes.sum())
+  keys = jax.random.split(jax.random.key(13), 8)
+  src = jax.random.randint(keys[0], (m,), 0, t)
+  dst = jax.random.permutation(keys[1], m).astype(jnp.int32)
+  x = _rand(keys[2], (t, d), dtype)
+  wg, wu = (_rand(k, (e, d, f), dtype, d ** -0.5) for k in keys[3:5])
+  wd = _rand(keys[5], (e, f, d), dtype, f ** -0.5)
+  do = _rand(keys[6], (m, d), dtype)
+  scale = jax.random.uniform(keys[7], (m,), jnp.float32, 0.1, 1.0)
+  f32 = lambda a: a.astype(jnp.float32)
+  gids = row_group_ids(sizes, m)
+  valid = (gids < e)[:, None]
+  errs = []
+
+  def err(got, want, tail_rows):
+    got32 = np.asarray(f32(got))
+    if not np.all(got32[tail_rows] == 0):
+      return float("inf")
+    return rel_err(got, want)
+
+  a, g, u = glu_triton.glu_up(x, wg, wu, sizes, src, activation="silu", save_gate_up=True,
+                              interpret=interpret, poison=True)
+  xs = f32(x)[src]
+  want_g = kernels.gmm_reference(xs, f32(wg), sizes, out_dtype=jnp.float32)
+  want_u = kernels.gmm_reference(xs, f32(wu), sizes, out_dtype=jnp.float32)
+  tail = np.arange(used, m)
+  errs += [err(g, want_g, tail), err(u, want_u, tail),
+           err(a, ACTIVATIONS["silu"](want_g) * want_u, tail)]
+  dg, du, ga, parts = glu_triton.glu_hidden_grad(do, wd, g, u, scale, sizes, activation="silu",
+                                                 interpret=interpret, poison=True)
+  da_ = kernels.gmm_reference(f32(do), f32(wd), sizes, transpose_rhs=True, out_dtype=jnp.float32)
+  a32, want_dg, want_du = glu_math_grad(ACTIVATIONS["silu"], g, u, scale[:, None] * da_)
+  a_q = f32(a32.astype(dtype))
+  errs += [err(dg, jnp.where(valid, want_dg, 0), tail), err(du, jnp.where(valid, want_du, 0), tail),
+           err(ga, jnp.where(valid, scale[:, None] * a_q, 0), tail),
+           err(parts.sum(0)[:, None], jnp.sum(da_ * a_q, axis=1)[:, None], tail)]
+  dx = glu_triton.glu_data_grad(dg, du, wg, wu, sizes, dst, interpret=interpret, poison=True)
+  want_rows = (kernels.gmm_reference(f32(dg), f32(wg), sizes, transpose_rhs=True,
+                                     out_dtype=jnp.float32)
+               + kernels.gmm_reference(f32(du), f32(wu), sizes, transpose_rhs=True,
+                                       out_dtype=jnp.float32))
+  errs.append(err(dx, jnp.zeros_like(want_rows).at[dst].set(want_rows), np.asarray(dst)[used:]))
+  return max(errs)
+
+
 def _blocksparse_cases(quick: bool, dtype):
   b, f, kd = (16, 32, 40) if quick else (128, 1024, 1000)
   m = 48 if quick else 3000
@@ -145,6 +273,8 @@ def _registry_of(op: str) -> registry.Registry:
     return kernels.GMM_BACKENDS
   if op.startswith("scatter_matmul"):
     return kernels.SCATTER_BACKENDS
+  if op.startswith("scatter_glu"):
+    return kernels.GLU_BACKENDS
   if op.startswith("blocksparse"):
     return kernels.BLOCKSPARSE_BACKENDS
   return kernels.REGISTRIES[op]
@@ -178,7 +308,10 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
       continue
     dn = jnp.dtype(dtype).name
     dtypes = make_dtypes(dtype)
+    want_glu = not ops or "scatter_glu" in ops
     cases = (_grouped_cases(shapes, dtype) + _scatter_cases(shapes, dtype)
+             + (_glu_cases(GLU_QUICK_SHAPES if quick else GLU_GPU_SHAPES, dtype) if want_glu
+                else [])
              + _blocksparse_cases(quick, dtype))
     for op, shape_name, shape, call, want, tail in cases:
       if ops and op.split("(")[0] not in ops:
@@ -195,7 +328,8 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
         if resolved.interpret and not quick:
           row.update(status="skipped", reason="interpret backend (use --quick)")
         elif (resolved.name == "mosaic" and dn == "float32"
-              and (op.startswith("grouped_matmul") or op == "group_xty")):
+              and (op.startswith(("grouped_matmul", "scatter_glu")) or op == "group_xty")):
+          # (scatter_glu's down projection and weight gradients run on those kernels)
           row.update(status="skipped", reason=MOSAIC_F32)
         else:
           row["reason"] = resolved.unavailable(shape, reg_dtypes)
@@ -228,6 +362,16 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
                    "shape": f"m{shape.m}", "dtype": dn, "rel_err": err,
                    "status": "ok" if err <= TOL[dn] else "FAIL"})
       print(f"  scatter2scatter(poisoned)      {name:17s} {dn:9s} {rows[-1]['status']} {err:.3g}")
+    # The fused GLU kernels on poisoned outputs, rows past the groups included.
+    for name, interpret in (("triton_interpret", True),) if quick else (("triton", False),):
+      if (not interpret and not registry.on_gpu()) or (backends and name not in backends) or (
+          ops and "scatter_glu" not in ops):
+        continue
+      err = _glu_poison_check(dtype, interpret)
+      rows.append({"op": "glu kernels(poisoned)", "backend": name, "runs_on": name,
+                   "shape": "tail", "dtype": dn, "rel_err": err,
+                   "status": "ok" if err <= TOL[dn] else "FAIL"})
+      print(f"  glu kernels(poisoned)          {name:17s} {dn:9s} {rows[-1]['status']} {err:.3g}")
   return rows
 
 
@@ -246,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                   help="small shapes, xla and interpret backends (for CPU)")
   ap.add_argument("--out", required=True, help="JSON file for the rows and the environment")
   ap.add_argument("--ops", default="", help="comma-separated op names (default: all), e.g. "
-                  "grouped_matmul,group_xty,scatter_matmul")
+                  "grouped_matmul,group_xty,scatter_matmul,scatter_glu")
   ap.add_argument("--dtypes", default="", help="comma-separated: bfloat16,float32 (default both)")
   ap.add_argument("--backends", default="", help="comma-separated registry names (default: all), "
                   "e.g. mosaic")

@@ -20,20 +20,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import MoEConfig
+from kernels.activations import ACTIVATIONS
 from kernels.hidden import hidden
 
 # (E, M, K) x (E, K, N) on expert-sorted rows: matmul(lhs (M, K), rhs (E, K, N), group_sizes) -> (M, N)
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
+# kernels.activations' functions: the fused GLU kernels recognize them (by identity) and compile
+# the same nonlinearity in.
 _ACT_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "swiglu": jax.nn.silu,
-    "geglu": lambda x: jax.nn.gelu(x, approximate=False),
-    "geglu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "reglu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
+    "swiglu": ACTIVATIONS["silu"],
+    "geglu": ACTIVATIONS["gelu"],
+    "geglu_tanh": ACTIVATIONS["gelu_tanh"],
+    "reglu": ACTIVATIONS["relu"],
+    "gelu": ACTIVATIONS["gelu"],
+    "gelu_tanh": ACTIVATIONS["gelu_tanh"],
+    "relu": ACTIVATIONS["relu"],
+    "silu": ACTIVATIONS["silu"],
 }
 
 

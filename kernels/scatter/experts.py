@@ -7,6 +7,15 @@ Dataflow (as in ScatterMoE): the first product gathers token rows inside the ker
 hidden rows grouped by expert (M = T * k rows); the activation runs on the grouped rows; the last
 product reads grouped rows, multiplies by the gates and scatters back to token-choice order, and
 the k choices are summed. The routed input is never copied into a (M, d) buffer.
+
+scatter_glu has two paths (its `fused` argument):
+  fused     the fused GLU kernels (kernels.scatter.glu): one up-projection kernel gathers x once
+            for both products and applies the activation in its epilogue; the backward fuses the
+            GLU's backward into the down projection's data gradient and runs the two up
+            projections' data gradients as one kernel. fused=True, on every backend of
+            GLU_BACKENDS but "xla"; not yet checked on a GPU.
+  products  the three scatter_matmul products with kernels.hidden between them: the default, and
+            the only path of "xla" (which has no fused kernels).
 """
 
 from __future__ import annotations
@@ -14,11 +23,18 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
+from kernels.activations import ACTIVATIONS, activation_name
 from kernels.common import validation
+from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 from kernels.hidden import hidden
 from kernels.scatter.api import scatter_matmul
+from kernels.scatter.backends import GLU_BACKENDS
+from kernels.scatter.glu import fused_scatter_glu
+from kernels.scatter.glu_triton import FusedGluConfig, check as check_fused_config
 from kernels.scatter.routing import SortedSlots
+from kernels.scatter.triton import TritonScatterConfig
 
 
 def _check(x, routing, gates, named_weights):
@@ -30,6 +46,12 @@ def _check(x, routing, gates, named_weights):
   if not isinstance(routing, SortedSlots):
     raise ValueError(f"routing must be a SortedSlots (see kernels.scatter.sort_slots), "
                      f"got {type(routing).__name__}")
+  sorted_flat = routing.sorted_flat
+  if getattr(sorted_flat, "ndim", None) != 1 or jnp.dtype(sorted_flat.dtype) != jnp.int32:
+    raise ValueError(f"routing.sorted_flat must be a 1-D int32 array, got shape "
+                     f"{getattr(sorted_flat, 'shape', None)} dtype "
+                     f"{getattr(sorted_flat, 'dtype', None)}")
+  validation.check_group_sizes(routing.group_sizes, next(iter(named_weights.values())).shape[0])
   validation.check_float_operand("gates", gates, 2)
   if gates.shape[0] != t or gates.shape[0] * gates.shape[1] != routing.sorted_flat.shape[0]:
     raise ValueError(f"gates must have shape ({t}, k) with {t} * k = "
@@ -60,6 +82,22 @@ def scatter_mlp(
   return scatter_matmul(a, w_out, routing, x_grouped=True, gates=gates, **kw)  # (T, d)
 
 
+def _fused_config(config, shape: GroupedShape, dtypes, record) -> FusedGluConfig:
+  """The fused path's config: the backend's default for None, every kernel with the tiles of a
+  TritonScatterConfig, or a FusedGluConfig as given (ValueError if it cannot run the shape)."""
+  if config is None:
+    return record.default_config(shape, dtypes)
+  if isinstance(config, TritonScatterConfig):
+    config = FusedGluConfig.of_tiles(config)
+  if not isinstance(config, FusedGluConfig):
+    raise ValueError(f"config must be a kernels.scatter.FusedGluConfig, a TritonScatterConfig or "
+                     f"None, got {type(config).__name__}")
+  why = check_fused_config(shape, dtypes, config)
+  if why is not None:
+    raise ValueError(f"config: the fused GLU kernels need {why}")
+  return config
+
+
 def scatter_glu(
     x: jax.Array,
     w_gate: jax.Array,
@@ -68,11 +106,28 @@ def scatter_glu(
     routing: SortedSlots,
     gates: jax.Array,
     *,
-    activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
+    activation: str | Callable[[jax.Array], jax.Array] = jax.nn.silu,
     backend: str | None = None,
     config: Any = None,
+    fused: bool | None = None,
 ) -> jax.Array:
-  """Expert GLU (SwiGLU with silu); x (T, d), w_gate/w_up (E, d, f), w_down (E, f, d) -> (T, d)."""
+  """Expert GLU (SwiGLU with silu); x (T, d), w_gate/w_up (E, d, f), w_down (E, f, d) -> (T, d).
+
+  Args:
+    activation: the gate's nonlinearity: a name of kernels.activations.ACTIVATIONS ("silu",
+      "gelu", "gelu_tanh", "relu") or a function. The fused kernels compile it in, so there it
+      must be one of those (by name, or that very function: jax.nn.silu, jax.nn.relu,
+      jax.nn.gelu (tanh), kernels.activations.gelu); the products path takes any function.
+    backend: a name of GLU_BACKENDS (kernels.scatter.backends; the names of scatter_matmul) or
+      None (the platform default).
+    config: for the fused path a kernels.scatter.FusedGluConfig, or a TritonScatterConfig for
+      every kernel; for the products path a TritonScatterConfig; None: the defaults.
+    fused: True: the fused path (ValueError on "xla"); None or False: the products path (three
+      scatter_matmul products and kernels.hidden). The fused kernels are checked against the
+      reference in the Pallas interpreter and lowered for an H100 on CPU, but not yet run on a
+      GPU (`python -m experiments.check_kernels --ops scatter_glu` does that), so the products
+      path, checked on the GPU, stays the default until they are.
+  """
   t, d = _check(x, routing, gates, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
   e, d_in, f = w_gate.shape
   validation.check_dim("w_gate", d_in, d, "dimension 1 (d_model)")
@@ -81,8 +136,32 @@ def scatter_glu(
                      f"{tuple(w_up.shape)}")
   if tuple(w_down.shape) != (e, f, d):
     raise ValueError(f"w_down must have shape {(e, f, d)}, got {tuple(w_down.shape)}")
+  backend = GLU_BACKENDS.validate(backend)
+  record = GLU_BACKENDS.get(backend)
+  if fused not in (None, True, False):
+    raise ValueError(f"fused must be None, True or False, got {fused!r}")
+  if fused and record.fn is None:
+    raise ValueError(f"fused: backend {backend!r} has no fused GLU kernels (those with them: "
+                     f"{tuple(b.name for b in GLU_BACKENDS if b.fn is not None)}); got fused=True")
+  name = activation_name(activation)
+  if isinstance(activation, str) and name is None:
+    raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} or a function, got "
+                     f"{activation!r}")
+  if fused and record.fn is not None:
+    if name is None:
+      raise ValueError(f"activation: the fused GLU kernels compile in one of "
+                       f"{tuple(ACTIVATIONS)} (a name or kernels.activations' function), got "
+                       f"{activation!r}; fused=False runs any function")
+    shape = GroupedShape(routing.sorted_flat.shape[0], d, f, e)
+    cfg = _fused_config(config, shape, make_dtypes(x.dtype), record)
+    return fused_scatter_glu(x, w_gate, w_up, w_down, routing, gates, activation=name,
+                             backend=backend, config=cfg)
+  if isinstance(config, FusedGluConfig):
+    raise ValueError("config: a FusedGluConfig configures the fused path; the products path "
+                     "takes a TritonScatterConfig or None")
+  act = ACTIVATIONS[activation] if isinstance(activation, str) else activation
   kw = dict(backend=backend, config=config)
   g = scatter_matmul(x, w_gate, routing, y_grouped=True, **kw)          # (M, f) sorted
   u = scatter_matmul(x, w_up, routing, y_grouped=True, **kw)            # (M, f) sorted
-  a = hidden(activation, g, u)
+  a = hidden(act, g, u)
   return scatter_matmul(a, w_down, routing, x_grouped=True, gates=gates, **kw)  # (T, d)
