@@ -7,8 +7,7 @@ impl (MoEConfig.impl, or the `impl=` call argument to run the same parameters an
   "grouped":    sort assignments by expert, gather, kernels.grouped_matmul MLP/GLU, unsort, combine.
   "ragged_dot": the same pipeline with jax.lax.ragged_dot (XLA's own grouped matmul).
   "scatter":    ScatterMoE (kernels.scatter.scatter_glu/scatter_mlp): the first product
-                gathers token rows and the last scatters + gate-combines inside the kernel; GLUs
-                on the fused GLU kernels where the backend has them (kernels.scatter.glu).
+                gathers token rows and the last scatters + gate-combines inside the kernel.
   "blocksparse": MegaBlocks dMoE (kernels.blocksparse.dmoe_mlp): pad each expert to block_size,
                 block-sparse sdd/dsd products over a topology built from the routing.
   "capacity":   token dropping with capacity ceil(k * T * capacity_factor / E) (jaxmoe/capacity.py).
