@@ -237,3 +237,29 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
   lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
   return "\n".join(lines)
+
+
+def kernel_profile(fn, *args, top: int = 12) -> dict:
+  """GPU kernel time of one call of fn, by kernel (jax.profiler trace, summed as in
+  experiments.profile_train): where a layer's or an op's time goes."""
+  import tempfile
+
+  from experiments.profile_train import summarize_trace  # it imports this module
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      jax.block_until_ready(fn(*args))
+    summary = summarize_trace(trace_dir, top)
+  summary.pop("trace", None)
+  summary.pop("threads", None)
+  return summary
+
+
+def print_profiles(row: dict[str, Any]) -> None:
+  """Each kernel_profile in row ("profile_fwd", "profile_fwdbwd"): its kernels' microseconds and
+  calls."""
+  for key in ("profile_fwd", "profile_fwdbwd"):
+    prof = row.get(key)
+    if prof and "top" in prof:
+      print(f"     {key}: busy {prof['busy_us']:.0f} us of {prof['span_us']:.0f} us span")
+      for k in prof["top"]:
+        print(f"       {k['us']:9.1f} us  x{k['count']:<3d} {k['name'][:100]}")

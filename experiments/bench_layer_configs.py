@@ -70,21 +70,6 @@ def flops(shape) -> tuple[float, float]:
   return fwd, 2.0 * fwd
 
 
-def kernel_profile(fn, *args, top: int = 12) -> dict:
-  """GPU kernel time of one call of fn, by kernel (jax.profiler trace, summed as in
-  experiments.profile_train): where a layer's time goes, for the fused-kernel work."""
-  import tempfile
-
-  from experiments.profile_train import summarize_trace
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir):
-      jax.block_until_ready(fn(*args))
-    summary = summarize_trace(trace_dir, top)
-  summary.pop("trace", None)
-  summary.pop("threads", None)
-  return summary
-
-
 def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False,
               overrides: dict | None = None, hlo_path: str | None = None) -> tuple[dict, jax.Array]:
   """(row, forward output) of one jaxmoe impl: forward and forward+backward times, the backward's
@@ -114,8 +99,8 @@ def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False,
     with gzip.open(hlo_path, "wt") as f:
       f.write(fwdbwd.as_text())
   if profile:
-    row["profile_fwd"] = kernel_profile(fwd, state, x)
-    row["profile_fwdbwd"] = kernel_profile(fwdbwd, state, x)
+    row["profile_fwd"] = bc.kernel_profile(fwd, state, x)
+    row["profile_fwdbwd"] = bc.kernel_profile(fwdbwd, state, x)
   if impl == "capacity":
     dropped = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[1].dropped_fraction)(state, x)
     row["dropped_fraction"] = float(dropped)
@@ -172,17 +157,6 @@ def torch_layer(shape, iters: int) -> dict:
   fwdbwd_ms, peak = timed_peak(step)
   return {"impl": "torch._grouped_mm", "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "finite": True,
           "peak_bytes_above_inputs": peak, "fwd_peak_bytes_above_inputs": fwd_peak}
-
-
-def print_row(row: dict) -> None:
-  """The row without its profiles, then each profile's kernels (microseconds, calls)."""
-  print(f"   { {k: v for k, v in row.items() if not k.startswith('profile')} }", flush=True)
-  for key in ("profile_fwd", "profile_fwdbwd"):
-    prof = row.get(key)
-    if prof and "top" in prof:
-      print(f"     {key}: busy {prof['busy_us']:.0f} us of {prof['span_us']:.0f} us span")
-      for k in prof["top"]:
-        print(f"       {k['us']:9.1f} us  x{k['count']:<3d} {k['name'][:100]}")
 
 
 def torch_available() -> bool:
@@ -282,7 +256,9 @@ def main() -> None:
       except Exception as err:
         traceback.print_exc()
         rows.append({"impl": impl, "error": f"{type(err).__name__}: {err}"[:400]})
-      print_row(rows[-1])
+      print(f"   { {k: v for k, v in rows[-1].items() if not k.startswith('profile')} }",
+            flush=True)
+      bc.print_profiles(rows[-1])
     if use_torch:
       try:
         rows.append(finish(torch_layer(shape, args.iters), name, shape, sonic))

@@ -440,21 +440,15 @@ def bench_glu(name, shape, backend, iters, checks, profile):
       _, (dp, dx) = fwdbwd(params, x, ct, routing)
       outs[path] = (y, dx, *dp)
       if profile:
-        from experiments.bench_layer_configs import kernel_profile
-        res["profile_fwd"] = kernel_profile(fwd, params, x, routing)
-        res["profile_fwdbwd"] = kernel_profile(fwdbwd, params, x, ct, routing)
+        res["profile_fwd"] = bc.kernel_profile(fwd, params, x, routing)
+        res["profile_fwdbwd"] = bc.kernel_profile(fwdbwd, params, x, ct, routing)
     except Exception as ex:
       traceback.print_exc()
       res["error"] = f"{type(ex).__name__}: {ex}"[:400]
     row[path] = res
     print(f"   {path}: { {k_: v for k_, v in res.items() if not k_.startswith('profile')} }",
           flush=True)
-    for key in ("profile_fwd", "profile_fwdbwd"):
-      prof = res.get(key)
-      if prof and "top" in prof:
-        print(f"     {key}: busy {prof['busy_us']:.0f} us of {prof['span_us']:.0f} us span")
-        for kern in prof["top"]:
-          print(f"       {kern['us']:9.1f} us  x{kern['count']:<3d} {kern['name'][:100]}")
+    bc.print_profiles(res)
   if len(outs) == 2:
     for which, a_, b_ in zip(("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates"),
                              outs["fused"], outs["products"]):
