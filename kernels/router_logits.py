@@ -35,6 +35,8 @@ _BF16 = jnp.bfloat16
 def split_bf16(a: jax.Array, parts: int) -> list[jax.Array]:
   """bfloat16 arrays whose float32 sum is `a` (exact for parts=3 and finite float32 `a` away from
   the bottom of the exponent range); each part is the rounding of what the earlier ones left."""
+  if parts < 1:
+    raise ValueError(f"parts must be >= 1, got {parts}")
   out, rest = [], a.astype(jnp.float32)
   for _ in range(parts):
     p = rest.astype(_BF16)
@@ -76,7 +78,7 @@ def _split_logits_bwd(res, dl):
   dl_parts = split_bf16(dl, 3)
   dl_cat = jnp.concatenate(dl_parts, axis=1)                           # (T, 3E)
   dw = sum(_sum_parts(_dot_f32(xp, dl_cat, ((0,), (0,))), 3) for xp in _x_parts(x))
-  w_hi, w_lo, _ = split_bf16(w, 3)
+  w_hi, w_lo = split_bf16(w, 2)
   # hi.hi + hi.lo + lo.hi as one product over K = 3E.
   lhs = jnp.concatenate([dl_parts[0], dl_parts[0], dl_parts[1]], axis=1)   # (T, 3E)
   rhs = jnp.concatenate([w_hi, w_lo, w_hi], axis=1)                        # (d, 3E)

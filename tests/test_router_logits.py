@@ -62,3 +62,8 @@ def test_float32_x_is_the_highest_product():
 def test_bad_inputs(x_shape, w_shape, w_dtype, match):
   with pytest.raises(ValueError, match=match):
     router_logits(jnp.ones(x_shape, jnp.bfloat16), jnp.ones(w_shape, w_dtype))
+
+
+def test_split_bf16_needs_a_part():
+  with pytest.raises(ValueError, match="parts must be >= 1, got 0"):
+    split_bf16(jnp.ones(3), 0)
