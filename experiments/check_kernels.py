@@ -71,8 +71,10 @@ def _rand(key, shape, dtype, scale=1.0):
   return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
 
 
-def _grouped_cases(shapes, dtype) -> list[tuple[str, str, Any, Callable, Any, int | None]]:
-  """(op, shape name, shapes for the registry, call(backend) -> output, reference, tail row)."""
+def _grouped_cases(shapes, dtype) -> list[tuple[str, str, Any, Callable, Callable, int | None]]:
+  """(op, shape name, shapes for the registry, call(backend) -> output, () -> reference, tail
+  row). References are computed only for the ops a run checks (a scatter reference at the GPU
+  shapes holds a per-row weight tensor of tens of GB)."""
   cases = []
   for name, m, k, n, sizes in shapes:
     keys = jax.random.split(jax.random.key(m + k + n), 4)
@@ -85,14 +87,16 @@ def _grouped_cases(shapes, dtype) -> list[tuple[str, str, Any, Callable, Any, in
     shape = GroupedShape(m, k, n, len(sizes))
     cases.append(("grouped_matmul", name, shape,
                   lambda b, lhs=lhs, w=w, gs=gs: kernels.grouped_matmul(lhs, w, gs, backend=b),
-                  kernels.gmm_reference(f32(lhs), f32(w), gs), used))
+                  lambda lhs=lhs, w=w, gs=gs: kernels.gmm_reference(f32(lhs), f32(w), gs), used))
     cases.append(("grouped_matmul(transpose_rhs)", name, shape,
                   lambda b, lhs=lhs, wt=wt, gs=gs: kernels.grouped_matmul(
                       lhs, wt, gs, transpose_rhs=True, backend=b),
-                  kernels.gmm_reference(f32(lhs), f32(wt), gs, transpose_rhs=True), used))
+                  lambda lhs=lhs, wt=wt, gs=gs: kernels.gmm_reference(f32(lhs), f32(wt), gs,
+                                                                      transpose_rhs=True), used))
     cases.append(("group_xty", name, shape,
                   lambda b, lhs=lhs, dy=dy, gs=gs: kernels.group_xty(lhs, dy, gs, backend=b),
-                  kernels.group_xty_reference(f32(lhs), f32(dy), gs), None))
+                  lambda lhs=lhs, dy=dy, gs=gs: kernels.group_xty_reference(f32(lhs), f32(dy), gs),
+                  None))
   return cases
 
 
@@ -114,12 +118,13 @@ def _scatter_cases(shapes, dtype):
     cases.append(("scatter_matmul(gather)", name, shape,
                   lambda b, x=x, w=w, r=routing: kernels.scatter_matmul(x, w, r, y_grouped=True,
                                                                         backend=b),
-                  scatter_matmul_reference(f32(x), f32(w), *routing, y_grouped=True), None))
+                  lambda x=x, w=w, r=routing: scatter_matmul_reference(f32(x), f32(w), *r,
+                                                                       y_grouped=True), None))
     cases.append(("scatter_matmul(combine)", name, shape,
                   lambda b, h=h, w=w, r=routing, g=gates: kernels.scatter_matmul(
                       h, w, r, x_grouped=True, gates=g, backend=b),
-                  scatter_matmul_reference(f32(h), f32(w), *routing, x_grouped=True,
-                                           gates=gates), None))
+                  lambda h=h, w=w, r=routing, g=gates: scatter_matmul_reference(
+                      f32(h), f32(w), *r, x_grouped=True, gates=g), None))
   return cases
 
 
@@ -172,7 +177,8 @@ def _glu_cases(shapes, dtype):
     f32 = lambda a: a.astype(jnp.float32)
     ref = lambda x, wg, wu, wd, g, r=routing, act=act: scatter_glu_reference(
         x, wg, wu, wd, *r, g, ACTIVATIONS[act])
-    want = _glu_outputs(ref, f32(x), tuple(map(f32, ws)), gates, probe)
+    want = functools.lru_cache(maxsize=None)(
+        lambda ref=ref, args=(f32(x), tuple(map(f32, ws)), gates, probe): _glu_outputs(ref, *args))
 
     @functools.lru_cache(maxsize=None)
     def got(backend, r=routing, act=act, args=(x, ws, gates, probe)):
@@ -186,7 +192,8 @@ def _glu_cases(shapes, dtype):
     label = f"{name}_k{top}_{act}"
     for i, which in enumerate(GLU_OUTPUTS):
       op = "scatter_glu" if which == "y" else f"scatter_glu({which})"
-      cases.append((op, label, shape, lambda b, i=i, got=got: got(b)[i], want[i], None))
+      cases.append((op, label, shape, lambda b, i=i, got=got: got(b)[i],
+                    lambda i=i, want=want: want()[i], None))
   return cases
 
 
@@ -260,11 +267,11 @@ def _blocksparse_cases(quick: bool, dtype):
   name = f"b{b}_f{f}_m{m}"
   return [
       ("blocksparse.sdd", name, None, lambda bk: blocksparse.sdd(a, w, topo, backend=bk),
-       blocksparse.sdd_reference(f32(a), f32(w), topo), None),
+       lambda: blocksparse.sdd_reference(f32(a), f32(w), topo), None),
       ("blocksparse.dsd", name, None, lambda bk: blocksparse.dsd(data, dense, topo, backend=bk),
-       blocksparse.dsd_reference(f32(data), f32(dense), topo), None),
+       lambda: blocksparse.dsd_reference(f32(data), f32(dense), topo), None),
       ("blocksparse.dds", name, None, lambda bk: blocksparse.dds(lhs, data, topo, backend=bk),
-       blocksparse.dds_reference(f32(lhs), f32(data), topo), None),
+       lambda: blocksparse.dds_reference(f32(lhs), f32(data), topo), None),
   ]
 
 
@@ -308,12 +315,15 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
       continue
     dn = jnp.dtype(dtype).name
     dtypes = make_dtypes(dtype)
-    want_glu = not ops or "scatter_glu" in ops
-    cases = (_grouped_cases(shapes, dtype) + _scatter_cases(shapes, dtype)
-             + (_glu_cases(GLU_QUICK_SHAPES if quick else GLU_GPU_SHAPES, dtype) if want_glu
-                else [])
-             + _blocksparse_cases(quick, dtype))
-    for op, shape_name, shape, call, want, tail in cases:
+    wanted = lambda *names: not ops or any(o in ops for o in names)
+    cases = ((_grouped_cases(shapes, dtype) if wanted("grouped_matmul", "group_xty") else [])
+             + (_scatter_cases(shapes, dtype) if wanted("scatter_matmul") else [])
+             + (_glu_cases(GLU_QUICK_SHAPES if quick else GLU_GPU_SHAPES, dtype)
+                if wanted("scatter_glu") else [])
+             + (_blocksparse_cases(quick, dtype) if not ops or any(
+                 o.startswith("blocksparse") for o in ops) else []))
+    for op, shape_name, shape, call, want_fn, tail in cases:
+      want_fn = functools.lru_cache(maxsize=None)(want_fn)   # once per case, for every backend
       if ops and op.split("(")[0] not in ops:
         continue
       reg = _registry_of(op)
@@ -335,9 +345,11 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
           row["reason"] = resolved.unavailable(shape, reg_dtypes)
           row["status"] = "skipped" if row["reason"] else None
         if row["status"] is None:
+          # Named before it runs, so that a kernel that hangs shows where.
+          print(f"  .. {op} {name} {shape_name} {dn}", flush=True)
           try:
             got = jax.block_until_ready(call(name))
-            err = rel_err(got, want)
+            err = rel_err(got, want_fn())
             ok = err <= TOL[dn]
             if tail is not None:
               row["tail_zero"] = bool(np.all(np.asarray(got[tail:], np.float32) == 0))
