@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels
+from experiments import bench_common
 from kernels import blocksparse
 from kernels.common import registry
 from kernels.common.groups import row_group_ids
@@ -411,9 +412,7 @@ def main(argv: list[str] | None = None) -> int:
              tuple(filter(None, args.dtypes.split(","))),
              tuple(filter(None, args.backends.split(","))))
   print(table(rows))
-  env = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
-         "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-         "quick": args.quick}
+  env = {**bench_common.environment(), "quick": args.quick}
   with open(args.out, "w") as f:
     json.dump({"env": env, "rows": rows}, f, indent=1)
   fails = [r for r in rows if r["status"] == "FAIL"]
