@@ -182,19 +182,21 @@ def _glu_cases(shapes, dtype):
         lambda ref=ref, args=(f32(x), tuple(map(f32, ws)), gates, probe): _glu_outputs(ref, *args))
 
     @functools.lru_cache(maxsize=None)
-    def got(backend, r=routing, act=act, args=(x, ws, gates, probe)):
+    def got(backend, fused, r=routing, act=act, args=(x, ws, gates, probe)):
       glu = lambda x, wg, wu, wd, g: kernels.scatter_glu(
-          x, wg, wu, wd, r, g, activation=act, backend=backend,
-          fused=backend != "xla")   # every GLU backend but "xla" has the fused kernels
+          x, wg, wu, wd, r, g, activation=act, backend=backend, fused=fused)
       # The arrays are arguments, not constants folded into the compiled program.
       return jax.block_until_ready(jax.jit(functools.partial(_glu_outputs, glu))(*args))
 
     shape = GroupedShape(t * top, d, f, e)
-    label = f"{name}_k{top}_{act}"
-    for i, which in enumerate(GLU_OUTPUTS):
-      op = "scatter_glu" if which == "y" else f"scatter_glu({which})"
-      cases.append((op, label, shape, lambda b, i=i, got=got: got(b)[i],
-                    lambda i=i, want=want: want()[i], None))
+    # Both paths: the fused kernels ("fused"; every backend but "xla") and the products path.
+    for path in ("fused", "products"):
+      label = f"{name}_k{top}_{act}_{path}"
+      for i, which in enumerate(GLU_OUTPUTS):
+        op = "scatter_glu" if which == "y" else f"scatter_glu({which})"
+        cases.append((op, label, shape,
+                      lambda b, i=i, got=got, fused=path == "fused": got(b, fused)[i],
+                      lambda i=i, want=want: want()[i], None))
   return cases
 
 
@@ -336,7 +338,9 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
         resolved = reg.select(name, shape, reg_dtypes)
         row["runs_on"] = resolved.name
         # Compiled backends on the GPU; interpreted ones (and xla) in --quick mode on CPU.
-        if resolved.interpret and not quick:
+        if op.startswith("scatter_glu") and shape_name.endswith("_fused") and resolved.fn is None:
+          row.update(status="skipped", reason="no fused GLU kernels (the products path is checked)")
+        elif resolved.interpret and not quick:
           row.update(status="skipped", reason="interpret backend (use --quick)")
         elif (resolved.name == "mosaic" and dn == "float32"
               and (op.startswith(("grouped_matmul", "scatter_glu")) or op == "group_xty")):
