@@ -139,3 +139,19 @@ def test_lowers_for_h100():
   text = lower_for_gpu(lambda x: kernels.top_k(x, 16, backend="triton"),
                        s((1000, topk_triton.MAX_EXPERTS - 24), jnp.bfloat16))
   assert text.count("jaxmoe_top_k") >= 1
+
+
+def test_bench_topk_quick(tmp_path):
+  """experiments.bench_topk --quick: the interpreted kernel checked on every score set and timed
+  against lax.top_k; the JSON names the device and holds every row."""
+  import json
+
+  from experiments import bench_topk
+
+  path = bench_topk.main(["--quick", "--out", str(tmp_path)])
+  result = json.loads(open(path).read())
+  assert path.endswith("-topk.json") and result["backend"] == INTERPRET
+  assert len(result["checks"]) == 3 * len(bench_topk.QUICK_SHAPES)
+  assert all(c["pass"] and c["rows_differing"] == 0 for c in result["checks"])
+  assert [r["T"] for r in result["timings"]] == [t for t, _, _ in bench_topk.QUICK_SHAPES]
+  assert all(r["kernel_us"] > 0 and r["lax_us"] > 0 for r in result["timings"])
