@@ -2,8 +2,10 @@
 
 For each (T, E, k) of SHAPES, float32 scores:
   1. checks: the Triton kernel's indices and values equal lax.top_k's exactly on random scores,
-     on scores with many ties (rounded to steps of 0.5) and on router-masked scores (half the
-     lanes -inf on every other row, some rows all -inf); PASS/FAIL lines.
+     on scores with many ties (rounded to steps of 0.5), on router-masked scores (half the
+     lanes -inf on every other row, some rows all -inf) and on scores with NaN, -NaN, +-0 and
+     +-inf in one lane of eight (the kernel ranks them in the float total order lax.top_k uses
+     on CPU); PASS/FAIL lines.
   2. times (experiments.bench_common.time_jax, median): the kernel at its default config,
      lax.top_k (an XLA sort on the GPU), and a row max (jnp.max over E: one read of the scores,
      the floor any top-k pays); --sweep adds every config of the kernel's search space.
@@ -41,7 +43,12 @@ def score_sets(key, t: int, e: int) -> dict[str, jax.Array]:
   rows, lanes = jnp.arange(t)[:, None], jnp.arange(e)[None, :]
   masked = jnp.where((rows % 2 == 0) & (lanes % 2 == 1), -jnp.inf, x)
   masked = jnp.where(rows % 7 == 3, -jnp.inf, masked)
-  return {"random": x, "ties": jnp.round(x * 2) / 2, "masked": masked}
+  # NaN, -NaN, +-0 and +-inf sprinkled: the float total order lax.top_k ranks by on CPU (the
+  # kernel's order); this set shows whether the GPU's lax.top_k ranks them the same way.
+  specials = jnp.asarray([jnp.nan, -jnp.nan, 0.0, -0.0, jnp.inf, -jnp.inf], jnp.float32)
+  pick = jax.random.randint(jax.random.fold_in(key, 1), (t, e), 0, 6 * 8)
+  specials = jnp.where(pick < 6, specials[jnp.minimum(pick, 5)], x)
+  return {"random": x, "ties": jnp.round(x * 2) / 2, "masked": masked, "specials": specials}
 
 
 def check_shape(t: int, e: int, k: int, backend: str) -> list[dict]:
@@ -52,7 +59,9 @@ def check_shape(t: int, e: int, k: int, backend: str) -> list[dict]:
     want_v, want_i = jax.jit(lambda x: jax.lax.top_k(x, k))(x)
     got_v, got_i = top_k(x)
     bad_rows = int(jnp.sum(jnp.any(got_i != want_i, axis=1)))
-    same_values = bool(jnp.array_equal(got_v, want_v, equal_nan=True))
+    # Bit patterns: NaN == NaN and -0 != +0.
+    same_values = bool(jnp.array_equal(jax.lax.bitcast_convert_type(got_v, jnp.int32),
+                                       jax.lax.bitcast_convert_type(want_v, jnp.int32)))
     ok = bad_rows == 0 and same_values and got_i.dtype == jnp.int32
     out.append({"shape": [t, e, k], "scores": name, "rows_differing": bad_rows,
                 "values_equal": same_values, "pass": ok})

@@ -151,7 +151,7 @@ def test_bench_topk_quick(tmp_path):
   path = bench_topk.main(["--quick", "--out", str(tmp_path)])
   result = json.loads(open(path).read())
   assert path.endswith("-topk.json") and result["backend"] == INTERPRET
-  assert len(result["checks"]) == 3 * len(bench_topk.QUICK_SHAPES)
+  assert len(result["checks"]) == 4 * len(bench_topk.QUICK_SHAPES)
   assert all(c["pass"] and c["rows_differing"] == 0 for c in result["checks"])
   assert [r["T"] for r in result["timings"]] == [t for t, _, _ in bench_topk.QUICK_SHAPES]
   assert all(r["kernel_us"] > 0 and r["lax_us"] > 0 for r in result["timings"])
