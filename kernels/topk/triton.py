@@ -35,7 +35,9 @@ from kernels.topk.shapes import TopKShape
 # registers per thread per (block_t, E_pad) array (keys, lane ids, taken mask, candidates); larger
 # E would spill, and no published MoE routes over more than 384 experts. Larger E runs on "xla".
 MAX_EXPERTS = 1024
-# Scores a program holds at once: 32 per thread at 4 warps, 4 live (block, E_pad) arrays.
+# Scores a program holds by default: 32 per thread at 4 warps in each of the live (block_t, E_pad)
+# arrays. The check refuses blocks 4x larger (128 per thread per array at 4 warps), past which the
+# arrays cannot all stay in the 255 registers a thread has.
 BLOCK_ELEMENTS = 4096
 MAX_BLOCK_ELEMENTS = 16384
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
