@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels
 from jaxmoe.config import DEFAULT_RENORMALIZE, MoEConfig
 from kernels.router_logits import router_logits
 
@@ -74,8 +75,10 @@ def route(
   choose = scores if selection_bias is None else scores + selection_bias.astype(jnp.float32)
   if n_group is not None:
     choose = _limit_to_groups(choose, n_group, topk_group)
-  _, indices = jax.lax.top_k(choose, top_k)
-  indices = indices.astype(jnp.int32)
+  # kernels.top_k: a Pallas kernel on the GPU, where lax.top_k is an XLA sort many times slower
+  # than reading the scores; lax.top_k elsewhere. Both choose the same experts (ties: lowest
+  # index). Only the indices are used: the weights are gathered from the unbiased scores below.
+  _, indices = kernels.top_k(choose, top_k)
   if router == "topk_softmax":
     weights = jax.nn.softmax(jnp.take_along_axis(logits, indices, axis=-1), axis=-1)
   else:

@@ -5,6 +5,7 @@ Pure JAX: imports neither jaxmoe nor flax. One folder per op family, each with t
   kernels.gmm          grouped_matmul, group_xty                (GMM_BACKENDS, XTY_BACKENDS)
   kernels.scatter      scatter_matmul, scatter_mlp, scatter_glu (SCATTER_BACKENDS, GLU_BACKENDS)
   kernels.blocksparse  sdd, dsd, dds, dmoe_mlp                  (BLOCKSPARSE_BACKENDS)
+  kernels.topk         top_k (the router's expert choice)       (TOPK_BACKENDS)
   kernels.common       what the families share: the registry record, argument checks, group
                        offsets, row tiles, the Triton dot, GPU lowering, the Mosaic compile cache
   kernels.hidden       the expert MLP's activation with a recomputing backward
@@ -21,6 +22,7 @@ from kernels.scatter import (
     GLU_BACKENDS, SCATTER_BACKENDS, SortedSlots, sort_slots, scatter_glu, scatter_matmul,
     scatter_mlp)
 from kernels.blocksparse import BLOCKSPARSE_BACKENDS
+from kernels.topk import TOPK_BACKENDS, top_k
 
 # Every op's registry, by the op's public name (the autotuner, the GPU checks and the tests walk it).
 REGISTRIES: dict[str, Registry] = {
@@ -29,11 +31,12 @@ REGISTRIES: dict[str, Registry] = {
     "scatter_matmul": SCATTER_BACKENDS,
     "scatter_glu": GLU_BACKENDS,
     "blocksparse": BLOCKSPARSE_BACKENDS,
+    "top_k": TOPK_BACKENDS,
 }
 
 __all__ = [
     "BLOCKSPARSE_BACKENDS", "Backend", "GLU_BACKENDS", "GMM_BACKENDS", "REGISTRIES", "Registry",
-    "SCATTER_BACKENDS", "SortedSlots", "XTY_BACKENDS", "default_backend", "gmm_reference",
-    "group_xty", "group_xty_reference", "grouped_matmul", "inverse_permutation", "sort_slots",
-    "scatter_glu", "scatter_matmul", "scatter_mlp",
+    "SCATTER_BACKENDS", "SortedSlots", "TOPK_BACKENDS", "XTY_BACKENDS", "default_backend",
+    "gmm_reference", "group_xty", "group_xty_reference", "grouped_matmul", "inverse_permutation",
+    "sort_slots", "scatter_glu", "scatter_matmul", "scatter_mlp", "top_k",
 ]

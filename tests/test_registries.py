@@ -17,6 +17,7 @@ from kernels import blocksparse
 from kernels.common import registry
 from kernels.gmm import mosaic_common
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
+from kernels.topk import TopKShape
 
 # (M, K, N): K and N fit the Mosaic kernels' tiles; M and the sizes are not tile multiples, one
 # group is empty and rows 85..99 belong to no group.
@@ -25,6 +26,9 @@ SIZES = [30, 0, 50, 5]
 SHAPE = GroupedShape(M, K, N, len(SIZES))
 DT = make_dtypes(jnp.bfloat16)                  # what the scatter op and the choosers are given
 DT_F32_OUT = make_dtypes(jnp.bfloat16, jnp.float32)   # the grouped ops below write float32
+# The ops whose registries take other shapes than GroupedShape: (shapes, dtypes) by op.
+TOPK_SHAPE = (TopKShape(37, 60, 7), (jnp.dtype(jnp.float32),))
+OP_SHAPES = {"top_k": TOPK_SHAPE}
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +68,7 @@ def test_unknown_backend_names_the_available_ones(op):
   with pytest.raises(ValueError, match="'xla'"):
     reg.get("cuda")
   assert reg.validate(None) == registry.default_backend()
-  assert reg.select("pallas", SHAPE, DT).name in {b.name for b in reg}
+  assert reg.select("pallas", *OP_SHAPES.get(op, (SHAPE, DT))).name in {b.name for b in reg}
 
 
 def test_blocksparse_has_no_mosaic():
@@ -170,6 +174,18 @@ def test_blocksparse_backends(rng):
                  blocksparse.dsd_reference(data, dense, topo), jnp.float32, name=f"{b.name} dsd")
     assert_close(blocksparse.dds(lhs, data, topo, **kw),
                  blocksparse.dds_reference(lhs, data, topo), jnp.float32, name=f"{b.name} dds")
+
+
+def test_top_k_backends(rng):
+  """Every top-k backend that runs here chooses exactly as the reference (ties included)."""
+  shape, dtypes = TOPK_SHAPE
+  x = jnp.asarray(np.round(rng.standard_normal((shape.t, shape.e)), 1), jnp.float32)
+  want_values, want_indices = kernels.topk.top_k_reference(x, shape.k)
+  for b in _runnable(kernels.TOPK_BACKENDS, shape, dtypes):
+    kw = {"config": _config(b, shape, dtypes)} if b.config_classes else {}
+    values, indices = b.fn(x, shape.k, **kw)
+    np.testing.assert_array_equal(indices, want_indices, err_msg=b.name)
+    np.testing.assert_array_equal(values, want_values, err_msg=b.name)
 
 
 def test_moe_config_backend_checked_against_its_impl_registry():
