@@ -66,6 +66,7 @@ MLP_SHAPES = {  # name: (tokens T, d, f, E, k)
 GLU_SHAPES = {  # name: (tokens T, d, f, E, k): SonicMoE's (Figure 14) fine-grained layers
     "T40960-d768-f256-E128-k8": (40960, 768, 256, 128, 8),
     "T32768-d4096-f256-E256-k16": (32768, 4096, 256, 256, 16),
+    "T32768-d4096-f512-E256-k16": (32768, 4096, 512, 256, 16),   # the 120B one
 }
 SMOKE_GLU = {"smoke": (40, 32, 48, 4, 2)}
 EDGE = (523, 2, 6, 200, 300)        # T, k, E, K, N

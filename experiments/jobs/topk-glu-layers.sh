@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU, one 10-minute call on an H200: the router's top-k kernel against lax.top_k; the scatter
-# expert GLU (gate and up as one product of width 2f) against the fused GLU kernels; whole layers
+# expert GLU's products path against the fused GLU kernels; whole layers
 # at the Figure 14 configurations (scatter at all twelve, fine-grained first, the JSON written
 # after each; grouped against scatter at two coarse ones); the GLU checks of both paths on the default backend.
 # Run from the repository root with OUT set (a folder).
