@@ -189,8 +189,9 @@ def _glu_cases(shapes, dtype):
       return jax.block_until_ready(jax.jit(functools.partial(_glu_outputs, glu))(*args))
 
     shape = GroupedShape(t * top, d, f, e)
-    # Both paths: the fused kernels ("fused"; every backend but "xla") and the products path.
-    for path in ("fused", "products"):
+    # Both paths: the products path (the default) first, then the fused kernels (every backend
+    # but "xla").
+    for path in ("products", "fused"):
       label = f"{name}_k{top}_{act}_{path}"
       for i, which in enumerate(GLU_OUTPUTS):
         op = "scatter_glu" if which == "y" else f"scatter_glu({which})"
@@ -308,9 +309,10 @@ def _poison_check(shape: GroupedShape, dtype, interpret: bool) -> float:
 
 
 def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] = (),
-        backends: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-  """The check rows; `ops` / `dtypes_wanted` / `backends` (names) restrict the ops, dtypes and
-  registry names checked (empty: all)."""
+        backends: tuple[str, ...] = (), shapes_wanted: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+  """The check rows; `ops` / `dtypes_wanted` / `backends` / `shapes_wanted` (names) restrict the
+  ops, dtypes, registry names and shapes checked (empty: all; a shape name matches the case
+  labels that start with it, e.g. "fine_k8" the GLU's fine_k8_k8_silu_fused)."""
   shapes = QUICK_SHAPES if quick else GPU_SHAPES
   rows = []
   for dtype in DTYPES:
@@ -326,6 +328,8 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
              + (_blocksparse_cases(quick, dtype) if not ops or any(
                  o.startswith("blocksparse") for o in ops) else []))
     for op, shape_name, shape, call, want_fn, tail in cases:
+      if shapes_wanted and not shape_name.startswith(shapes_wanted):
+        continue
       want_fn = functools.lru_cache(maxsize=None)(want_fn)   # once per case, for every backend
       if ops and op.split("(")[0] not in ops:
         continue
@@ -411,10 +415,13 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--dtypes", default="", help="comma-separated: bfloat16,float32 (default both)")
   ap.add_argument("--backends", default="", help="comma-separated registry names (default: all), "
                   "e.g. mosaic")
+  ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all), e.g. "
+                  "fine_k8,ragged; a name selects the cases whose label starts with it")
   args = ap.parse_args(argv)
   rows = run(args.quick, tuple(filter(None, args.ops.split(","))),
              tuple(filter(None, args.dtypes.split(","))),
-             tuple(filter(None, args.backends.split(","))))
+             tuple(filter(None, args.backends.split(","))),
+             tuple(filter(None, args.shapes.split(","))))
   print(table(rows))
   env = {**bench_common.environment(), "quick": args.quick}
   with open(args.out, "w") as f:
