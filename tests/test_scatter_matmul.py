@@ -259,3 +259,15 @@ def test_gradient_lowers_for_h100(layout):
                        s((t, k), jnp.float32), s((t, k), jnp.int32))
   assert text.count("jaxmoe_scatter2scatter") >= 2   # forward and data gradient
   assert "jaxmoe_group_xty" in text                  # weight gradient
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton_interpret"])
+@pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[4]])
+@pytest.mark.parametrize("kin, n", [(24, 40), (40, 24)])
+def test_gated_weight_gradient_scales_either_operand(rng, layout, backend, kin, n):
+  """With gates the weight gradient scales the narrower of x and dy by the gates (K < N: x,
+  else dy); both ways match the reference's gradients."""
+  choices, routing, x, w, gates = make_inputs(rng, kin=kin, n=n, transpose_w=layout[3])
+  if layout[0]:
+    x = jnp.asarray(rng.standard_normal((routing.sorted_flat.shape[0], kin)), jnp.float32)
+  _check_grads(x, w, gates, routing, layout, backend, jnp.float32, 1.0)
