@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.trace_summary import summarize_trace
+
 
 def time_jax(fn: Callable, *args, warmup: int = 2, iters: int = 10,
              min_sample_ms: float = 20.0) -> float:
@@ -240,11 +242,10 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def kernel_profile(fn, *args, top: int = 12) -> dict:
-  """GPU kernel time of one call of fn, by kernel (jax.profiler trace, summed as in
-  experiments.profile_train): where a layer's or an op's time goes."""
+  """GPU kernel time of one call of fn, by kernel (jax.profiler trace, summed by
+  experiments.trace_summary): where a layer's or an op's time goes."""
   import tempfile
 
-  from experiments.profile_train import summarize_trace  # it imports this module
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       jax.block_until_ready(fn(*args))

@@ -1,4 +1,4 @@
-"""Grouped-matmul benchmark and GPU correctness check (issue: foundation and grouped matmul).
+"""Grouped-matmul benchmark and GPU correctness check.
 
 For each shape (Mixtral-like, OLMoE-like, fine-grained) and group-size distribution (uniform,
 Dirichlet(0.5) skew), in ONE run:

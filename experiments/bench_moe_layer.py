@@ -1,4 +1,4 @@
-"""MoE layer benchmark and GPU correctness check (issue 4: routing and the Flax NNX MoE layers).
+"""MoE layer benchmark and GPU correctness check: routing and the Flax NNX MoE layers.
 
 In ONE run:
   1. checks the layer (every impl in jaxmoe.config.IMPLS, plus MoA) against a float32 dense

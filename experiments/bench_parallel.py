@@ -1,4 +1,4 @@
-"""TED parallelism benchmark (issue: expert, tensor and data parallelism with the TED optimizations).
+"""TED parallelism benchmark: expert, tensor and data parallelism with the TED optimizations.
 
 In ONE run, on however many devices there are (N >= 1):
   1. checks, at a small shape, that the sharded MoE layer (every layout that fits, each all-to-all

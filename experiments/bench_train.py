@@ -1,4 +1,4 @@
-"""End-to-end training benchmark: dMoE vs the capacity-factor baseline vs dense (issue 6).
+"""End-to-end training benchmark: dMoE vs the capacity-factor baseline vs dense.
 
 For one preset (default "small": MegaBlocks' 125M base, 64 experts, top-1), in ONE run, for each
 variant (dmoe = impl "grouped" on our Pallas grouped matmul; ragged_dot; blocksparse; capacity =
