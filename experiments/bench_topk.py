@@ -24,7 +24,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import kernels
 from experiments import bench_common as bc

@@ -21,7 +21,6 @@ Prints a table; writes the rows and the environment as JSON to --out. Exit statu
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import sys
