@@ -19,6 +19,11 @@ def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def pow2_at_least(n: int) -> int:
+  """The smallest power of two >= n (1 for n <= 1)."""
+  return 1 << max(0, n - 1).bit_length()
+
+
 def clipped_group_offsets(group_sizes: jax.Array, m: int) -> jax.Array:
   """(G+1,) int32 row offsets [0, cumsum(group_sizes)] clipped to [0, m]."""
   ends = jnp.cumsum(group_sizes.astype(jnp.int32))

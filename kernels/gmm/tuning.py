@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels.common.groups import pow2_at_least
 from kernels.common.registry import Registry
 from kernels.gmm.backends import GMM_BACKENDS, XTY_BACKENDS
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
@@ -109,7 +110,7 @@ def m_bucket(m: int) -> int:
   """M rounded up to a power of two (1 for M <= 1): the row-count part of a table key."""
   if isinstance(m, bool) or not isinstance(m, int) or m < 0:
     raise ValueError(f"m must be an int >= 0, got {m!r}")
-  return 1 << max(m - 1, 0).bit_length()
+  return pow2_at_least(m)
 
 
 def current_device_kind() -> str:

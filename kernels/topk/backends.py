@@ -23,10 +23,6 @@ from kernels.topk.reference import top_k_reference
 from kernels.topk.shapes import TopKShape
 
 
-def _xla(x, k):
-  return top_k_reference(x, k)
-
-
 def choose_pallas(shape: TopKShape, dtypes) -> str:
   """backend="pallas": the Triton kernel where it takes the shape at its default config."""
   return "triton" if triton.check(shape, dtypes, triton.default_config(shape, dtypes)) is None \
@@ -39,5 +35,5 @@ _TRITON = Backend(name="triton", fn=triton.top_k, config_classes=(triton.TritonT
 
 TOPK_BACKENDS = Registry(
     "kernels.top_k",
-    [Backend(name=registry.XLA, fn=_xla), _TRITON, _TRITON.interpreted()],
+    [Backend(name=registry.XLA, fn=top_k_reference), _TRITON, _TRITON.interpreted()],
     choosers={registry.PALLAS: choose_pallas})

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from kernels.common.groups import cdiv
+from kernels.common.groups import cdiv, pow2_at_least
 from kernels.topk.shapes import TopKShape
 
 # A row lives in one program's registers. At E_pad = 1024 with 4 warps one row already takes 8
@@ -44,10 +44,6 @@ MAX_BLOCK_ELEMENTS = 16384
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LOW_BITS = 0x7FFFFFFF
 _INT32_MIN = -(2 ** 31)
-
-
-def pow2_at_least(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
