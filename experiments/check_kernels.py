@@ -256,9 +256,18 @@ def _glu_poison_check(dtype, interpret: bool) -> float:
   return max(errs)
 
 
+def _blocksparse_dims(quick: bool) -> tuple[int, int, int, int]:
+  """(block size, ffn size, contracting size, rows) of the block-sparse cases."""
+  return (16, 32, 40, 48) if quick else (128, 1024, 1000, 3000)
+
+
+def _blocksparse_name(quick: bool) -> str:
+  b, f, _, m = _blocksparse_dims(quick)
+  return f"b{b}_f{f}_m{m}"
+
+
 def _blocksparse_cases(quick: bool, dtype):
-  b, f, kd = (16, 32, 40) if quick else (128, 1024, 1000)
-  m = 48 if quick else 3000
+  b, f, kd, m = _blocksparse_dims(quick)
   sizes = [5, 0, 40, 3] if quick else [1000, 0, 1999, 1]
   topo = blocksparse.make_topology(jnp.asarray(sizes, jnp.int32), m, ffn_size=f, block_size=b)
   p, ns = topo.sparse_shape
@@ -267,7 +276,7 @@ def _blocksparse_cases(quick: bool, dtype):
   data = blocksparse.sdd_reference(a, w, topo).astype(dtype)
   dense, lhs = _rand(keys[2], (ns, kd), dtype), _rand(keys[3], (kd, p), dtype)
   f32 = lambda v: v.astype(jnp.float32)
-  name = f"b{b}_f{f}_m{m}"
+  name = _blocksparse_name(quick)
   return [
       ("blocksparse.sdd", name, None, lambda bk: blocksparse.sdd(a, w, topo, backend=bk),
        lambda: blocksparse.sdd_reference(f32(a), f32(w), topo), None),
@@ -417,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all), e.g. "
                   "fine_k8,ragged; a name selects the cases whose label starts with it")
   args = ap.parse_args(argv)
+  known = [c[0] for c in QUICK_SHAPES + GPU_SHAPES + GLU_QUICK_SHAPES + GLU_GPU_SHAPES] + [
+      _blocksparse_name(quick) for quick in (True, False)]
+  unknown = [n for n in filter(None, args.shapes.split(",")) if not any(
+      k.startswith(n) or n.startswith(k) for k in known)]
+  if unknown:
+    ap.error(f"--shapes: unknown {unknown}; known: {sorted(set(known))}")
   rows = run(args.quick, tuple(filter(None, args.ops.split(","))),
              tuple(filter(None, args.dtypes.split(","))),
              tuple(filter(None, args.backends.split(","))),
