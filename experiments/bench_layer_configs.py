@@ -31,7 +31,7 @@ from flax import nnx
 
 from experiments import bench_common as bc
 from jaxmoe import MoE, MoEConfig
-from jaxmoe.config import DROPLESS_IMPLS
+from jaxmoe.config import DROPLESS_IMPLS, IMPL_BACKENDS
 
 # name: ((T, d, n, E, k), (SonicMoE forward, backward TFLOP/s read off Figure 14, H100)): the
 # figure's twelve configurations (1.4B, 7B, 30B, 120B; three (n, E, k) each), its bar heights read
@@ -68,6 +68,19 @@ def flops(shape) -> tuple[float, float]:
   t, d, n, _, k = shape
   fwd = 6.0 * t * k * d * n
   return fwd, 2.0 * fwd
+
+
+def impl_backend(spec: str) -> tuple[str, str | None] | None:
+  """"IMPL" or "IMPL:BACKEND" (a backend of the impl's kernel registry, to compare backends in
+  one run) -> (impl, backend or None); None when either name is unknown."""
+  impl, _, backend = spec.partition(":")
+  if impl not in DROPLESS_IMPLS:
+    return None
+  if not backend:
+    return impl, None
+  if impl not in IMPL_BACKENDS or backend not in IMPL_BACKENDS[impl].names:
+    return None
+  return impl, backend
 
 
 def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False,
@@ -220,7 +233,8 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true", help="a tiny config on CPU (interpret mode)")
   ap.add_argument("--configs", default=None, help="comma-separated names (default: all)")
   ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
-                  help=f"comma-separated, of {DROPLESS_IMPLS}")
+                  help=f"comma-separated, of {DROPLESS_IMPLS}; IMPL:BACKEND picks the impl's "
+                       "kernel backend (e.g. scatter:mosaic; default the platform's)")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--profile", action="store_true",
@@ -233,8 +247,9 @@ def main() -> None:
   table = SMOKE_CONFIGS if args.smoke else CONFIGS
   names = args.configs.split(",") if args.configs else list(table)
   impls = args.impls.split(",")
-  for bad in [c for c in names if c not in table] + [i for i in impls if i not in DROPLESS_IMPLS]:
-    ap.error(f"unknown config or impl {bad!r}; configs: {list(table)}; impls: {DROPLESS_IMPLS}")
+  for bad in [c for c in names if c not in table] + [i for i in impls if impl_backend(i) is None]:
+    ap.error(f"unknown config or impl {bad!r}; configs: {list(table)}; impls: {DROPLESS_IMPLS}, "
+             f"each optionally as IMPL:BACKEND with a backend of {sorted(IMPL_BACKENDS)}'s registry")
   if args.iters < 1:
     ap.error(f"--iters must be >= 1, got {args.iters}")
   backend = "triton_interpret" if args.smoke else None
@@ -246,8 +261,12 @@ def main() -> None:
     rows, ref = [], None
     for impl in impls:
       try:
-        hlo = os.path.join(args.out, f"hlo-{name}-{impl}.txt.gz") if args.dump_hlo else None
-        row, y = jax_layer(shape, impl, backend, args.iters, args.profile, hlo_path=hlo)
+        hlo = (os.path.join(args.out, f"hlo-{name}-{impl.replace(':', '-')}.txt.gz")
+               if args.dump_hlo else None)
+        base, named = impl_backend(impl)
+        row, y = jax_layer(shape, base, named or backend, args.iters, args.profile,
+                           hlo_path=hlo)
+        row["impl"] = impl
         if ref is None:
           ref = y
         else:  # same parameters and routing: the dropless impls agree
