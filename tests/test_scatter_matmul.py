@@ -214,60 +214,6 @@ def test_mosaic_interpret_grouped_products_forward_and_grads(rng, layout):
   _check_grads(x, w, gates, routing, layout, "mosaic_interpret", jnp.bfloat16, 1.0)
 
 
-def _grouped_products_gathering_weight_grad(monkeypatch, interpret: bool):
-  """Makes every scatter_matmul call run the "pallas" record's plan on the Mosaic grouped kernels
-  (on a CPU host "pallas" resolves grouped_matmul to Triton): "mosaic" with the weight gradient
-  gathering its rows in the kernel."""
-  import dataclasses
-  from kernels.scatter import api as scatter_api
-  from kernels.scatter.backends import SCATTER_BACKENDS
-
-  record = dataclasses.replace(
-      SCATTER_BACKENDS.get("mosaic_interpret" if interpret else "mosaic"), weight_grad_gathers=True)
-  monkeypatch.setattr(scatter_api, "_select", lambda *args: record)
-
-
-@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[4]])
-def test_grouped_products_with_gathering_weight_grad(rng, layout, monkeypatch):
-  """Grouped-input products on the Mosaic kernels (interpreted) and weight gradients gathering
-  their token-order rows in the kernel, as backend "pallas" runs them on Hopper: every gradient
-  matches the reference, bf16 at the Mosaic tiles, experts 0, 2 and 5 empty."""
-  _grouped_products_gathering_weight_grad(monkeypatch, interpret=True)
-  choices, routing, x, w, gates = make_inputs(rng, t=40, k=2, e=6, kin=128, n=256,
-                                              dtype=jnp.bfloat16, transpose_w=layout[3])
-  if layout[0]:
-    x = jnp.asarray(rng.standard_normal((routing.sorted_flat.shape[0], 128)), jnp.bfloat16)
-  _check_grads(x, w, gates, routing, layout, "mosaic_interpret", jnp.bfloat16, 1.0)
-
-
-@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[4]])
-def test_gathering_weight_grad_lowers_for_h100(layout, monkeypatch):
-  """That plan lowers for an H100 with no (M, ·) gather left for the weight gradient: the
-  weight gradient is the gathering kernel, and a combining product's data gradient gathers dy in
-  the scatter kernel (forward of token-order x + that data gradient)."""
-  from kernels.common.gpu_lowering import lower_for_gpu
-
-  _grouped_products_gathering_weight_grad(monkeypatch, interpret=False)
-  s = jax.ShapeDtypeStruct
-  t, k, e, kin, n = 300, 2, 4, 256, 512
-  x_grouped, _, use_gates, transpose_w = layout
-
-  def loss(x, w, g, choices):
-    out = _call(x, w, sort_slots(choices, e), g, layout, "mosaic")
-    return jnp.sum(out.astype(jnp.float32))
-
-  x = s((t * k if x_grouped else t, kin), jnp.bfloat16)
-  w = s((e, n, kin) if transpose_w else (e, kin, n), jnp.bfloat16)
-  text = lower_for_gpu(jax.grad(loss, argnums=(0, 1, 2) if use_gates else (0, 1)), x, w,
-                       s((t, k), jnp.float32), s((t, k), jnp.int32))
-  assert "jaxmoe_gather_xty" in text and "jaxmoe_group_xty" not in text
-  # Each kernel's name appears twice per call in the module text. Token-order x: the gathering
-  # forward, and the data gradient of the grouped dy on Mosaic; grouped x: only the data
-  # gradient gathering dy (the forward's value is unused under jax.grad, so it is dropped).
-  assert text.count("jaxmoe_scatter2scatter") == 2
-  assert ("mosaic_gpu" in text) == (not x_grouped)
-
-
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[4]])
 def test_mosaic_grouped_products_lower_for_h100(layout):
   """The mixed backend's gradient lowers for an H100: the token-order products keep the Triton
@@ -312,16 +258,4 @@ def test_gradient_lowers_for_h100(layout):
   text = lower_for_gpu(jax.grad(loss, argnums=(0, 1, 2) if use_gates else (0, 1)), x, w,
                        s((t, k), jnp.float32), s((t, k), jnp.int32))
   assert text.count("jaxmoe_scatter2scatter") >= 2   # forward and data gradient
-  assert "jaxmoe_gather_xty" in text                 # weight gradient, gathering its rows
-
-
-@pytest.mark.parametrize("backend", ["xla", "triton_interpret"])
-@pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[4]])
-@pytest.mark.parametrize("kin, n", [(24, 40), (40, 24)])
-def test_gated_weight_gradient_scales_either_operand(rng, layout, backend, kin, n):
-  """With gates the weight gradient scales the narrower of x and dy by the gates (K < N: x,
-  else dy); both ways match the reference's gradients."""
-  choices, routing, x, w, gates = make_inputs(rng, kin=kin, n=n, transpose_w=layout[3])
-  if layout[0]:
-    x = jnp.asarray(rng.standard_normal((routing.sorted_flat.shape[0], kin)), jnp.float32)
-  _check_grads(x, w, gates, routing, layout, backend, jnp.float32, 1.0)
+  assert "jaxmoe_group_xty" in text                  # weight gradient

@@ -19,10 +19,8 @@ when x is in token order.
 
 Backward as in the paper: the data gradient is the same scatter kernel with the weights
 transposed, gathering dy (by token when the output was combined) and writing straight to x's
-layout (summed over the k copies when x was in token order); the weight gradient is the
-per-expert x^T dy over the sorted rows: on backends with `weight_grad_gathers` its kernel
-(`kernels.scatter.xty_triton`) gathers the token-order rows itself, on the others XLA gathers x
-and dy into sorted order (transient, backward only) for `kernels.gmm.group_xty`; the
+layout (summed over the k copies when x was in token order); the weight gradient is
+`kernels.gmm.group_xty` over grouped x and grouped dy (gathered here: transient, backward only); the
 gate gradient is d gates[f] = <dy[t], x_in @ W> = <dy[t] @ W^T, x_in>, taken from the unscaled
 data-gradient rows, so the forward keeps no output activations for it.
 
@@ -31,12 +29,10 @@ runs every product in the scatter kernel, as the paper does. "pallas" (the GPU d
 "mosaic" keep the scatter kernel (Triton) for the products that gather token-order rows, the
 point of the method, and run the products whose input rows are already grouped on the
 grouped-matmul kernels (`kernels.gmm`: the Mosaic TMA + wgmma kernels on Hopper, faster than
-Triton's): the forward of a grouped input, and ("mosaic") in the backward the data gradient,
-whose grouped dy the weight gradient gathers anyway; where the weight gradient gathers for
-itself ("pallas"), that data gradient gathers dy in the scatter kernel instead. Their grouped
-output rows are then put in flat order (or combined) by an XLA gather of the (M, N) rows, where
-the scatter kernel would have written the same (M, N) rows in flat order, so no extra (M, ·)
-buffer is made.
+Triton's): the forward of a grouped input, and in the backward the data gradient, whose grouped
+dy the weight gradient gathers anyway. Their grouped output rows are then put in flat order (or
+combined) by an XLA gather of the (M, N) rows, where the scatter kernel would have written the
+same (M, N) rows in flat order, so no extra (M, ·) buffer is made.
 """
 
 from __future__ import annotations
@@ -54,7 +50,6 @@ from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 from kernels.scatter.backends import SCATTER_BACKENDS, ScatterBackend
 from kernels.scatter.routing import SortedSlots
 from kernels.scatter.triton import TritonScatterConfig
-from kernels.scatter.xty_triton import gather_xty
 
 
 def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend: ScatterBackend,
@@ -136,10 +131,8 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
   dx_scale = None if gates is None else gates.reshape(-1)[sorted_flat]
   # Where grouped products run on the grouped kernels, gather dy once (the weight gradient needs
   # the grouped rows too) and run the data gradient on the grouped rows.
-  # (With weight_grad_gathers the weight gradient gathers for itself: the data gradient then
-  # gathers dy in the scatter kernel, and no (M, N) copy of dy is made.)
   dyg = None
-  if backend.gmm_backend is not None and dy_src is not None and not backend.weight_grad_gathers:
+  if backend.gmm_backend is not None and dy_src is not None:
     dyg, dy_src_dx = jnp.take(dy, dy_src, axis=0), None
   else:
     dy_src_dx = dy_src
@@ -162,23 +155,12 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
     dgates = dgates.reshape(gates.shape).astype(gates.dtype)
   dx = u if r == 1 else u.reshape(x.shape[0], r, -1).sum(axis=1, dtype=jnp.float32)
   dx = dx.astype(x.dtype)
-  if backend.weight_grad_gathers:
-    return dx, _gathered_weight_grad(x, dy, dyg, dy_src, dx_scale, sorted_flat, group_sizes, r,
-                                     x_grouped, transpose_w, backend, w.dtype), dgates, None, None
   # Weight gradient over grouped rows: gather x and (scaled) dy into sorted order.
   xg = x if x_grouped else jnp.take(x, sorted_flat // r, axis=0)
   if dyg is None:
     dyg = dy if dy_src is None else jnp.take(dy, dy_src, axis=0)
   if gates is not None:
-    # dW[g] = sum_p x_p^T (s_p dy_p) = sum_p (s_p x_p)^T dy_p: scale the narrower of the two.
-    # In the combining product x is the (M, f) hidden and dy the (M, d) output gradient: a
-    # scaled copy of the gathered dy is M * d more bytes written (4.3 GB at T 32768, d 4096,
-    # k 16), one of x M * f (0.5 GB at f 256).
-    s32 = dx_scale.astype(jnp.float32)[:, None]
-    if xg.shape[1] < dyg.shape[1]:
-      xg = (xg.astype(jnp.float32) * s32).astype(x.dtype)
-    else:
-      dyg = (dyg.astype(jnp.float32) * s32).astype(x.dtype)
+    dyg = (dyg.astype(jnp.float32) * dx_scale.astype(jnp.float32)[:, None]).astype(x.dtype)
   # The weight gradient always runs on the grouped kernels: the gmm backend of this backend's
   # record (group_xty resolves "pallas" to the best kernel for the shape).
   if transpose_w:
@@ -186,21 +168,6 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
   else:
     dw = group_xty(xg, dyg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
   return dx, dw, dgates, None, None
-
-
-def _gathered_weight_grad(x, dy, dyg, dy_src, scale, sorted_flat, group_sizes, r, x_grouped,
-                          transpose_w, backend: ScatterBackend, out_dtype):
-  """dW with the token-order rows gathered inside the kernel (`kernels.scatter.xty_triton`)
-  rather than copied into sorted order first; the gates scale the narrower operand, as above."""
-  x_src = None if x_grouped else sorted_flat // r
-  if dyg is not None:   # already gathered (for the data gradient)
-    dy, dy_src = dyg, None
-  scale_x = scale is not None and x.shape[1] < dy.shape[1]
-  m = sorted_flat.shape[0]
-  common = dict(m=m, out_dtype=out_dtype, interpret=backend.interpret)
-  if transpose_w:   # w (E, N, K): dW[g] = dy_g^T x_g
-    return gather_xty(dy, x, group_sizes, dy_src, x_src, scale, scale_x=not scale_x, **common)
-  return gather_xty(x, dy, group_sizes, x_src, dy_src, scale, scale_x=scale_x, **common)
 
 
 _scatter_matmul.defvjp(_fwd, _bwd)

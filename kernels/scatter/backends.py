@@ -3,17 +3,14 @@
 SCATTER_BACKENDS, the scatter matmul (`ScatterBackend` records):
 
   "xla"               gather, jax.lax.ragged_dot, scatter as XLA ops (scatter/xla.py); CPU default
-  "triton"            every product in the Triton scatter kernel (scatter/triton.py), as the paper;
-                      the weight gradients gather their rows in scatter/xty_triton.py
+  "triton"            every product in the Triton scatter kernel (scatter/triton.py), as the paper
   "mosaic"            the products that gather token-order rows in the Triton scatter kernel, the
-                      products whose rows are already grouped on the Mosaic grouped-matmul kernels;
-                      the weight gradients on group_xty over rows XLA gathers into sorted order
+                      products whose rows are already grouped on the Mosaic grouped-matmul kernels
   "pallas"            as "mosaic", with grouped_matmul's own "pallas" choice (Mosaic on Hopper
-                      where the shape fits, else Triton) for the grouped products, and the weight
-                      gradients gathering their rows in the kernel, as "triton"; GPU default
+                      where the shape fits, else Triton) for the grouped products; GPU default
   "triton_interpret", "mosaic_interpret"   the same in the Pallas interpreter
-Where a weight gradient runs on group_xty, it is the grouped-matmul backend of the same name
-(`xty_backend`). This module is the only place that maps these names to code.
+The weight gradient (group_xty over grouped rows) runs on the grouped-matmul backend of the same
+name. This module is the only place that maps these names to code.
 
 Shapes given to default_config / check: `kernels.gmm.shapes.GroupedShape(m, k, n, g)` with M the
 sorted rows, K and N the product's (x columns, output columns), G the experts.
@@ -47,15 +44,10 @@ class ScatterBackend(Backend):
 
   gmm_backend: the grouped_matmul backend of the products whose input rows are already grouped
                (None: they run on fn too).
-  xty_backend: the group_xty backend of the weight gradient over rows gathered by XLA.
-  weight_grad_gathers: the weight gradient gathers its token-order rows inside the kernel
-               (`kernels.scatter.xty_triton`) instead of XLA copying them into sorted order for
-               group_xty; a combining product's data gradient then gathers dy in the scatter
-               kernel too, so the backward makes no (M, ·) copy of x or dy.
+  xty_backend: the group_xty backend of the weight gradient.
   """
   gmm_backend: str | None = None
   xty_backend: str = "xla"
-  weight_grad_gathers: bool = False
 
   def interpreted(self) -> "ScatterBackend":
     return dataclasses.replace(
@@ -85,10 +77,9 @@ def _scatter_config(shape: GroupedShape, dtypes: Dtypes) -> triton.TritonScatter
 
 _TRITON = ScatterBackend(name="triton", fn=triton.scatter2scatter,
                          config_classes=(triton.TritonScatterConfig,),
-                         default_config=_scatter_config, needs_gpu=True, xty_backend="triton",
-                         weight_grad_gathers=True)
+                         default_config=_scatter_config, needs_gpu=True, xty_backend="triton")
 _MOSAIC = dataclasses.replace(_TRITON, name="mosaic", check=_grouped_products_check,
-                              gmm_backend="mosaic", xty_backend="mosaic", weight_grad_gathers=False)
+                              gmm_backend="mosaic", xty_backend="mosaic")
 
 SCATTER_BACKENDS = Registry(
     "kernels.scatter_matmul",
@@ -98,7 +89,7 @@ SCATTER_BACKENDS = Registry(
      _TRITON.interpreted(),
      _MOSAIC.interpreted(),
      dataclasses.replace(_TRITON, name=registry.PALLAS, gmm_backend=registry.PALLAS,
-                         xty_backend=registry.PALLAS, weight_grad_gathers=True)])
+                         xty_backend=registry.PALLAS)])
 
 
 @dataclasses.dataclass(frozen=True)
