@@ -1,6 +1,10 @@
 """The expert MLP's hidden activation, act(gate) [* up], with a backward pass that recomputes.
 
-hidden:  gate (..., f), up (..., f) or None -> act(gate) [* up]   (float32 math, gate's dtype out)
+hidden:         gate (..., f), up (..., f) or None -> act(gate) [* up]   (float32 math, gate's
+                dtype out)
+hidden_packed:  gate_up (..., 2f) = [gate | up] -> act(gate) * up: the GLU's two projections as
+                the one product of width 2f that computed them; it keeps that product for the
+                backward and returns its gradient as one (..., 2f) array, with no copies of halves
 
 Every expert path (grouped, scatter, block-sparse, expert-parallel) computes the activation in
 float32 on the first matmul's 16-bit outputs and casts back for the second matmul. Left to
@@ -83,3 +87,41 @@ def hidden(activation: Activation, gate: jax.Array, up: jax.Array | None = None)
     raise ValueError(f"up: must be a floating array of gate's shape {tuple(gate.shape)}, got "
                      f"{up.dtype}{list(up.shape)}")
   return _hidden(activation, gate, up)
+
+
+def _unpack(gate_up: jax.Array) -> tuple[jax.Array, jax.Array]:
+  f = gate_up.shape[-1] // 2
+  return gate_up[..., :f], gate_up[..., f:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _hidden_packed(activation: Activation, gate_up: jax.Array) -> jax.Array:
+  return hidden_math(activation, *_unpack(gate_up))
+
+
+def _hidden_packed_fwd(activation, gate_up):
+  return hidden_math(activation, *_unpack(gate_up)), gate_up
+
+
+def _hidden_packed_bwd(activation, gate_up, dh):
+  gate_up = jax.lax.optimization_barrier(gate_up)   # recompute, as _hidden_bwd does
+  _, vjp = jax.vjp(lambda gu: hidden_math(activation, *_unpack(gu)), gate_up)
+  return vjp(dh)
+
+
+_hidden_packed.defvjp(_hidden_packed_fwd, _hidden_packed_bwd)
+
+
+def hidden_packed(activation: Activation, gate_up: jax.Array) -> jax.Array:
+  """act(gate) * up of gate_up = [gate | up] packed along the last axis; (..., 2f) -> (..., f) in
+  gate_up's dtype, the same float32 math as hidden(activation, gate, up).
+
+  The residual is gate_up itself, and the gradient is one (..., 2f) array, as the product of
+  width 2f that wrote gate_up wants it (hidden(activation, gate_up[..., :f], gate_up[..., f:])
+  would keep the two halves, copied out of gate_up, for its backward)."""
+  if not jnp.issubdtype(gate_up.dtype, jnp.floating):
+    raise ValueError(f"gate_up: must be a floating array, got dtype {gate_up.dtype}")
+  if gate_up.ndim < 1 or gate_up.shape[-1] % 2:
+    raise ValueError(f"gate_up: the last axis packs gate and up, so it must have an even size, "
+                     f"got shape {tuple(gate_up.shape)}")
+  return _hidden_packed(activation, gate_up)

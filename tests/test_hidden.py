@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.hidden import hidden
+from kernels.hidden import hidden, hidden_packed
 
 
 def _plain(activation, gate, up):
@@ -53,3 +53,24 @@ def test_bad_input():
     hidden(jax.nn.silu, jnp.zeros((2, 3), jnp.int32))
   with pytest.raises(ValueError, match="up: must be a floating array of gate's shape"):
     hidden(jax.nn.silu, jnp.zeros((2, 3)), jnp.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("activation", [jax.nn.silu, jax.nn.gelu])
+def test_packed_is_hidden_of_the_halves(rng, dtype, activation):
+  gate_up = jnp.asarray(rng.standard_normal((19, 2, 48)) * 3, dtype)
+  dh = jnp.asarray(rng.standard_normal((19, 2, 24)), dtype)
+  y, vjp = jax.vjp(lambda gu: hidden_packed(activation, gu), gate_up)
+  y0, vjp0 = jax.vjp(lambda gu: hidden(activation, gu[..., :24], gu[..., 24:]), gate_up)
+  chex.assert_trees_all_equal(y, y0)
+  chex.assert_trees_all_equal(vjp(dh), vjp0(dh))
+  # It keeps gate_up itself for the backward, no float32 copy and no halves.
+  leaves = [tuple(r.shape) for r in jax.tree.leaves(vjp) if hasattr(r, "shape")]
+  assert (19, 2, 48) in leaves and (19, 2, 24) not in leaves
+
+
+def test_packed_refuses_an_odd_last_axis():
+  with pytest.raises(ValueError, match="gate_up: the last axis packs gate and up"):
+    hidden_packed(jax.nn.silu, jnp.zeros((4, 7)))
+  with pytest.raises(ValueError, match="gate_up: must be a floating array"):
+    hidden_packed(jax.nn.silu, jnp.zeros((4, 8), jnp.int32))

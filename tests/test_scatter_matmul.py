@@ -259,3 +259,45 @@ def test_gradient_lowers_for_h100(layout):
                        s((t, k), jnp.float32), s((t, k), jnp.int32))
   assert text.count("jaxmoe_scatter2scatter") >= 2   # forward and data gradient
   assert "jaxmoe_group_xty" in text                  # weight gradient
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton_interpret"])
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]])
+def test_weight_tuple_is_the_concatenated_weight(rng, layout, backend):
+  """w = (w_1, w_2): the output of the weight concatenated along N, and the concatenated weight's
+  gradient split back into the parts; the parts' N may differ."""
+  transpose_w = layout[3]
+  routing, x, w, gates = _layout_inputs(rng, layout)
+  axis = 1 if transpose_w else 2
+  parts = tuple(jnp.split(w, [16], axis=axis))                 # N 40 -> 16 + 24
+  probe = jnp.asarray(rng.standard_normal(
+      jax.eval_shape(lambda: _call(x, w, routing, gates, layout, backend, SMALL)).shape),
+      jnp.float32)
+  loss = lambda x, w: jnp.sum(_call(x, w, routing, gates, layout, backend, SMALL) * probe)
+  got, got_grads = jax.value_and_grad(loss, argnums=(0, 1))(x, parts)
+  want, want_grads = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert isinstance(got_grads[1], tuple) and len(got_grads[1]) == 2
+  np.testing.assert_allclose(got_grads[0], want_grads[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jnp.concatenate(got_grads[1], axis=axis), want_grads[1], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_weight_tuple_keeps_the_parts_not_their_concatenation(rng):
+  """The backward keeps the parts (the caller's arrays) and makes the concatenation again."""
+  layout = LAYOUTS[0]
+  routing, x, w, gates = _layout_inputs(rng, layout)
+  parts = tuple(jnp.split(w, 2, axis=2))
+  _, vjp = jax.vjp(lambda x, w: _call(x, w, routing, gates, layout, "xla"), x, parts)
+  shapes = [tuple(r.shape) for r in jax.tree.leaves(vjp)]
+  assert tuple(w.shape) not in shapes and tuple(parts[0].shape) in shapes
+
+
+def test_weight_tuple_validation_names_the_part(rng):
+  routing, x, w, gates = _layout_inputs(rng, LAYOUTS[0])
+  with pytest.raises(ValueError, match="w: a tuple of weights must hold at least one"):
+    scatter_matmul(x, (), routing, y_grouped=True)
+  with pytest.raises(ValueError, match=r"w\[1\]: the parts of w must agree"):
+    scatter_matmul(x, (w, w[:, :-1]), routing, y_grouped=True)
+  with pytest.raises(ValueError, match=r"w\[1\]"):
+    scatter_matmul(x, (w, w.astype(jnp.bfloat16)), routing, y_grouped=True)

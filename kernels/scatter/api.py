@@ -17,6 +17,13 @@ The gate multiply happens in the kernel epilogue; the sum over the k choices is 
 the (T, k, N) scattered rows (as in the paper). Nothing (M, K)-sized is materialized in the forward
 when x is in token order.
 
+Weights given as a tuple (w_1, ..., w_r) of (E, K, N_i) are the one weight of width N = sum N_i,
+concatenated inside the op: the forward and backward concatenate them transiently, the op keeps
+the parts (not the concatenation) for the backward, and their gradients come back as a tuple. The
+GLU's gate and up projections run so as one product of width 2f: one gather of x in the forward;
+in the backward one data-gradient product with K = 2f (one (M, d) array summed over the k choices,
+not two) and one weight gradient over one gathered copy of x.
+
 Backward as in the paper: the data gradient is the same scatter kernel with the weights
 transposed, gathering dy (by token when the output was combined) and writing straight to x's
 layout (summed over the k copies when x was in token order); the weight gradient is
@@ -42,6 +49,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.common import validation
 from kernels.common.groups import inverse_permutation
@@ -65,6 +73,22 @@ def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend: Scatter
                     out_dtype=out_dtype, **tuned)
 
 
+def _join(w, transpose_w: bool) -> jax.Array:
+  """The one weight of a tuple of parts, concatenated along N (a weight array as it is)."""
+  if not isinstance(w, tuple):
+    return w
+  return w[0] if len(w) == 1 else jnp.concatenate(w, axis=1 if transpose_w else 2)
+
+
+def _split(dw: jax.Array, parts, transpose_w: bool):
+  """dw of the joined weight as the parts' gradients (dw itself for a weight array)."""
+  if not isinstance(parts, tuple):
+    return dw
+  axis = 1 if transpose_w else 2
+  ends = [int(e) for e in np.cumsum([p.shape[axis] for p in parts])[:-1]]
+  return tuple(jnp.split(dw, ends, axis=axis))
+
+
 def _select(x, w, sorted_flat, transpose_w, backend: str) -> ScatterBackend:
   """The record of `backend` (validated by the public op)."""
   n = w.shape[1] if transpose_w else w.shape[2]
@@ -75,6 +99,7 @@ def _select(x, w, sorted_flat, transpose_w, backend: str) -> ScatterBackend:
 def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
              out_dtype, config):
   m = sorted_flat.shape[0]
+  w = _join(w, transpose_w)
   backend = _select(x, w, sorted_flat, transpose_w, backend)
   if x_grouped and gates is not None and backend.gmm_backend is not None:
     # The grouped kernel's rows in flat order (_s2s), then the gates multiply in the fused
@@ -112,7 +137,8 @@ def _fwd(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_
 
 
 def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy):
-  x, w, gates, sorted_flat, group_sizes = res
+  x, parts, gates, sorted_flat, group_sizes = res
+  w = _join(parts, transpose_w)
   m = sorted_flat.shape[0]
   dy = dy.astype(x.dtype)
   backend = _select(x, w, sorted_flat, transpose_w, backend)
@@ -167,7 +193,7 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
     dw = group_xty(dyg, xg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
   else:
     dw = group_xty(xg, dyg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
-  return dx, dw, dgates, None, None
+  return dx, _split(dw, parts, transpose_w), dgates, None, None
 
 
 _scatter_matmul.defvjp(_fwd, _bwd)
@@ -175,7 +201,7 @@ _scatter_matmul.defvjp(_fwd, _bwd)
 
 def scatter_matmul(
     x: jax.Array,
-    w: jax.Array,
+    w: jax.Array | tuple[jax.Array, ...],
     routing: SortedSlots,
     *,
     gates: jax.Array | None = None,
@@ -190,7 +216,8 @@ def scatter_matmul(
 
   Args:
     x: (T, K) token order (or (M, K) flat order) unless x_grouped, then (M, K) sorted order.
-    w: (E, K, N) expert weights of x's dtype, or (E, N, K) with transpose_w.
+    w: (E, K, N) expert weights of x's dtype, or (E, N, K) with transpose_w; or a tuple of such
+      weights (E, K, N_i), one product of width N = sum N_i (see the module docstring).
     routing: SortedSlots from sort_slots (sorted_flat (M,), group_sizes (E,), int32).
     gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
     x_grouped, y_grouped: input / output already in expert-sorted order.
@@ -206,21 +233,38 @@ def scatter_matmul(
   """
   backend = SCATTER_BACKENDS.validate(backend)
   validation.check_float_operand("x", x, 2)
-  validation.check_float_operand("w", w, 3)
-  validation.check_same_dtype(x=x, w=w)
+  if isinstance(w, (tuple, list)):
+    if not w:
+      raise ValueError("w: a tuple of weights must hold at least one, got an empty tuple")
+    for i, part in enumerate(w):
+      validation.check_float_operand(f"w[{i}]", part, 3)
+      validation.check_same_dtype(x=x, **{f"w[{i}]": part})
+    kept = 2 if transpose_w else 1   # the parts agree on E and K, and differ only in N
+    for i, part in enumerate(w[1:], 1):
+      if (part.shape[0], part.shape[kept]) != (w[0].shape[0], w[0].shape[kept]):
+        raise ValueError(f"w[{i}]: the parts of w must agree in every dimension but N, got "
+                         f"shapes {[tuple(p.shape) for p in w]} with transpose_w={transpose_w}")
+    w = tuple(w)
+    joined = jax.ShapeDtypeStruct(
+        (w[0].shape[0], *((sum(p.shape[1] for p in w), w[0].shape[2]) if transpose_w else
+                          (w[0].shape[1], sum(p.shape[2] for p in w)))), w[0].dtype)
+  else:
+    validation.check_float_operand("w", w, 3)
+    validation.check_same_dtype(x=x, w=w)
+    joined = w
   if not isinstance(routing, SortedSlots):
     raise ValueError(f"routing must be a SortedSlots (see sort_slots), got "
                      f"{type(routing).__name__}")
   sorted_flat, group_sizes = routing
-  validation.check_group_sizes(group_sizes, w.shape[0])
+  validation.check_group_sizes(group_sizes, joined.shape[0])
   if sorted_flat.ndim != 1 or jnp.dtype(sorted_flat.dtype) != jnp.dtype(jnp.int32):
     raise ValueError(f"routing.sorted_flat must be a 1-D int32 array, got shape "
                      f"{tuple(sorted_flat.shape)} dtype {sorted_flat.dtype}")
   m = sorted_flat.shape[0]
-  k_w = w.shape[2] if transpose_w else w.shape[1]
+  k_w = joined.shape[2] if transpose_w else joined.shape[1]
   if x.shape[1] != k_w:
     raise ValueError(f"w: contracting dimension must match x.shape[1]={x.shape[1]}, got w.shape="
-                     f"{tuple(w.shape)} with transpose_w={transpose_w}")
+                     f"{tuple(joined.shape)} with transpose_w={transpose_w}")
   if x_grouped and x.shape[0] != m:
     raise ValueError(f"x: with x_grouped=True must have M={m} rows, got shape {tuple(x.shape)}")
   if not x_grouped and (x.shape[0] == 0 or m % x.shape[0]):

@@ -16,8 +16,9 @@ scatter_glu has two paths (its `fused` argument):
             GLU_BACKENDS but "xla". On the H200 it agrees with the products path at SonicMoE's
             fine-grained shapes and runs the forward 1.06-1.08x as fast, the forward+backward
             0.84-0.93x; its GPU check at the edge shapes has not finished (docs/performance.md).
-  products  the three scatter_matmul products with kernels.hidden between them: the default, and
-            the only path of "xla" (which has no fused kernels).
+  products  scatter_matmul products with kernels.hidden between them: the gate and up projections
+            as one product of width 2f, then the down projection with the combine; the default,
+            and the only path of "xla" (which has no fused kernels).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from kernels.activations import ACTIVATIONS, activation_name
 from kernels.common import validation
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
-from kernels.hidden import hidden
+from kernels.hidden import hidden, hidden_packed
 from kernels.scatter.api import scatter_matmul
 from kernels.scatter.backends import GLU_BACKENDS
 from kernels.scatter.glu import fused_scatter_glu
@@ -164,7 +165,8 @@ def scatter_glu(
                      "takes a TritonScatterConfig or None")
   act = ACTIVATIONS[activation] if isinstance(activation, str) else activation
   kw = dict(backend=backend, config=config)
-  g = scatter_matmul(x, w_gate, routing, y_grouped=True, **kw)          # (M, f) sorted
-  u = scatter_matmul(x, w_up, routing, y_grouped=True, **kw)            # (M, f) sorted
-  a = hidden(act, g, u)
+  # The gate and up projections as one product of width 2f (scatter_matmul takes the weight
+  # pair): x gathered once, and in the backward one data-gradient product and one gathered x.
+  gu = scatter_matmul(x, (w_gate, w_up), routing, y_grouped=True, **kw)   # (M, 2f) sorted
+  a = hidden_packed(act, gu)
   return scatter_matmul(a, w_down, routing, x_grouped=True, gates=gates, **kw)  # (T, d)
