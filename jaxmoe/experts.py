@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxmoe.config import MoEConfig
 from kernels.activations import ACTIVATIONS
-from kernels.hidden import hidden
+from kernels.hidden import hidden, hidden_packed
 
 # (E, M, K) x (E, K, N) on expert-sorted rows: matmul(lhs (M, K), rhs (E, K, N), group_sizes) -> (M, N)
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -65,7 +65,7 @@ Projection = Callable[[str, jax.Array, Any], jax.Array]
 
 
 def expert_mlp(x: jax.Array, project: Projection, config: MoEConfig, dtype,
-               out_dtype=None) -> jax.Array:
+               out_dtype=None, packed: bool = False) -> jax.Array:
   """The experts' projection -> activation -> projection, in every layout and on every path:
   act(x W_gate + b_gate) [* (x W_up + b_up)] W_out + b_out.
 
@@ -74,10 +74,18 @@ def expert_mlp(x: jax.Array, project: Projection, config: MoEConfig, dtype,
   recomputes the float32 math from the 16-bit gate and up: kernels.hidden). The output projection
   is asked for `out_dtype` (default `dtype`; the tensor-parallel slice asks float32 partial sums).
   Every expert path calls this one function, so their numerics cannot drift apart.
+
+  packed: a GLU's gate and up projections as one projection "gate_up" of width 2f (the layouts
+  whose matmul takes the weight pair as one product: kernels.common.weight_parts), with
+  kernels.hidden.hidden_packed on its output; the same values, fewer passes over the rows.
   """
+  act = activation_fn(config.activation)
+  if packed and config.is_glu:
+    h = hidden_packed(act, project("gate_up", x, dtype)).astype(dtype)
+    return project("out", h, dtype if out_dtype is None else out_dtype)
   gate = project("gate", x, dtype)
   up = project("up", x, dtype) if config.is_glu else None
-  h = hidden(activation_fn(config.activation), gate, up).astype(dtype)
+  h = hidden(act, gate, up).astype(dtype)
   return project("out", h, dtype if out_dtype is None else out_dtype)
 
 
@@ -120,16 +128,25 @@ class RoutedExperts(nnx.Module):
     return None if p is None else p[...].astype(self.dtype)
 
   def apply_sorted(self, x: jax.Array, group_sizes: jax.Array, expert: jax.Array,
-                   matmul: GroupedMatmul) -> jax.Array:
-    """x (M, d) rows sorted by expert, group_sizes (E,), expert (M,) -> (M, d) expert outputs."""
+                   matmul: GroupedMatmul, packed: bool = False) -> jax.Array:
+    """x (M, d) rows sorted by expert, group_sizes (E,), expert (M,) -> (M, d) expert outputs.
+
+    packed: matmul takes a tuple of weights as one product (kernels.grouped_matmul does), so a
+    GLU's gate and up run as one product of width 2f (expert_mlp's `packed`)."""
     def project(which, lhs, out_dtype):   # (out_dtype is the compute dtype here)
+      if which == "gate_up":
+        y = matmul(lhs, (self._w(self.w_gate), self._w(self.w_up)), group_sizes)
+        if self.b_gate is not None:
+          b = jnp.concatenate([self._w(self.b_gate), self._w(self.b_up)], axis=-1)
+          y = y + jnp.take(b, expert, axis=0)
+        return y
       w, b = _weights(self, which)
       y = matmul(lhs, self._w(w), group_sizes)
       if b is not None:
         y = y + jnp.take(self._w(b), expert, axis=0)
       return y
 
-    return expert_mlp(x.astype(self.dtype), project, self.config, self.dtype)
+    return expert_mlp(x.astype(self.dtype), project, self.config, self.dtype, packed=packed)
 
   def apply_scatter(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
     """x (T, d), indices/weights (T, k) -> (T, d) combined outputs via ScatterMoE.

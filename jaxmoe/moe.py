@@ -153,10 +153,13 @@ class MoE(nnx.Module):
       y = self.experts.apply_blocksparse(tokens, routing.indices, routing.weights)
     else:
       matmul = _ragged_dot if impl == "ragged_dot" else _grouped_matmul_fn(cfg.backend)
+      # kernels.grouped_matmul takes the gate and up weights as one product (ragged_dot would
+      # keep their concatenation for its backward).
+      packed = impl == "grouped"
       d = dispatch.sort_by_expert(routing.indices, e)
       rows = dispatch.gather_sorted(tokens.astype(self.dtype), d)
       def apply(experts, rows, group_sizes, expert):
-        return experts.apply_sorted(rows, group_sizes, expert, matmul)
+        return experts.apply_sorted(rows, group_sizes, expert, matmul, packed=packed)
       if cfg.remat_experts:
         # Keeps the sorted rows (the weights are inputs anyway) and recomputes the first matmul
         # and the activation, not the (rows, d_ff) gate [and up] and hidden arrays. The second

@@ -10,7 +10,9 @@ If sum(group_sizes) > M the group boundaries are clipped to M (later groups lose
 past M); no error is raised because the sizes are only known on device.
 
 `grouped_matmul` is a `jax.custom_vjp`: its backward is the same kernel with transposed weights
-for d(lhs) and `group_xty` for d(rhs), so no (G, M, K) tensor is ever materialized.
+for d(lhs) and `group_xty` for d(rhs), so no (G, M, K) tensor is ever materialized. Its rhs may
+be a tuple of parts along N (kernels.common.weight_parts): the GLU's gate and up projections as
+one product of width 2f.
 
 Backends: `kernels.gmm.backends` (GMM_BACKENDS, XTY_BACKENDS). On a GPU the Pallas kernels take
 their block sizes from `kernels.gmm.tuning` (a per-device, per-shape table filled by
@@ -26,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kernels.common import registry, validation
+from kernels.common import registry, validation, weight_parts
 from kernels.gmm import tuning
 from kernels.gmm.backends import GMM_BACKENDS, XTY_BACKENDS
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
@@ -64,16 +66,19 @@ def _xty(x, dy, group_sizes, backend, out_dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _grouped_matmul(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype):
-  return _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype)
+  return _gmm(lhs, weight_parts.join(rhs, transpose_rhs), group_sizes, transpose_rhs, backend,
+              out_dtype)
 
 
 def _grouped_matmul_fwd(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype):
-  out = _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype)
-  return out, (lhs, rhs, group_sizes)
+  out = _gmm(lhs, weight_parts.join(rhs, transpose_rhs), group_sizes, transpose_rhs, backend,
+             out_dtype)
+  return out, (lhs, rhs, group_sizes)   # rhs: the parts, not their concatenation
 
 
 def _grouped_matmul_bwd(transpose_rhs, backend, out_dtype, residuals, dout):
-  lhs, rhs, group_sizes = residuals
+  lhs, parts, group_sizes = residuals
+  rhs = weight_parts.join(parts, transpose_rhs)
   dout = dout.astype(lhs.dtype)
   # d(lhs)[m] = dout[m] @ W[g(m)]^T: the same grouped kernel with the weight transposed.
   dlhs = _gmm(dout, rhs, group_sizes, not transpose_rhs, backend, lhs.dtype)
@@ -82,7 +87,7 @@ def _grouped_matmul_bwd(transpose_rhs, backend, out_dtype, residuals, dout):
     drhs = _xty(dout, lhs, group_sizes, backend, rhs.dtype)
   else:
     drhs = _xty(lhs, dout, group_sizes, backend, rhs.dtype)
-  return dlhs, drhs, None
+  return dlhs, weight_parts.split(drhs, parts, transpose_rhs), None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
@@ -90,7 +95,7 @@ _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 def grouped_matmul(
     lhs: jax.Array,
-    rhs: jax.Array,
+    rhs: weight_parts.Weight,
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
@@ -101,7 +106,8 @@ def grouped_matmul(
 
   Args:
     lhs: (M, K) rows sorted by group, float32/bfloat16/float16.
-    rhs: (G, K, N) weights of the same dtype, or (G, N, K) with `transpose_rhs=True`.
+    rhs: (G, K, N) weights of the same dtype, or (G, N, K) with `transpose_rhs=True`; or a tuple
+      of such weights (G, K, N_i), one product of width N = sum N_i (kernels.common.weight_parts).
     group_sizes: (G,) int32 rows per group.
     transpose_rhs: use rhs[g].T as the weight (rhs stored (G, N, K)).
     backend: a name of `GMM_BACKENDS` (kernels.gmm.backends); None picks "pallas" on GPU and
@@ -113,14 +119,13 @@ def grouped_matmul(
   """
   backend = GMM_BACKENDS.validate(backend)
   validation.check_float_operand("lhs", lhs, 2)
-  validation.check_float_operand("rhs", rhs, 3)
-  validation.check_same_dtype(lhs=lhs, rhs=rhs)
-  validation.check_group_sizes(group_sizes, rhs.shape[0])
-  k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+  rhs, joined = weight_parts.check("rhs", rhs, transpose_rhs, {"lhs": lhs})
+  validation.check_group_sizes(group_sizes, joined.shape[0])
+  k_rhs = joined.shape[2] if transpose_rhs else joined.shape[1]
   if lhs.shape[1] != k_rhs:
     raise ValueError(
         f"rhs: contracting dimension must match lhs.shape[1]={lhs.shape[1]}, got rhs.shape="
-        f"{tuple(rhs.shape)} with transpose_rhs={transpose_rhs}"
+        f"{tuple(joined.shape)} with transpose_rhs={transpose_rhs}"
     )
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
   return _grouped_matmul(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype)

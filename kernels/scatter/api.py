@@ -17,12 +17,10 @@ The gate multiply happens in the kernel epilogue; the sum over the k choices is 
 the (T, k, N) scattered rows (as in the paper). Nothing (M, K)-sized is materialized in the forward
 when x is in token order.
 
-Weights given as a tuple (w_1, ..., w_r) of (E, K, N_i) are the one weight of width N = sum N_i,
-concatenated inside the op: the forward and backward concatenate them transiently, the op keeps
-the parts (not the concatenation) for the backward, and their gradients come back as a tuple. The
-GLU's gate and up projections run so as one product of width 2f: one gather of x in the forward;
-in the backward one data-gradient product with K = 2f (one (M, d) array summed over the k choices,
-not two) and one weight gradient over one gathered copy of x.
+Weights given as a tuple (w_1, ..., w_r) of (E, K, N_i) are the one weight of width N = sum N_i
+(kernels.common.weight_parts): the GLU's gate and up projections run as one product of width 2f,
+gathering x once, and in the backward one data-gradient product (one (M, d) array summed over
+the k choices, not two) and one weight gradient over one gathered copy of x.
 
 Backward as in the paper: the data gradient is the same scatter kernel with the weights
 transposed, gathering dy (by token when the output was combined) and writing straight to x's
@@ -49,9 +47,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kernels.common import validation
+from kernels.common import validation, weight_parts
 from kernels.common.groups import inverse_permutation
 from kernels.gmm.api import group_xty, grouped_matmul
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
@@ -73,22 +70,6 @@ def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend: Scatter
                     out_dtype=out_dtype, **tuned)
 
 
-def _join(w, transpose_w: bool) -> jax.Array:
-  """The one weight of a tuple of parts, concatenated along N (a weight array as it is)."""
-  if not isinstance(w, tuple):
-    return w
-  return w[0] if len(w) == 1 else jnp.concatenate(w, axis=1 if transpose_w else 2)
-
-
-def _split(dw: jax.Array, parts, transpose_w: bool):
-  """dw of the joined weight as the parts' gradients (dw itself for a weight array)."""
-  if not isinstance(parts, tuple):
-    return dw
-  axis = 1 if transpose_w else 2
-  ends = [int(e) for e in np.cumsum([p.shape[axis] for p in parts])[:-1]]
-  return tuple(jnp.split(dw, ends, axis=axis))
-
-
 def _select(x, w, sorted_flat, transpose_w, backend: str) -> ScatterBackend:
   """The record of `backend` (validated by the public op)."""
   n = w.shape[1] if transpose_w else w.shape[2]
@@ -99,7 +80,7 @@ def _select(x, w, sorted_flat, transpose_w, backend: str) -> ScatterBackend:
 def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w, backend,
              out_dtype, config):
   m = sorted_flat.shape[0]
-  w = _join(w, transpose_w)
+  w = weight_parts.join(w, transpose_w)
   backend = _select(x, w, sorted_flat, transpose_w, backend)
   if x_grouped and gates is not None and backend.gmm_backend is not None:
     # The grouped kernel's rows in flat order (_s2s), then the gates multiply in the fused
@@ -138,7 +119,7 @@ def _fwd(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_
 
 def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy):
   x, parts, gates, sorted_flat, group_sizes = res
-  w = _join(parts, transpose_w)
+  w = weight_parts.join(parts, transpose_w)
   m = sorted_flat.shape[0]
   dy = dy.astype(x.dtype)
   backend = _select(x, w, sorted_flat, transpose_w, backend)
@@ -193,7 +174,7 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
     dw = group_xty(dyg, xg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
   else:
     dw = group_xty(xg, dyg, group_sizes, backend=backend.xty_backend, out_dtype=w.dtype)
-  return dx, _split(dw, parts, transpose_w), dgates, None, None
+  return dx, weight_parts.split(dw, parts, transpose_w), dgates, None, None
 
 
 _scatter_matmul.defvjp(_fwd, _bwd)
@@ -233,25 +214,7 @@ def scatter_matmul(
   """
   backend = SCATTER_BACKENDS.validate(backend)
   validation.check_float_operand("x", x, 2)
-  if isinstance(w, (tuple, list)):
-    if not w:
-      raise ValueError("w: a tuple of weights must hold at least one, got an empty tuple")
-    for i, part in enumerate(w):
-      validation.check_float_operand(f"w[{i}]", part, 3)
-      validation.check_same_dtype(x=x, **{f"w[{i}]": part})
-    kept = 2 if transpose_w else 1   # the parts agree on E and K, and differ only in N
-    for i, part in enumerate(w[1:], 1):
-      if (part.shape[0], part.shape[kept]) != (w[0].shape[0], w[0].shape[kept]):
-        raise ValueError(f"w[{i}]: the parts of w must agree in every dimension but N, got "
-                         f"shapes {[tuple(p.shape) for p in w]} with transpose_w={transpose_w}")
-    w = tuple(w)
-    joined = jax.ShapeDtypeStruct(
-        (w[0].shape[0], *((sum(p.shape[1] for p in w), w[0].shape[2]) if transpose_w else
-                          (w[0].shape[1], sum(p.shape[2] for p in w)))), w[0].dtype)
-  else:
-    validation.check_float_operand("w", w, 3)
-    validation.check_same_dtype(x=x, w=w)
-    joined = w
+  w, joined = weight_parts.check("w", w, transpose_w, {"x": x})
   if not isinstance(routing, SortedSlots):
     raise ValueError(f"routing must be a SortedSlots (see sort_slots), got "
                      f"{type(routing).__name__}")
