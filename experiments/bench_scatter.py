@@ -19,7 +19,8 @@ In ONE run:
      CUDA): time, TFLOP/s, memory (JAX: compiled plan arg+out+temp and device peak; torch:
      max_memory_allocated).
   4. with --only glu (not part of "all"): the expert SwiGLU's fused path (kernels.scatter.glu)
-     against its products path (scatter_glu fused=False) on the same backend, at SonicMoE's
+     against its products path (scatter_glu fused=False; gate and up as one product of width 2f,
+     and as two: pack_gate_up=False) on the same backend, at SonicMoE's
      fine-grained configurations (T 40960, d 768, f 256, E 128, k 8; T 32768, d 4096, f 256,
      E 256, k 16): forward and forward+backward (jax.value_and_grad) times, TFLOP/s with SonicMoE's
      count (6 T k d f forward, twice that backward), the backward's residual bytes and XLA's
@@ -384,6 +385,10 @@ def bench_mlp(name, shape, kind, backend, mixed_backend, gmm_backend, cfg, iters
 
 # ---------------------------------------------------------------------------- fused GLU ---------
 
+# (name, scatter_glu's fused, pack_gate_up): the fused kernels, the products path (gate and up as
+# one product of width 2f: its default) and the products path with two up products.
+GLU_PATHS = (("fused", True, True), ("products", False, True), ("products-unpacked", False, False))
+
 def glu_costs(forward, params, x, ct, routing, iters):
   """bc.layer_costs for forward(params, x, routing) with the loss <forward, ct>: ct and the
   routing are arguments of the compiled programs (closed over, XLA would fold them into the
@@ -425,10 +430,11 @@ def bench_glu(name, shape, backend, iters, checks, profile):
          "group_sizes_min": int(jnp.min(routing.group_sizes))}
   print(f"== glu {name}: T={t} d={d} f={f} E={e} k={k} backend={backend}", flush=True)
   outs = {}
-  for path, fused in (("fused", True), ("products", False)):
-    def forward(p, x, r, fused=fused):
+  for path, fused, pack in GLU_PATHS:
+    def forward(p, x, r, fused=fused, pack=pack):
       wg, wu, wd, g = p
-      return scatter_glu(x, wg, wu, wd, r, g, activation="silu", backend=backend, fused=fused)
+      return scatter_glu(x, wg, wu, wd, r, g, activation="silu", backend=backend, fused=fused,
+                         pack_gate_up=pack)
 
     res = {}
     try:
@@ -450,10 +456,12 @@ def bench_glu(name, shape, backend, iters, checks, profile):
     print(f"   {path}: { {k_: v for k_, v in res.items() if not k_.startswith('profile')} }",
           flush=True)
     bc.print_profiles(res)
-  if len(outs) == 2:
-    for which, a_, b_ in zip(("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates"),
-                             outs["fused"], outs["products"]):
-      report(checks, f"glu/{name}/{backend} fused vs products {which}", rel(a_, b_), tol=2e-2)
+  for other in ("fused", "products-unpacked"):
+    if other in outs and "products" in outs:
+      for which, a_, b_ in zip(("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates"),
+                               outs[other], outs["products"]):
+        report(checks, f"glu/{name}/{backend} {other} vs products {which}", rel(a_, b_),
+               tol=2e-2)
   if row["fused"].get("fwdbwd_ms") and row["products"].get("fwdbwd_ms"):
     row["speedup_fwd"] = row["products"]["fwd_ms"] / row["fused"]["fwd_ms"]
     row["speedup_fwdbwd"] = row["products"]["fwdbwd_ms"] / row["fused"]["fwdbwd_ms"]
@@ -593,7 +601,7 @@ def run_glu(args, env, payload) -> None:
   rows = []
   mib = lambda v: v / 2 ** 20 if v is not None else None
   for r in payload["glu"]:
-    for path in ("fused", "products"):
+    for path, _, _ in GLU_PATHS:
       res = r.get(path, {})
       rows.append({"shape": r["shape"], "path": path, "fwd ms": res.get("fwd_ms"),
                    "bwd ms": res.get("bwd_ms"), "fwd TF/s": res.get("fwd_tflops"),
@@ -607,6 +615,11 @@ def run_glu(args, env, payload) -> None:
     if "speedup_fwdbwd" in r:
       print(f"{r['shape']}: fused is {r['speedup_fwd']:.2f}x (forward) and "
             f"{r['speedup_fwdbwd']:.2f}x (forward+backward) the products path's speed")
+    if r.get("products", {}).get("fwdbwd_ms") and r.get("products-unpacked", {}).get("fwdbwd_ms"):
+      p, u = r["products"], r["products-unpacked"]
+      print(f"{r['shape']}: gate and up as one product is {u['fwd_ms'] / p['fwd_ms']:.2f}x "
+            f"(forward) and {u['fwdbwd_ms'] / p['fwdbwd_ms']:.2f}x (forward+backward) the speed "
+            f"of two")
   fails = [c["name"] for c in payload["checks"] if not c.get("pass")]
   print("CHECKS:", "ALL PASS" if not fails else f"{len(fails)} FAIL: {fails}")
 

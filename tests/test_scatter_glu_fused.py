@@ -256,8 +256,9 @@ def test_fused_glu_lowers_for_h100(activation):
 
 
 def test_bench_scatter_glu_smoke(tmp_path, monkeypatch):
-  """experiments.bench_scatter --smoke --only glu: both paths timed, their outputs and gradients
-  compared, the JSON written."""
+  """experiments.bench_scatter --smoke --only glu: the three paths timed, the fused path's and
+  the unpacked products path's outputs and gradients compared with the products path's, the JSON
+  written."""
   import json
 
   from experiments import bench_scatter
@@ -268,6 +269,6 @@ def test_bench_scatter_glu_smoke(tmp_path, monkeypatch):
   (path,) = tmp_path.glob("*/*-scatter-glu.json")
   payload = json.loads(path.read_text())
   (row,) = payload["glu"]
-  assert row["fused"]["fwdbwd_ms"] > 0 and row["products"]["fwdbwd_ms"] > 0
+  assert all(row[p]["fwdbwd_ms"] > 0 for p in ("fused", "products", "products-unpacked"))
   assert row["fused"]["residual_bytes"] < row["products"]["residual_bytes"]
-  assert len(payload["checks"]) == 6 and all(c["pass"] for c in payload["checks"])
+  assert len(payload["checks"]) == 12 and all(c["pass"] for c in payload["checks"])

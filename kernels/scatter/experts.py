@@ -113,6 +113,7 @@ def scatter_glu(
     backend: str | None = None,
     config: Any = None,
     fused: bool | None = None,
+    pack_gate_up: bool = True,
 ) -> jax.Array:
   """Expert GLU (SwiGLU with silu); x (T, d), w_gate/w_up (E, d, f), w_down (E, f, d) -> (T, d).
 
@@ -131,6 +132,10 @@ def scatter_glu(
       Pallas interpreter and against the products path on the GPU at SonicMoE's fine-grained
       shapes; `python -m experiments.check_kernels --ops scatter_glu` at the edge shapes has not
       finished on the GPU.
+    pack_gate_up: the products path runs the gate and up projections as one product of width 2f
+      (True: x gathered once, one data-gradient product and one weight gradient over one gathered
+      copy of x, but the two weights concatenated in the forward and again in the backward) or
+      as two products (False).
   """
   t, d = _check(x, routing, gates, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
   e, d_in, f = w_gate.shape
@@ -142,6 +147,8 @@ def scatter_glu(
     raise ValueError(f"w_down must have shape {(e, f, d)}, got {tuple(w_down.shape)}")
   backend = GLU_BACKENDS.validate(backend)
   record = GLU_BACKENDS.get(backend)
+  if pack_gate_up not in (True, False):
+    raise ValueError(f"pack_gate_up must be True or False, got {pack_gate_up!r}")
   if fused not in (None, True, False):
     raise ValueError(f"fused must be None, True or False, got {fused!r}")
   if fused and record.fn is None:
@@ -167,6 +174,11 @@ def scatter_glu(
   kw = dict(backend=backend, config=config)
   # The gate and up projections as one product of width 2f (scatter_matmul takes the weight
   # pair): x gathered once, and in the backward one data-gradient product and one gathered x.
-  gu = scatter_matmul(x, (w_gate, w_up), routing, y_grouped=True, **kw)   # (M, 2f) sorted
-  a = hidden_packed(act, gu)
+  if pack_gate_up:
+    gu = scatter_matmul(x, (w_gate, w_up), routing, y_grouped=True, **kw)   # (M, 2f) sorted
+    a = hidden_packed(act, gu)
+  else:
+    g = scatter_matmul(x, w_gate, routing, y_grouped=True, **kw)            # (M, f) sorted
+    u = scatter_matmul(x, w_up, routing, y_grouped=True, **kw)              # (M, f) sorted
+    a = hidden(act, g, u)
   return scatter_matmul(a, w_down, routing, x_grouped=True, gates=gates, **kw)  # (T, d)
