@@ -2,11 +2,17 @@
 # GPU: the expert GLU's check one shape at a time, each under its own time limit, so that a case
 # that does not finish (the fused kernels at the "edge" shape gave no result within 80-300 s on an
 # H200) stops only its own shape. Products path first, then the fused kernels, on "pallas".
-# Run from the repository root with OUT set (a folder); about 6 minutes at most.
+# On a fresh H200 each shape's products path alone took over 70 s (compiling), so the default
+# limit is 200 s a shape: pass two or three shapes per 10-minute call.
+# Run from the repository root with OUT set (a folder):
+#   LIMIT=200 bash experiments/jobs/glu-checks-per-shape.sh edge fine_k8
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-for shape in fine_k8 fine_k16 ragged one_expert_all edge; do
-  timeout 70 python3 -m experiments.check_kernels --ops scatter_glu --dtypes bfloat16 \
+limit=${LIMIT:-200}
+shapes=("$@")
+(( ${#shapes[@]} )) || shapes=(fine_k8 edge)
+for shape in "${shapes[@]}"; do
+  timeout "$limit" python3 -m experiments.check_kernels --ops scatter_glu --dtypes bfloat16 \
       --backends pallas --shapes "$shape" --out "$OUT/check-scatter-glu-$shape.json" \
       > "$OUT/check-scatter-glu-$shape.log" 2>&1
   echo "$shape: exit $? ($(grep -c ' ok ' "$OUT/check-scatter-glu-$shape.log") ok rows)"
