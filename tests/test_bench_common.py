@@ -48,3 +48,17 @@ def test_layer_costs_counts_what_the_backward_keeps():
     assert row["finite"] and row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
     assert row["temp_bytes"] is not None and row["fwd_temp_bytes"] is not None
     assert y.shape == (8, 24) and fwdbwd(params, x)[0] == jnp.sum(y)
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("scatter", ("scatter", None)),
+    ("scatter:mosaic", ("scatter", "mosaic")),
+    ("grouped:triton", ("grouped", "triton")),
+    ("scatter:nope", None),          # not a backend of the scatter registry
+    ("ragged_dot:xla", None),        # an impl without a kernel registry takes no backend
+    ("nope", None),
+])
+def test_layer_configs_impl_backend(spec, want):
+  """bench_layer_configs --impls IMPL[:BACKEND]: the backend must belong to the impl's registry."""
+  from experiments.bench_layer_configs import impl_backend
+  assert impl_backend(spec) == want
