@@ -15,7 +15,8 @@ scatter_glu has two paths (its `fused` argument):
             projections' data gradients as one kernel. fused=True, on every backend of
             GLU_BACKENDS but "xla". On the H200 it agrees with the products path at SonicMoE's
             fine-grained shapes and runs the forward 1.06-1.08x as fast, the forward+backward
-            0.84-0.93x; its GPU check at the edge shapes has not finished (docs/performance.md).
+            0.84-0.93x; checked against the reference on the GPU at the edge shape
+            (docs/performance.md).
   products  scatter_matmul products with kernels.hidden between them: the gate and up projections
             as one product of width 2f, then the down projection with the combine; the default,
             and the only path of "xla" (which has no fused kernels).
@@ -130,8 +131,8 @@ def scatter_glu(
       scatter_matmul products and kernels.hidden), the default: faster in forward+backward on
       the H200, and checked there. The fused kernels are checked against the reference in the
       Pallas interpreter and against the products path on the GPU at SonicMoE's fine-grained
-      shapes; `python -m experiments.check_kernels --ops scatter_glu` at the edge shapes has not
-      finished on the GPU.
+      shapes, and against the reference on the GPU at the edge shape (`python -m
+      experiments.check_kernels --ops scatter_glu --shapes edge`).
     pack_gate_up: the products path runs the gate and up projections as one product of width 2f
       (True: x gathered once, one data-gradient product and one weight gradient over one gathered
       copy of x, but the two weights concatenated in the forward and again in the backward) or
