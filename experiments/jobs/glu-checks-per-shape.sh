@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # GPU: the expert GLU's check one shape at a time, each under its own time limit, so that a case
-# that does not finish (the fused kernels at the "edge" shape gave no result within 80-300 s on an
-# H200) stops only its own shape. Products path first, then the fused kernels, on "pallas".
-# On a fresh H200 each shape's products path alone took over 70 s (compiling), so the default
-# limit is 200 s a shape: pass two or three shapes per 10-minute call.
+# that does not finish stops only its own shape. Products path first, then the fused kernels, on
+# "pallas". On a fresh H200 a shape takes 70-90 s, most of it compiling (the edge shape: 88 s),
+# so the default limit is 200 s a shape: pass two or three shapes per 10-minute call.
 # Run from the repository root with OUT set (a folder):
 #   LIMIT=200 bash experiments/jobs/glu-checks-per-shape.sh edge fine_k8
 set -uo pipefail
