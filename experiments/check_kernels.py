@@ -1,6 +1,7 @@
 """Checks every backend of every op's registry (kernels.REGISTRIES) against the op's reference.
 
-For each op (grouped_matmul forward and transposed, group_xty, scatter_matmul in its gathering and
+For each op (grouped_matmul forward and transposed, group_xty, the plain expert MLP grouped_mlp
+(output and its gradients of x and both weights), scatter_matmul in its gathering and
 its combining layout, the expert GLU scatter_glu (output and its gradients of x, the three
 weights and the gates; the fused kernels on every backend but "xla"), the block-sparse sdd / dsd /
 dds), each backend name of its registry
@@ -97,6 +98,57 @@ def _grouped_cases(shapes, dtype) -> list[tuple[str, str, Any, Callable, Callabl
                   lambda b, lhs=lhs, dy=dy, gs=gs: kernels.group_xty(lhs, dy, gs, backend=b),
                   lambda lhs=lhs, dy=dy, gs=gs: kernels.group_xty_reference(f32(lhs), f32(dy), gs),
                   None))
+  return cases
+
+
+# The plain expert MLP (kernels.grouped_mlp) at the grouped shapes (M rows, d = K, f = N), each
+# shape with its activation.
+MLP_ACTIVATIONS = {"edge": "gelu_tanh", "one_group_all": "gelu", "ragged": "gelu_tanh"}
+MLP_OUTPUTS = ("y", "dx", "dw_in", "dw_out")
+
+
+def _vjp_outputs(fn, args, probe):
+  """fn(*args) and the gradients of <fn(*args), probe> of every argument."""
+  y, vjp = jax.vjp(fn, *args)
+  return (y, *vjp(probe.astype(y.dtype)))
+
+
+def _mlp_cases(shapes, dtype):
+  """grouped_mlp: one case per output (y and the gradients of <y, probe> of x and both weights);
+  each backend's forward and backward run once, for all four. The reference is float32 math."""
+  from kernels.activations import ACTIVATIONS
+
+  cases = []
+  for name, m, d, f, sizes in shapes:
+    act = MLP_ACTIVATIONS.get(name, "silu")
+    keys = jax.random.split(jax.random.key(3 * m + f), 4)
+    gs = jnp.asarray(sizes, jnp.int32)
+    used = min(sum(sizes), m)
+    x = _rand(keys[0], (m, d), dtype)
+    w_in = _rand(keys[1], (len(sizes), d, f), dtype, d ** -0.5)
+    w_out = _rand(keys[2], (len(sizes), f, d), dtype, f ** -0.5)
+    probe = jax.random.normal(keys[3], (m, d), jnp.float32)
+    f32 = lambda a: a.astype(jnp.float32)
+
+    def ref(x, w_in, w_out, gs=gs, act=act):
+      h = ACTIVATIONS[act](kernels.gmm_reference(x, w_in, gs, out_dtype=jnp.float32))
+      return kernels.gmm_reference(h, w_out, gs, out_dtype=jnp.float32)
+
+    want = functools.lru_cache(maxsize=None)(
+        lambda ref=ref, args=(f32(x), f32(w_in), f32(w_out)), probe=probe: _vjp_outputs(
+            ref, args, probe))
+
+    @functools.lru_cache(maxsize=None)
+    def got(backend, gs=gs, act=act, args=(x, w_in, w_out), probe=probe):
+      mlp = lambda x, w_in, w_out: kernels.grouped_mlp(x, w_in, w_out, gs, activation=act,
+                                                       backend=backend)
+      return jax.block_until_ready(jax.jit(functools.partial(_vjp_outputs, mlp))(args, probe))
+
+    shape = GroupedShape(m, d, f, len(sizes))
+    for i, which in enumerate(MLP_OUTPUTS):
+      op = "grouped_mlp" if which == "y" else f"grouped_mlp({which})"
+      cases.append((op, f"{name}_{act}", shape, lambda b, i=i, got=got: got(b)[i],
+                    lambda i=i, want=want: want()[i], used if which in ("y", "dx") else None))
   return cases
 
 
@@ -288,7 +340,7 @@ def _blocksparse_cases(quick: bool, dtype):
 
 
 def _registry_of(op: str) -> registry.Registry:
-  if op.startswith("grouped_matmul"):
+  if op.startswith(("grouped_matmul", "grouped_mlp")):
     return kernels.GMM_BACKENDS
   if op.startswith("scatter_matmul"):
     return kernels.SCATTER_BACKENDS
@@ -330,6 +382,7 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
     dtypes = make_dtypes(dtype)
     wanted = lambda *names: not ops or any(o in ops for o in names)
     cases = ((_grouped_cases(shapes, dtype) if wanted("grouped_matmul", "group_xty") else [])
+             + (_mlp_cases(shapes, dtype) if wanted("grouped_mlp") else [])
              + (_scatter_cases(shapes, dtype) if wanted("scatter_matmul") else [])
              + (_glu_cases(GLU_QUICK_SHAPES if quick else GLU_GPU_SHAPES, dtype)
                 if wanted("scatter_glu") else [])
@@ -355,7 +408,8 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
         elif resolved.interpret and not quick:
           row.update(status="skipped", reason="interpret backend (use --quick)")
         elif (resolved.name == "mosaic" and dn == "float32"
-              and (op.startswith(("grouped_matmul", "scatter_glu")) or op == "group_xty")):
+              and (op.startswith(("grouped_matmul", "grouped_mlp", "scatter_glu"))
+                   or op == "group_xty")):
           # (scatter_glu's down projection and weight gradients run on those kernels)
           row.update(status="skipped", reason=MOSAIC_F32)
         else:
@@ -419,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                   help="small shapes, xla and interpret backends (for CPU)")
   ap.add_argument("--out", required=True, help="JSON file for the rows and the environment")
   ap.add_argument("--ops", default="", help="comma-separated op names (default: all), e.g. "
-                  "grouped_matmul,group_xty,scatter_matmul,scatter_glu")
+                  "grouped_matmul,group_xty,grouped_mlp,scatter_matmul,scatter_glu")
   ap.add_argument("--dtypes", default="", help="comma-separated: bfloat16,float32 (default both)")
   ap.add_argument("--backends", default="", help="comma-separated registry names (default: all), "
                   "e.g. mosaic")

@@ -104,6 +104,9 @@ class MoEConfig:
       arrays; costs the first expert matmul and the activation once more). impl "grouped",
       "ragged_dot" and "capacity". On the expert-parallel layer, ParallelConfig.remat chooses
       what is recomputed, and remat_experts=True asks for one of its recomputing modes.
+    fuse_activation: impl "grouped" runs a plain MLP's (no GLU, no biases) activation inside the
+      grouped products' epilogues (kernels.grouped_mlp) where the backend has them (Mosaic GPU);
+      False: the separate products and elementwise passes (the same values).
   """
 
   d_model: int
@@ -129,6 +132,7 @@ class MoEConfig:
   backend: str | None = None
   block_size: int = 128
   remat_experts: bool = False
+  fuse_activation: bool = True
 
   def __post_init__(self):
     for name in ("d_model", "d_ff", "num_experts"):
@@ -144,6 +148,8 @@ class MoEConfig:
     _check_choice("backend", self.backend, BACKENDS)
     self._check_routing()
     self._check_groups()
+    if not isinstance(self.fuse_activation, bool):
+      raise ValueError(f"MoEConfig.fuse_activation must be a bool, got {self.fuse_activation!r}")
     if not isinstance(self.shared_expert_gate, bool) or (self.shared_expert_gate
                                                          and not self.num_shared_experts):
       raise ValueError(f"MoEConfig.shared_expert_gate must be a bool, and True needs "
@@ -306,6 +312,7 @@ class ModelConfig:
   remat_skip: int = 0        # with remat: the last remat_skip blocks keep their activations
   remat_mlp: bool = False    # recompute the (expert) MLPs' hidden activations in the backward
                              # (expert-parallel MoE layers: their comm-aware remat)
+  fuse_activation: bool = True  # MoEConfig's field: the activation in the grouped kernels
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
@@ -334,8 +341,9 @@ class ModelConfig:
         or not 0 <= self.remat_skip <= self.n_layers:
       raise ValueError(f"model.remat_skip must be an int in [0, n_layers={self.n_layers}], got "
                        f"{self.remat_skip!r}")
-    if not isinstance(self.remat_mlp, bool):
-      raise ValueError(f"model.remat_mlp must be true or false, got {self.remat_mlp!r}")
+    for name in ("remat_mlp", "fuse_activation"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
     if self.remat_mlp and self.ffn == "moe" and self.moe_impl not in REMAT_EXPERTS_IMPLS:
       raise ValueError(f"model.remat_mlp is implemented for moe_impl in {REMAT_EXPERTS_IMPLS}, "
                        f"got moe_impl={self.moe_impl!r}")
@@ -407,7 +415,8 @@ class ModelConfig:
                      n_group=self.n_group, topk_group=self.topk_group,
                      aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
-                     block_size=self.block_size, remat_experts=self.remat_mlp)
+                     block_size=self.block_size, remat_experts=self.remat_mlp,
+                     fuse_activation=self.fuse_activation)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ transformer block adds the residual.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import jax
@@ -28,7 +29,7 @@ from jaxmoe import capacity as capacity_lib
 from jaxmoe import dispatch
 from jaxmoe import router as router_lib
 from jaxmoe.config import MoEConfig
-from jaxmoe.experts import RoutedExperts, SharedExperts
+from jaxmoe.experts import RoutedExperts, SharedExperts, activation_fn
 from jaxmoe.recompute import checkpointed
 
 
@@ -156,10 +157,15 @@ class MoE(nnx.Module):
       # kernels.grouped_matmul takes the gate and up weights as one product (ragged_dot would
       # keep their concatenation for its backward).
       packed = impl == "grouped"
+      fused = None
+      if impl == "grouped" and cfg.fuse_activation:
+        fused = functools.partial(kernels.grouped_mlp, activation=activation_fn(cfg.activation),
+                                  backend=cfg.backend)
       d = dispatch.sort_by_expert(routing.indices, e)
       rows = dispatch.gather_sorted(tokens.astype(self.dtype), d)
       def apply(experts, rows, group_sizes, expert):
-        return experts.apply_sorted(rows, group_sizes, expert, matmul, packed=packed)
+        return experts.apply_sorted(rows, group_sizes, expert, matmul, packed=packed,
+                                    fused_mlp=fused)
       if cfg.remat_experts:
         # Keeps the sorted rows (the weights are inputs anyway) and recomputes the first matmul
         # and the activation, not the (rows, d_ff) gate [and up] and hidden arrays. The second

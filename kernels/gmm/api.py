@@ -34,7 +34,7 @@ from kernels.gmm.backends import GMM_BACKENDS, XTY_BACKENDS
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 
 
-def _tuned_config(op: str, backend: registry.Backend, shape: GroupedShape, dtypes) -> dict:
+def tuned_config(op: str, backend: registry.Backend, shape: GroupedShape, dtypes) -> dict:
   """{"config": tuned config} for a GPU backend when the tuned table (kernels/gmm/
   tuned_configs.json, or the one named by $JAXMOE_TUNED_CONFIGS) has an entry for this device and
   shape and the backend's check accepts it for this call; else {} so the kernel keeps its
@@ -47,31 +47,44 @@ def _tuned_config(op: str, backend: registry.Backend, shape: GroupedShape, dtype
   return {"config": config}
 
 
-def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype):
+def run_gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, epilogue=None,
+            residual=None):
+  """The grouped product on `backend` (a name; "pallas" is resolved per shape) with its tuned
+  config: the one dispatch of both ops of this family (grouped_matmul, grouped_mlp).
+
+  epilogue (kernels.gmm.epilogue.Epilogue; `residual` its (M, N) input when it takes one): in
+  the kernel where the chosen backend has epilogues and its `epilogue_config` accepts the shape,
+  else as separate passes after the product (Epilogue.apply: the same values)."""
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   shape = GroupedShape(lhs.shape[0], lhs.shape[1], n, rhs.shape[0])
   dtypes = make_dtypes(lhs.dtype, out_dtype)
   impl = GMM_BACKENDS.select(backend, shape, dtypes)
-  tuned = _tuned_config("gmm_t" if transpose_rhs else "gmm", impl, shape, dtypes)
-  return impl.fn(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype, **tuned)
+  tuned = tuned_config("gmm_t" if transpose_rhs else "gmm", impl, shape, dtypes)
+  if epilogue is not None and impl.epilogue_config is not None:
+    config = impl.epilogue_config(shape, dtypes, tuned.get("config"))
+    if config is not None:
+      return impl.fn(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                     config=config, epilogue=epilogue, residual=residual)
+  out = impl.fn(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype, **tuned)
+  return out if epilogue is None else epilogue.apply(out, residual)
 
 
-def _xty(x, dy, group_sizes, backend, out_dtype):
+def run_xty(x, dy, group_sizes, backend, out_dtype):
   shape = GroupedShape(x.shape[0], x.shape[1], dy.shape[1], group_sizes.shape[0])
   dtypes = make_dtypes(x.dtype, out_dtype)
   impl = XTY_BACKENDS.select(backend, shape, dtypes)
-  tuned = _tuned_config("xty", impl, shape, dtypes)
+  tuned = tuned_config("xty", impl, shape, dtypes)
   return impl.fn(x, dy, group_sizes, out_dtype=out_dtype, **tuned)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _grouped_matmul(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype):
-  return _gmm(lhs, weight_parts.join(rhs, transpose_rhs), group_sizes, transpose_rhs, backend,
+  return run_gmm(lhs, weight_parts.join(rhs, transpose_rhs), group_sizes, transpose_rhs, backend,
               out_dtype)
 
 
 def _grouped_matmul_fwd(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype):
-  out = _gmm(lhs, weight_parts.join(rhs, transpose_rhs), group_sizes, transpose_rhs, backend,
+  out = run_gmm(lhs, weight_parts.join(rhs, transpose_rhs), group_sizes, transpose_rhs, backend,
              out_dtype)
   return out, (lhs, rhs, group_sizes)   # rhs: the parts, not their concatenation
 
@@ -81,12 +94,12 @@ def _grouped_matmul_bwd(transpose_rhs, backend, out_dtype, residuals, dout):
   rhs = weight_parts.join(parts, transpose_rhs)
   dout = dout.astype(lhs.dtype)
   # d(lhs)[m] = dout[m] @ W[g(m)]^T: the same grouped kernel with the weight transposed.
-  dlhs = _gmm(dout, rhs, group_sizes, not transpose_rhs, backend, lhs.dtype)
+  dlhs = run_gmm(dout, rhs, group_sizes, not transpose_rhs, backend, lhs.dtype)
   # d(W)[g] = lhs[g]^T dout[g]  (or its transpose when W is stored (G, N, K)).
   if transpose_rhs:
-    drhs = _xty(dout, lhs, group_sizes, backend, rhs.dtype)
+    drhs = run_xty(dout, lhs, group_sizes, backend, rhs.dtype)
   else:
-    drhs = _xty(lhs, dout, group_sizes, backend, rhs.dtype)
+    drhs = run_xty(lhs, dout, group_sizes, backend, rhs.dtype)
   return dlhs, weight_parts.split(drhs, parts, transpose_rhs), None
 
 
@@ -151,4 +164,4 @@ def group_xty(
   if x.shape[0] != dy.shape[0]:
     raise ValueError(f"dy: must have x.shape[0]={x.shape[0]} rows, got shape {tuple(dy.shape)}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  return _xty(x, dy, group_sizes, backend, out_dtype)
+  return run_xty(x, dy, group_sizes, backend, out_dtype)

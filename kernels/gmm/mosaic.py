@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from kernels.common.registry import Backend
 from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, mosaic_xty_ws_kernel
+from kernels.gmm.epilogue import Epilogue
 from kernels.gmm.mosaic_kernel import MosaicGmmConfig, MosaicXtyConfig
 from kernels.gmm.mosaic_ws_kernel import MosaicWsGmmConfig
 from kernels.gmm.mosaic_xty_ws_kernel import MosaicWsXtyConfig
@@ -54,19 +55,37 @@ def _pad_rows(*arrays: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool, out_dtype,
-        config: GmmConfig | None = None, interpret: bool = False) -> jax.Array:
-  """Grouped matmul on the kernel `config` names (default: `gmm_default_config`'s choice)."""
+        config: GmmConfig | None = None, epilogue: Epilogue | None = None,
+        residual: jax.Array | None = None,
+        interpret: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+  """Grouped matmul on the kernel `config` names (default: `gmm_default_config`'s choice).
+
+  An `epilogue` (kernels.gmm.epilogue; `residual` is its (M, N) pre-activation input when it
+  takes one) runs on the warp-specialized kernel only: with it, a config must be a
+  MosaicWsGmmConfig, and None means that kernel's default."""
   m = lhs.shape[0]
-  (lhs,) = _pad_rows(lhs)
-  if config is not None:
+  padded = _pad_rows(lhs) if residual is None else _pad_rows(lhs, residual)
+  lhs, residual = padded[0], (padded[1] if residual is not None else None)
+  if epilogue is not None:
+    if config is not None and not isinstance(config, MosaicWsGmmConfig):
+      raise ValueError(f"config: an epilogue runs on the warp-specialized kernel only, so the "
+                       f"config must be a MosaicWsGmmConfig, got {type(config).__name__}")
+    ws = True
+  elif config is not None:
     ws = isinstance(config, MosaicWsGmmConfig)
   else:
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     ws = mosaic_ws_kernel.supports(lhs.shape[1], n, in_dtype=lhs.dtype, out_dtype=out_dtype)
-  impl = mosaic_ws_kernel.gmm if ws else mosaic_kernel.gmm
   tuned = {} if config is None else {"config": config}
-  out = impl(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-             interpret=interpret, **tuned)
+  if ws:
+    out = mosaic_ws_kernel.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                               out_dtype=out_dtype, epilogue=epilogue, residual=residual,
+                               interpret=interpret, **tuned)
+  else:
+    out = mosaic_kernel.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                            out_dtype=out_dtype, interpret=interpret, **tuned)
+  if isinstance(out, tuple):
+    return tuple(o if o.shape[0] == m else o[:m] for o in out)
   return out if out.shape[0] == m else out[:m]
 
 
@@ -98,6 +117,16 @@ def gmm_default_config(shape: GroupedShape, dtypes: Dtypes) -> GmmConfig:
 def xty_default_config(shape: GroupedShape, dtypes: Dtypes) -> XtyConfig:
   return (mosaic_xty_ws_kernel.default_config(shape.k, shape.n, dtypes.operands, dtypes.out)
           or MosaicXtyConfig())
+
+
+def gmm_epilogue_config(shape: GroupedShape, dtypes: Dtypes,
+                        tuned: GmmConfig | None) -> MosaicWsGmmConfig | None:
+  """The config of a product with an epilogue (the warp-specialized kernel runs them): the tuned
+  one if it is for that kernel, else its default; None when that config cannot run the shape."""
+  config = tuned if isinstance(tuned, MosaicWsGmmConfig) else MosaicWsGmmConfig()
+  if mosaic_ws_kernel.check(shape.k, shape.n, config, dtypes.operands, dtypes.out) is not None:
+    return None
+  return config
 
 
 def _check_simple(shape: GroupedShape, config: MosaicGmmConfig | MosaicXtyConfig) -> str | None:
@@ -162,7 +191,8 @@ def xty_search_space(shape: GroupedShape, dtypes: Dtypes, smoke: bool = False) -
 
 GMM = Backend(name="mosaic", fn=gmm, config_classes=(MosaicWsGmmConfig, MosaicGmmConfig),
               default_config=gmm_default_config, check=gmm_check,
-              search_space=gmm_search_space, needs_gpu=True)
+              search_space=gmm_search_space, needs_gpu=True,
+              epilogue_config=gmm_epilogue_config)
 XTY = Backend(name="mosaic", fn=group_xty, config_classes=(MosaicWsXtyConfig, MosaicXtyConfig),
               default_config=xty_default_config, check=xty_check,
               search_space=xty_search_space, needs_gpu=True)

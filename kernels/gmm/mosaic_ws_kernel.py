@@ -24,6 +24,12 @@ Two options shorten the time between one tile's last wgmma and the next tile's f
   stage at the 128 x 256 CTA tile (see `smem_bytes`).
 Both are off by default. On the H100 the 4th stage gains 3-7% at the K=2048 benchmark shapes and
 loses 10-25% at the Mixtral-like one; the chain adds nothing measurable on top. The tuned table (kernels/gmm/tuned_configs.json) picks per shape.
+
+`epilogue` (kernels.gmm.epilogue) applies an MLP's activation, or its derivative, to the
+accumulator before the store. Its extra tiles pass through the same staging slot as the output:
+a second output's chunk is written to it after the first's store has read it, and the
+derivative's pre-activation chunk is TMA-loaded into it before the result overwrites it, so the
+shared memory (and every config's fit) is unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.common import tiling
+from kernels.gmm import epilogue as epilogue_lib
 from kernels.gmm import mosaic_common as common
+from kernels.gmm.epilogue import Epilogue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +115,14 @@ def gmm(
     transpose_rhs: bool,
     out_dtype,
     config: MosaicWsGmmConfig | None = None,
+    epilogue: Epilogue | None = None,
+    residual: jax.Array | None = None,
     interpret: bool = False,
-) -> jax.Array:
-  """Grouped matmul; see the module docstring. Inputs are validated by the public op."""
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Grouped matmul; see the module docstring. Inputs are validated by the public op.
+
+  epilogue: None (out = the product), or an Epilogue: "activation" returns (h, act(h)),
+  "activation_grad" takes the pre-activation `residual` (M, N) and returns its gradient."""
   cfg = config or MosaicWsGmmConfig()
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
@@ -121,6 +134,12 @@ def gmm(
         f"(a multiple of 8) and at most {common.SMEM_BUDGET} bytes of shared memory, got K={k}, N={n}, "
         f"epi_cols={cfg.epi_cols}, {smem_bytes(cfg, lhs.dtype, out_dtype)} bytes for "
         f"{jnp.dtype(lhs.dtype).name} inputs and {jnp.dtype(out_dtype).name} output")
+  if (residual is not None) != (epilogue is not None and epilogue.takes_residual):
+    raise ValueError(f"residual: given exactly when the epilogue takes one, got epilogue={epilogue} "
+                     f"and residual={None if residual is None else residual.shape}")
+  if residual is not None and residual.shape != (m, n):
+    raise ValueError(f"residual: must have shape {(m, n)}, got {residual.shape}")
+  num_out = 1 if epilogue is None else epilogue.num_outputs
   meta = tiling.tile_metadata(group_sizes, m, bm)
   grid_n = n // cta_n
   tile_width = math.gcd(cfg.grid_tile_width, grid_n)
@@ -151,26 +170,33 @@ def gmm(
     )
 
   def body(tile_group_gmem, tile_block_gmem, offsets_gmem, num_active_gmem, num_real_gmem,
-           lhs_gmem, rhs_gmem, out_gmem):
+           lhs_gmem, rhs_gmem, *refs):
+    res_gmem = refs[0] if residual is not None else None
+    outs_gmem = refs[1:] if residual is not None else refs
+    out_gmem = outs_gmem[0]
     wg = lax.axis_index("wg")
     ignore = lambda *_, **__: None
     rhs_cols = (lambda ref: ref.at[pl.ds(0, cta_n), :]) if transpose_rhs else (
         lambda ref: ref.at[:, pl.ds(0, cta_n)])
 
-    @functools.partial(
-        pl.run_scoped,
+    scratch = dict(
         allocations=make_pipeline(ignore, ignore).get_allocations(
             lhs_gmem.at[pl.ds(0, bm), :], rhs_cols(rhs_gmem.at[0])),
-        o_smem=plgpu.SMEM((2, bm, epi), out_gmem.dtype),
-        collective_axes="wg",
-    )
-    def _scope(allocations, o_smem):
+        o_smem=plgpu.SMEM((2, bm, epi), out_gmem.dtype))
+    if res_gmem is not None:
+      # One per compute warpgroup: the residual chunk's TMA load into its staging slot.
+      scratch["res_barrier"] = plgpu.Barrier(num_barriers=2)
+
+    @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
+    def _scope(allocations, o_smem, res_barrier=None):
       num_real = num_real_gmem[0]
       num_active = num_active_gmem[0]
 
       def store_tile(mi, ni, chunk_values):
         """Writes this warpgroup's rows [row_start, row_end) of tile (mi, ni), block_n columns,
-        chunk by chunk through its o_smem slot; chunk_values(c) gives chunk c's values."""
+        of every output, chunk by chunk through its o_smem slot; chunk_values(c, load_residual)
+        gives chunk c's values, one per output (load_residual() reads that chunk of the
+        residual, through the slot, before any of them is written there)."""
         g = tile_group_gmem[mi]
         block_start = tile_block_gmem[mi] * bm
         row_start = jnp.maximum(offsets_gmem[g], block_start)
@@ -180,10 +206,23 @@ def gmm(
           col0 = ni * cta_n + wg * bn + c * epi
           # The previous chunk's (or tile's) stores must have read o_smem before it is reused.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          o_smem[wg] = chunk_values(c)
-          plgpu.commit_smem()
-          common.store_rows(o_smem.at[wg], out_gmem.at[:, pl.ds(col0, epi)], first=row_start - block_start,
-                     count=count, dst_offset=block_start, max_rows=min(bm, m))
+
+          def load_residual():
+            plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(block_start, bm), pl.ds(col0, epi)],
+                                    o_smem.at[wg], res_barrier.at[wg])
+            plgpu.barrier_wait(res_barrier.at[wg])
+            value = o_smem[wg]
+            plgpu.commit_smem()   # every thread has read the slot before it is overwritten
+            return value
+
+          for j, values in enumerate(chunk_values(c, load_residual)):
+            if j:
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem[wg] = values
+            plgpu.commit_smem()
+            common.store_rows(o_smem.at[wg], outs_gmem[j].at[:, pl.ds(col0, epi)],
+                              first=row_start - block_start, count=count, dst_offset=block_start,
+                              max_rows=min(bm, m))
 
       # Tiles of the real groups: the K pipeline per tile, chained across tiles when enabled.
       @plgpu.nd_loop((num_real * grid_n,), collective_axes="sm")
@@ -197,7 +236,8 @@ def gmm(
           def _acc_scope(acc_ref):
             eval_pipeline(acc_ref)
             acc = acc_ref[...].astype(out_gmem.dtype)
-            store_tile(mi, ni, lambda c: acc[:, c * epi:(c + 1) * epi])
+            store_tile(mi, ni, lambda c, load_residual: _epilogue_values(
+                epilogue, acc[:, c * epi:(c + 1) * epi], load_residual))
 
         def mma_body(_, a_smem, b_smem, acc_ref):
           if transpose_rhs:
@@ -238,13 +278,14 @@ def gmm(
 
         @pl.when(wg < 2)
         def _():
-          store_tile(mi, ni, lambda c: jnp.zeros((bm, epi), out_gmem.dtype))
+          store_tile(mi, ni, lambda c, _: [jnp.zeros((bm, epi), out_gmem.dtype)] * num_out)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
   kernel = plgpu.kernel(
       body,
-      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_type=out_type if num_out == 1 else (out_type,) * num_out,
       grid=(common.num_sms(),),
       grid_names=("sm",),
       num_threads=3,
@@ -254,5 +295,15 @@ def gmm(
       ),
       interpret=common.interpret_params(interpret),
   )
+  extra = () if residual is None else (residual,)
   return kernel(meta.tile_group, meta.tile_block, meta.offsets, meta.num_active, meta.num_real,
-                lhs, rhs)
+                lhs, rhs, *extra)
+
+
+def _epilogue_values(epilogue: Epilogue | None, out, load_residual) -> list[jax.Array]:
+  """The output chunks of one accumulator chunk `out` (already in the output dtype)."""
+  if epilogue is None:
+    return [out]
+  if epilogue.kind == "activation":
+    return [out, epilogue_lib.activation_tile(epilogue.activation, out)]
+  return [epilogue_lib.activation_grad_tile(epilogue.activation, load_residual(), out)]

@@ -1,0 +1,102 @@
+"""A plain expert MLP over expert-sorted rows, with its activation inside the grouped products.
+
+  grouped_mlp(x (M, d), w_in (G, d, f), w_out (G, f, d), group_sizes (G,), activation) -> (M, d)
+      y[m] = act(x[m] W_in[g(m)]) W_out[g(m)]        (act in float32 on the 16-bit product)
+
+The activation meets a product twice, and each time it runs in that product's epilogue
+(kernels.gmm.epilogue) where the backend has epilogues (the Mosaic GPU one):
+  forward   (h, a) = x W_in  with Epilogue("activation"): h kept for the backward, a = act(h)
+            y = a W_out
+  backward  dh = (dy W_out^T) with Epilogue("activation_grad") on h: act's derivative applied
+            to the data gradient before it leaves the kernel
+            dW_out = a^T dy,  dW_in = x^T dh,  dx = dh W_in^T
+That saves the separate elementwise passes over the (M, f) arrays: in the forward, a read of h;
+in the backward, the write and read of d(a). The residuals (x, h, a and the weights) are what
+grouped_matmul + kernels.hidden + grouped_matmul keep, and the values are theirs: the epilogue
+rounds the product to 16 bits before the activation, as the separate passes do. On backends
+without epilogues the same epilogues run as separate passes.
+
+A GLU (act(x W_gate) * (x W_up)) is not covered: its two halves come from different column tiles
+of the product; the grouped impl runs it as grouped_matmul + kernels.hidden_packed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kernels.activations import ACTIVATIONS, activation_name
+from kernels.common import validation
+from kernels.gmm.api import run_gmm, run_xty
+from kernels.gmm.backends import GMM_BACKENDS
+from kernels.gmm.epilogue import Epilogue
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _grouped_mlp(x, w_in, w_out, group_sizes, activation, backend):
+  return _grouped_mlp_fwd(x, w_in, w_out, group_sizes, activation, backend)[0]
+
+
+def _grouped_mlp_fwd(x, w_in, w_out, group_sizes, activation, backend):
+  h, a = run_gmm(x, w_in, group_sizes, False, backend, x.dtype,
+                 epilogue=Epilogue("activation", activation))
+  y = run_gmm(a, w_out, group_sizes, False, backend, x.dtype)
+  return y, (x, w_in, w_out, group_sizes, h, a)
+
+
+def _grouped_mlp_bwd(activation, backend, residuals, dy):
+  x, w_in, w_out, group_sizes, h, a = residuals
+  dy = dy.astype(x.dtype)
+  dh = run_gmm(dy, w_out, group_sizes, True, backend, x.dtype,
+               epilogue=Epilogue("activation_grad", activation), residual=h)
+  dw_out = run_xty(a, dy, group_sizes, backend, w_out.dtype)
+  dw_in = run_xty(x, dh, group_sizes, backend, w_in.dtype)
+  dx = run_gmm(dh, w_in, group_sizes, True, backend, x.dtype)
+  return dx, dw_in, dw_out, None
+
+
+_grouped_mlp.defvjp(_grouped_mlp_fwd, _grouped_mlp_bwd)
+
+
+def grouped_mlp(
+    x: jax.Array,
+    w_in: jax.Array,
+    w_out: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    activation: str | Callable[[jax.Array], jax.Array],
+    backend: str | None = None,
+) -> jax.Array:
+  """Differentiable act(x W_in) W_out per group; see the module docstring.
+
+  Args:
+    x: (M, d) rows sorted by group, float32/bfloat16/float16.
+    w_in: (G, d, f) and w_out: (G, f, d), x's dtype.
+    group_sizes: (G,) int32 rows per group; rows at or past their sum come out zero.
+    activation: a kernels.activations.ACTIVATIONS name, or one of its functions.
+    backend: a name of GMM_BACKENDS (kernels.gmm.backends), as for grouped_matmul: every product
+      runs there (None: "pallas" on a GPU, "xla" elsewhere).
+
+  Returns:
+    (M, d) in x's dtype.
+  """
+  backend = GMM_BACKENDS.validate(backend)
+  name = activation_name(activation)
+  if name is None:
+    raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} or one of their functions, "
+                     f"got {activation!r}")
+  validation.check_float_operand("x", x, 2)
+  validation.check_float_operand("w_in", w_in, 3)
+  validation.check_float_operand("w_out", w_out, 3)
+  validation.check_same_dtype(x=x, w_in=w_in, w_out=w_out)
+  g, d, f = w_in.shape
+  if x.shape[1] != d:
+    raise ValueError(f"w_in: must have shape (G, d={x.shape[1]}, f), got {tuple(w_in.shape)}")
+  if w_out.shape != (g, f, d):
+    raise ValueError(f"w_out: must have shape (G, f, d) = {(g, f, d)} to match w_in, got "
+                     f"{tuple(w_out.shape)}")
+  validation.check_group_sizes(group_sizes, g)
+  return _grouped_mlp(x, w_in, w_out, group_sizes, name, backend)
