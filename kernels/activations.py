@@ -3,15 +3,18 @@
   ACTIVATIONS        name -> the elementwise function ("silu", "gelu" (exact, erfc), "gelu_tanh",
                      "relu"): jax.nn's functions, or named functions wrapping them, so that a
                      callable given to an op is recognized by identity (`activation_name`)
-  kernel_activation  name -> the same function written in primitives the Pallas-Triton lowering
-                     has, for the fused kernels' epilogues
+  kernel_activation  name -> the same function written in primitives the Pallas-Triton and
+                     Mosaic GPU lowerings have, for the fused kernels' epilogues
 
-The fused kernels compile their activation in, so they take it as one of these names. Three of
-the four are jax.nn's own functions in the kernel too (logistic, tanh, max lower to Triton). Exact
-GELU is 0.5 x erfc(-x / sqrt 2), and erfc has no Triton lowering: in the kernels it is the
-Chebyshev fit of Numerical Recipes' `erfcc` (fractional error below 1.2e-7 over the whole real
-line, float32 level) with the exact derivative -2/sqrt(pi) exp(-z^2) as its JVP, so the backward
-differentiates the true function, not the fit.
+The fused kernels compile their activation in, so they take it as one of these names. SiLU and
+ReLU are jax.nn's own functions in the kernel too (logistic and max lower to both). Exact GELU
+is 0.5 x erfc(-x / sqrt 2), and erfc has no Triton lowering: in the kernels it is the Chebyshev
+fit of Numerical Recipes' `erfcc` (fractional error below 1.2e-7 over the whole real line,
+float32 level) with the exact derivative -2/sqrt(pi) exp(-z^2) as its JVP, so the backward
+differentiates the true function, not the fit. Tanh-GELU, 0.5 x (1 + tanh(u)), is written
+x sigmoid(2 u), the same function without a tanh: the Mosaic kernels compile the activation
+with the GPU's fast exp and division (a few float32 ulp), while its fast tanh is accurate to
+only 2^-11, which 16-bit outputs would show; the exact tanh spilled registers there.
 """
 
 from __future__ import annotations
@@ -86,10 +89,36 @@ def _kernel_gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * _erfc(-x * np.float32(np.sqrt(0.5)))
 
 
+# 0.5 (1 + tanh(u)) = sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3) (jax.nn.gelu's constants).
+_GELU_TANH_2U = np.float32(2 * np.sqrt(2 / np.pi))
+
+
+_GELU_TANH_A = np.float32(0.044715)
+
+
+def _sigmoid_2u(x: jax.Array) -> jax.Array:
+  return 1.0 / (1.0 + jnp.exp(-_GELU_TANH_2U * (x + _GELU_TANH_A * (x * x * x))))
+
+
+@jax.custom_jvp
+def _kernel_gelu_tanh(x: jax.Array) -> jax.Array:
+  return x * _sigmoid_2u(x)
+
+
+@_kernel_gelu_tanh.defjvp
+def _kernel_gelu_tanh_jvp(primals, tangents):
+  # d/dx x s(x) = s + x s (1 - s) 2u'(x), written out: autodiff's derivative of 1 / y is a
+  # y ** -2 and of sigmoid a form that the Mosaic GPU lowering does not take.
+  (x,), (dx,) = primals, tangents
+  s = _sigmoid_2u(x)
+  du = _GELU_TANH_2U * (1.0 + np.float32(3.0) * _GELU_TANH_A * (x * x))
+  return x * s, dx * (s + x * s * (1.0 - s) * du)
+
+
 _KERNEL_FORMS: dict[str, Activation] = {
     "silu": jax.nn.silu,
     "gelu": _kernel_gelu,
-    "gelu_tanh": gelu_tanh,
+    "gelu_tanh": _kernel_gelu_tanh,
     "relu": jax.nn.relu,
 }
 

@@ -12,8 +12,12 @@ pass over a (rows, d_ff) array each time (a write and a read of it, and one of t
                                     a = act(h) of da = acc (rounded to the output dtype)
 
 The tile math is `kernels.hidden`'s: the activation runs in float32 on the 16-bit value and is
-rounded back, and the gradient is jax.vjp of that same function, so a fused product returns the
-values of the separate passes (the activation in the kernel's primitives: kernels.activations).
+rounded back, and the gradient is jax.vjp of that same function. The activation is its kernel
+form (kernels.activations.kernel_activation: the same function in primitives the kernels lower,
+with fast exp and division in the Mosaic kernels), so a fused product agrees with the separate
+passes over jax.nn's forms to float32 rounding of the activation (16-bit outputs then differ by
+one unit in the last place at most, and rarely). `Epilogue.apply` runs the same kernel forms as
+separate passes, for backends without epilogues.
 """
 
 from __future__ import annotations

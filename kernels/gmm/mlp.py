@@ -12,9 +12,10 @@ The activation meets a product twice, and each time it runs in that product's ep
             dW_out = a^T dy,  dW_in = x^T dh,  dx = dh W_in^T
 That saves the separate elementwise passes over the (M, f) arrays: in the forward, a read of h;
 in the backward, the write and read of d(a). The residuals (x, h, a and the weights) are what
-grouped_matmul + kernels.hidden + grouped_matmul keep, and the values are theirs: the epilogue
-rounds the product to 16 bits before the activation, as the separate passes do. On backends
-without epilogues the same epilogues run as separate passes.
+grouped_matmul + kernels.hidden + grouped_matmul keep, and so are the values, to float32
+rounding of the activation (kernels.gmm.epilogue): the epilogue rounds the product to 16 bits
+before the activation, as the separate passes do. On backends without epilogues the same
+epilogues run as separate passes.
 
 A GLU (act(x W_gate) * (x W_up)) is not covered: its two halves come from different column tiles
 of the product; the grouped impl runs it as grouped_matmul + kernels.hidden_packed.
