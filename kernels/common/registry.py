@@ -70,8 +70,8 @@ class Backend:
   interpret:      the kernels run in the Pallas interpreter.
   epilogue_config: None, or for a backend whose kernels apply an epilogue to the product
                   (kernels.gmm.epilogue; fn then takes `epilogue=` and `residual=`):
-                  (shapes, dtypes, tuned config or None) -> the config such a call runs with, or
-                  None when this shape cannot run one.
+                  (shapes, dtypes, tuned config or None, epilogue) -> the config such a call
+                  runs with, or None when this shape cannot run one.
   What `shapes` and `dtypes` hold is the op's convention (see its backends module).
   """
   name: str
@@ -82,7 +82,7 @@ class Backend:
   search_space: Callable[..., list[Any]] = _no_search_space
   needs_gpu: bool = False
   interpret: bool = False
-  epilogue_config: Callable[[Any, Any, Any], Any] | None = None
+  epilogue_config: Callable[[Any, Any, Any, Any], Any] | None = None
 
   def interpreted(self) -> "Backend":
     """The same kernels run by the Pallas interpreter, named "<name>_interpret"."""

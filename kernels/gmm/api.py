@@ -61,7 +61,7 @@ def run_gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, epilogue=N
   impl = GMM_BACKENDS.select(backend, shape, dtypes)
   tuned = tuned_config("gmm_t" if transpose_rhs else "gmm", impl, shape, dtypes)
   if epilogue is not None and impl.epilogue_config is not None:
-    config = impl.epilogue_config(shape, dtypes, tuned.get("config"))
+    config = impl.epilogue_config(shape, dtypes, tuned.get("config"), epilogue)
     if config is not None:
       return impl.fn(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                      config=config, epilogue=epilogue, residual=residual)

@@ -14,6 +14,8 @@ config cannot run a shape (`check`), and the autotune search space.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -119,11 +121,17 @@ def xty_default_config(shape: GroupedShape, dtypes: Dtypes) -> XtyConfig:
           or MosaicXtyConfig())
 
 
-def gmm_epilogue_config(shape: GroupedShape, dtypes: Dtypes,
-                        tuned: GmmConfig | None) -> MosaicWsGmmConfig | None:
+def gmm_epilogue_config(shape: GroupedShape, dtypes: Dtypes, tuned: GmmConfig | None,
+                        epilogue: Epilogue) -> MosaicWsGmmConfig | None:
   """The config of a product with an epilogue (the warp-specialized kernel runs them): the tuned
-  one if it is for that kernel, else its default; None when that config cannot run the shape."""
+  one if it is for that kernel, else its default; None when that config cannot run the shape.
+  The activation's epilogue runs on 64-column chunks: over a whole 128-column block its float32
+  temporaries spilled registers (H200, Small's up projection: 1.08 ms against 0.83, the plain
+  product 0.63); the derivative's, which also loads the pre-activation per chunk, does not spill
+  and keeps the block (0.86 ms against 0.90 in chunks)."""
   config = tuned if isinstance(tuned, MosaicWsGmmConfig) else MosaicWsGmmConfig()
+  if epilogue.kind == "activation" and config.epi_cols is None:
+    config = dataclasses.replace(config, epi_cols=64)
   if mosaic_ws_kernel.check(shape.k, shape.n, config, dtypes.operands, dtypes.out) is not None:
     return None
   return config
