@@ -233,13 +233,15 @@ _CHAIN_CASES = {"many": (300, [30, 0, 50, 10, 120]), "single": (64, [60])}
 
 
 @pytest.mark.parametrize("case", list(_CHAIN_CASES))
-@pytest.mark.parametrize("chain,epi_cols", [(True, None), (True, 32), (False, 32)])
+@pytest.mark.parametrize("chain,epi_cols", [(True, None), (True, 64), (False, 64)])
 def test_mosaic_ws_gmm_chained_interpret(rng, monkeypatch, case, chain, epi_cols):
-  """Chained per-tile pipelines (pipeline_state START/STEADY/STOP) and the chunked epilogue on
-  2 SMs, so each SM walks several tiles (or, for "single", exactly one)."""
+  """Chained per-tile pipelines (pipeline_state START/STEADY/STOP) and the chunked epilogue
+  (two 64-column chunks of a 128-column block) on 2 SMs, so each SM walks several tiles (or, for
+  "single", exactly one)."""
   monkeypatch.setattr(mosaic_common, "num_sms", lambda: 2)
   m, sizes = _CHAIN_CASES[case]
-  cfg = dataclasses.replace(MOSAIC_WS, chain=chain, epi_cols=epi_cols)
+  cfg = dataclasses.replace(MOSAIC_WS, chain=chain, epi_cols=epi_cols,
+                            block_n=64 if epi_cols is None else 128)
   assert mosaic_ws_kernel.chains(256, cfg) == chain  # 4 K steps, 2 slots: they line up
   lhs, rhs, gs = _inputs(rng, m, 256, 256, sizes, jnp.bfloat16)
   out = mosaic_ws_kernel.gmm(lhs, rhs, gs, transpose_rhs=False, out_dtype=jnp.bfloat16, config=cfg,
@@ -253,6 +255,11 @@ def test_mosaic_ws_epilogue_chunks_shrink_shared_memory():
   assert not mosaic_ws_kernel.supports(4096, 14336, cfg)
   assert mosaic_ws_kernel.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=64))
   assert not mosaic_ws_kernel.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=48))
+  # 32 bf16 columns are 64-byte rows: a TMA store from such a row is misaligned.
+  assert not mosaic_ws_kernel.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=32))
+  # ... while 32 float32 columns are 128-byte rows (and fit: 4 stages + 32 KiB of staging).
+  assert mosaic_ws_kernel.supports(4096, 14336, dataclasses.replace(cfg, epi_cols=32),
+                                   out_dtype=jnp.float32)
   assert not mosaic_ws_kernel.chains(4096, mosaic_ws_kernel.MosaicWsGmmConfig(chain=True))  # 64 % 3
   assert mosaic_ws_kernel.chains(4096, dataclasses.replace(cfg, chain=True))
 

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import assert_close
+import kernels
 from jaxmoe import MoE, MoEConfig, MoEStats
 from jaxmoe import capacity as capacity_lib
 from jaxmoe.config import DROPLESS_IMPLS, IMPLS
@@ -331,3 +332,33 @@ def test_remat_experts_same_values_smaller_residuals(name, impl, rng):
   assert not hidden_sized(remat)
   with pytest.raises(ValueError, match="remat_experts"):
     MoEConfig(d_model=D, d_ff=F, num_experts=E, impl="scatter", remat_experts=True)
+
+
+def test_fused_activation_same_function_as_separate_passes(rng, monkeypatch):
+  """A plain MLP without biases runs as kernels.grouped_mlp (fuse_activation, the default) in
+  impl "grouped": the same outputs and gradients as the separate products and passes and as the
+  dense reference, with and without remat_experts; a GLU, or fuse_activation=False, does not
+  call it."""
+  calls = []
+  fused_op = kernels.grouped_mlp
+  monkeypatch.setattr(kernels, "grouped_mlp", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+  base = dict(d_model=D, d_ff=F, num_experts=E, activation="gelu_tanh", top_k=2)
+  x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  results = {}
+  for fuse, remat in ((False, False), (True, False), (True, True)):
+    layer = MoE(MoEConfig(**base, fuse_activation=fuse, remat_experts=remat), rngs=nnx.Rngs(0))
+    calls.clear()
+    y = layer(x)[0]
+    grads = nnx.grad(_loss("grouped", x, g), argnums=(0, 1))(layer, x)
+    assert bool(calls) == fuse, (fuse, remat)
+    results[fuse, remat] = (y, nnx.state(grads[0]), grads[1])
+    if fuse and not remat:
+      assert_close(y, dense_reference(layer, x), jnp.float32, name="fused vs dense reference")
+  for key in ((True, False), (True, True)):
+    chex.assert_trees_all_close(results[key], results[False, False], rtol=1e-5, atol=1e-5)
+  calls.clear()
+  MoE(MoEConfig(**{**base, "activation": "swiglu"}), rngs=nnx.Rngs(0))(x)
+  assert not calls
+  with pytest.raises(ValueError, match="MoEConfig.fuse_activation must be a bool, got 'yes'"):
+    MoEConfig(**base, fuse_activation="yes")

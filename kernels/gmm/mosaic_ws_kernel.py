@@ -92,8 +92,13 @@ def check(k: int, n: int, config: MosaicWsGmmConfig, in_dtype, out_dtype) -> str
   epi = _epi_cols(cfg)
   if k % cfg.block_k or n % (2 * cfg.block_n):
     return f"K % {cfg.block_k} == 0 and N % {2 * cfg.block_n} == 0, got K={k}, N={n}"
-  if not (epi > 0 and cfg.block_n % epi == 0 and epi % 8 == 0):
-    return f"epi_cols dividing block_n={cfg.block_n} (a multiple of 8), got {cfg.epi_cols}"
+  # The masked stores start TMA copies at any row of the staging chunk, and a TMA copy's shared
+  # memory address must be 128-byte aligned: rows of 64 bytes (32 bf16 columns) crashed with a
+  # misaligned address on the H200.
+  row_bytes = epi * jnp.dtype(out_dtype).itemsize
+  if not (epi > 0 and cfg.block_n % epi == 0 and row_bytes % 128 == 0):
+    return (f"epi_cols dividing block_n={cfg.block_n} with rows of a multiple of 128 bytes, got "
+            f"{cfg.epi_cols} ({row_bytes} bytes of {jnp.dtype(out_dtype).name})")
   used = smem_bytes(cfg, in_dtype, out_dtype)
   if used > common.SMEM_BUDGET:
     return (f"at most {common.SMEM_BUDGET} bytes of shared memory, got {used} bytes for "
@@ -131,7 +136,7 @@ def gmm(
   if not supports(k, n, cfg, lhs.dtype, out_dtype):
     raise ValueError(
         f"mosaic ws gmm needs K % {bk} == 0, N % {cta_n} == 0, epi_cols dividing block_n={bn} "
-        f"(a multiple of 8) and at most {common.SMEM_BUDGET} bytes of shared memory, got K={k}, N={n}, "
+        f"(rows of a multiple of 128 bytes) and at most {common.SMEM_BUDGET} bytes of shared memory, got K={k}, N={n}, "
         f"epi_cols={cfg.epi_cols}, {smem_bytes(cfg, lhs.dtype, out_dtype)} bytes for "
         f"{jnp.dtype(lhs.dtype).name} inputs and {jnp.dtype(out_dtype).name} output")
   if (residual is not None) != (epilogue is not None and epilogue.takes_residual):
