@@ -1,7 +1,7 @@
 """Checks every backend of every op's registry (kernels.REGISTRIES) against the op's reference.
 
-For each op (grouped_matmul forward and transposed, group_xty, the plain expert MLP grouped_mlp
-(output and its gradients of x and both weights), scatter_matmul in its gathering and
+For each op (grouped_matmul forward and transposed, group_xty, the expert MLPs grouped_mlp and
+grouped_glu (output and its gradients of x and the weights), scatter_matmul in its gathering and
 its combining layout, the expert GLU scatter_glu (output and its gradients of x, the three
 weights and the gates; the fused kernels on every backend but "xla"), the block-sparse sdd / dsd /
 dds), each backend name of its registry
@@ -149,6 +149,29 @@ def _mlp_cases(shapes, dtype):
       op = "grouped_mlp" if which == "y" else f"grouped_mlp({which})"
       cases.append((op, f"{name}_{act}", shape, lambda b, i=i, got=got: got(b)[i],
                     lambda i=i, want=want: want()[i], used if which in ("y", "dx") else None))
+
+    # The SwiGLU expert (grouped_glu) at the same shape, with w_in as the gate weights.
+    w_up = _rand(jax.random.key(m + f), (len(sizes), d, f), dtype, d ** -0.5)
+
+    def glu_ref(x, w_gate, w_up, w_out, gs=gs):
+      g = kernels.gmm_reference(x, w_gate, gs, out_dtype=jnp.float32)
+      u = kernels.gmm_reference(x, w_up, gs, out_dtype=jnp.float32)
+      return kernels.gmm_reference(jax.nn.silu(g) * u, w_out, gs, out_dtype=jnp.float32)
+
+    glu_want = functools.lru_cache(maxsize=None)(
+        lambda args=(f32(x), f32(w_in), f32(w_up), f32(w_out)), probe=probe, ref=glu_ref:
+        _vjp_outputs(ref, args, probe))
+
+    @functools.lru_cache(maxsize=None)
+    def glu_got(backend, gs=gs, args=(x, w_in, w_up, w_out), probe=probe):
+      glu = lambda x, wg, wu, wo: kernels.grouped_glu(x, wg, wu, wo, gs, activation="silu",
+                                                      backend=backend)
+      return jax.block_until_ready(jax.jit(functools.partial(_vjp_outputs, glu))(args, probe))
+
+    for i, which in enumerate(GLU_OUTPUTS[:-1]):
+      op = "grouped_glu" if which == "y" else f"grouped_glu({which})"
+      cases.append((op, f"{name}_silu", shape, lambda b, i=i, got=glu_got: got(b)[i],
+                    lambda i=i, want=glu_want: want()[i], used if which in ("y", "dx") else None))
   return cases
 
 
@@ -340,7 +363,7 @@ def _blocksparse_cases(quick: bool, dtype):
 
 
 def _registry_of(op: str) -> registry.Registry:
-  if op.startswith(("grouped_matmul", "grouped_mlp")):
+  if op.startswith(("grouped_matmul", "grouped_mlp", "grouped_glu")):
     return kernels.GMM_BACKENDS
   if op.startswith("scatter_matmul"):
     return kernels.SCATTER_BACKENDS
@@ -382,7 +405,7 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
     dtypes = make_dtypes(dtype)
     wanted = lambda *names: not ops or any(o in ops for o in names)
     cases = ((_grouped_cases(shapes, dtype) if wanted("grouped_matmul", "group_xty") else [])
-             + (_mlp_cases(shapes, dtype) if wanted("grouped_mlp") else [])
+             + (_mlp_cases(shapes, dtype) if wanted("grouped_mlp", "grouped_glu") else [])
              + (_scatter_cases(shapes, dtype) if wanted("scatter_matmul") else [])
              + (_glu_cases(GLU_QUICK_SHAPES if quick else GLU_GPU_SHAPES, dtype)
                 if wanted("scatter_glu") else [])
@@ -408,7 +431,7 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
         elif resolved.interpret and not quick:
           row.update(status="skipped", reason="interpret backend (use --quick)")
         elif (resolved.name == "mosaic" and dn == "float32"
-              and (op.startswith(("grouped_matmul", "grouped_mlp", "scatter_glu"))
+              and (op.startswith(("grouped_matmul", "grouped_mlp", "grouped_glu", "scatter_glu"))
                    or op == "group_xty")):
           # (scatter_glu's down projection and weight gradients run on those kernels)
           row.update(status="skipped", reason=MOSAIC_F32)
@@ -473,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                   help="small shapes, xla and interpret backends (for CPU)")
   ap.add_argument("--out", required=True, help="JSON file for the rows and the environment")
   ap.add_argument("--ops", default="", help="comma-separated op names (default: all), e.g. "
-                  "grouped_matmul,group_xty,grouped_mlp,scatter_matmul,scatter_glu")
+                  "grouped_matmul,group_xty,grouped_mlp,grouped_glu,scatter_matmul,scatter_glu")
   ap.add_argument("--dtypes", default="", help="comma-separated: bfloat16,float32 (default both)")
   ap.add_argument("--backends", default="", help="comma-separated registry names (default: all), "
                   "e.g. mosaic")

@@ -2,7 +2,7 @@
 
 Pure JAX: imports neither jaxmoe nor flax. One folder per op family, each with the same faces
 (the public op, a registry of its backends, a file per backend, the reference):
-  kernels.gmm          grouped_matmul, group_xty, grouped_mlp   (GMM_BACKENDS, XTY_BACKENDS)
+  kernels.gmm          grouped_matmul, group_xty, grouped_mlp, grouped_glu  (GMM_BACKENDS, ...)
   kernels.scatter      scatter_matmul, scatter_mlp, scatter_glu (SCATTER_BACKENDS, GLU_BACKENDS)
   kernels.blocksparse  sdd, dsd, dds, dmoe_mlp                  (BLOCKSPARSE_BACKENDS)
   kernels.topk         top_k (the router's expert choice)       (TOPK_BACKENDS)
@@ -17,7 +17,7 @@ See kernels/README.md.
 from kernels.common.groups import inverse_permutation
 from kernels.common.registry import Backend, Registry, default_backend
 from kernels.gmm import GMM_BACKENDS, XTY_BACKENDS, gmm_reference, group_xty, group_xty_reference
-from kernels.gmm import grouped_matmul, grouped_mlp
+from kernels.gmm import grouped_glu, grouped_matmul, grouped_mlp
 from kernels.scatter import (
     GLU_BACKENDS, SCATTER_BACKENDS, SortedSlots, sort_slots, scatter_glu, scatter_matmul,
     scatter_mlp)
@@ -37,6 +37,7 @@ REGISTRIES: dict[str, Registry] = {
 __all__ = [
     "BLOCKSPARSE_BACKENDS", "Backend", "GLU_BACKENDS", "GMM_BACKENDS", "REGISTRIES", "Registry",
     "SCATTER_BACKENDS", "SortedSlots", "TOPK_BACKENDS", "XTY_BACKENDS", "default_backend",
-    "gmm_reference", "group_xty", "group_xty_reference", "grouped_matmul", "grouped_mlp", "inverse_permutation",
+    "gmm_reference", "group_xty", "group_xty_reference", "grouped_glu", "grouped_matmul",
+    "grouped_mlp", "inverse_permutation",
     "sort_slots", "scatter_glu", "scatter_matmul", "scatter_mlp", "top_k",
 ]

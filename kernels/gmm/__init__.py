@@ -1,7 +1,7 @@
 """Grouped matmul over expert-sorted rows: the differentiable op, its backends, its reference.
 
   api.py              grouped_matmul (custom_vjp) and group_xty: the public ops
-  mlp.py              grouped_mlp: a plain expert MLP with its activation in the products' epilogues
+  mlp.py              grouped_mlp, grouped_glu: expert MLPs with the activation in the products' epilogues
   epilogue.py         what a product's kernel may apply to its tile before the store
   backends.py         GMM_BACKENDS / XTY_BACKENDS: the registries (name -> backend record)
   shapes.py           what a backend's default_config / check / search_space are given
@@ -18,7 +18,7 @@
 from kernels.gmm.api import group_xty, grouped_matmul
 from kernels.gmm.backends import GMM_BACKENDS, XTY_BACKENDS
 from kernels.gmm.epilogue import Epilogue
-from kernels.gmm.mlp import grouped_mlp
+from kernels.gmm.mlp import grouped_glu, grouped_mlp
 from kernels.gmm.mosaic import MosaicGmmConfig, MosaicWsGmmConfig, MosaicWsXtyConfig, MosaicXtyConfig
 from kernels.gmm.reference import gmm_reference, group_xty_reference
 from kernels.gmm.shapes import GroupedShape
@@ -27,5 +27,5 @@ from kernels.gmm.triton import TritonGmmConfig, TritonXtyConfig
 __all__ = [
     "Epilogue", "GMM_BACKENDS", "GroupedShape", "MosaicGmmConfig", "MosaicWsGmmConfig", "MosaicWsXtyConfig",
     "MosaicXtyConfig", "TritonGmmConfig", "TritonXtyConfig", "XTY_BACKENDS", "gmm_reference",
-    "group_xty", "group_xty_reference", "grouped_matmul", "grouped_mlp",
+    "group_xty", "group_xty_reference", "grouped_glu", "grouped_matmul", "grouped_mlp",
 ]

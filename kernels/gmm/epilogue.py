@@ -18,6 +18,15 @@ with fast exp and division in the Mosaic kernels), so a fused product agrees wit
 passes over jax.nn's forms to float32 rounding of the activation (16-bit outputs then differ by
 one unit in the last place at most, and rarely). `Epilogue.apply` runs the same kernel forms as
 separate passes, for backends without epilogues.
+
+A GLU, a = act(gate) * up, needs a tile's gate and up columns together. Its weights are packed
+*interleaved* (`interleave`): units of GLU_UNIT = 64 columns alternate gate, up, gate, up, so a
+128-column block of the product holds one gate unit and its up unit:
+
+  Epilogue("glu", act)       on x [W_gate | W_up] interleaved, (M, 2f): out = gu (the product,
+                             kept for the backward) and a second output a = act(g) * u, (M, f)
+  Epilogue("glu_grad", act)  on da = dy W_out^T, (M, f), with the residual gu (M, 2f): out =
+                             d(gu), (M, 2f) interleaved, the gradients of gate and up of a
 """
 
 from __future__ import annotations
@@ -27,18 +36,22 @@ import functools
 
 import jax
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
 from kernels.activations import ACTIVATIONS, kernel_activation
 from kernels.hidden import hidden_math
 
-KINDS = ("activation", "activation_grad")
+KINDS = ("activation", "activation_grad", "glu", "glu_grad")
+# Columns of one gate (or up) unit in the interleaved GLU layout.
+GLU_UNIT = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class Epilogue:
-  """kind: one of KINDS; activation: a kernels.activations.ACTIVATIONS name."""
+  """kind: one of KINDS; activation: a kernels.activations.ACTIVATIONS name (for the GLU kinds,
+  the gate's nonlinearity)."""
 
   kind: str
   activation: str
@@ -50,21 +63,59 @@ class Epilogue:
       raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
 
   @property
+  def is_glu(self) -> bool:
+    return self.kind in ("glu", "glu_grad")
+
+  def output_widths(self, n: int) -> tuple[int, ...]:
+    """Columns of each output of a product of width n."""
+    return {"activation": (n, n), "activation_grad": (n,), "glu": (n, n // 2),
+            "glu_grad": (2 * n,)}[self.kind]
+
+  @property
   def num_outputs(self) -> int:
-    return 2 if self.kind == "activation" else 1
+    return len(self.output_widths(2))
 
   @property
   def takes_residual(self) -> bool:
-    """Whether the kernel reads the pre-activation h as one more (rows, N) input."""
-    return self.kind == "activation_grad"
+    """Whether the kernel reads the forward's product (h, or gu) as one more input."""
+    return self.kind in ("activation_grad", "glu_grad")
 
+  def residual_width(self, n: int) -> int | None:
+    """Columns of the residual input of a product of width n (None: it takes none)."""
+    return {"activation_grad": n, "glu_grad": 2 * n}.get(self.kind)
 
   def apply(self, out: jax.Array, residual: jax.Array | None = None):
     """The epilogue as separate passes over the product `out`: what the kernel returns."""
     if self.kind == "activation":
       return out, activation_tile(self.activation, out)
-    # The barrier hides from XLA that h is the forward's (kernels.hidden's backward says why).
-    return activation_grad_tile(self.activation, jax.lax.optimization_barrier(residual), out)
+    if self.kind == "glu":
+      return out, glu_tile(self.activation, *deinterleave(out))
+    # The barrier hides from XLA that the residual is the forward's (kernels.hidden's backward
+    # says why).
+    residual = jax.lax.optimization_barrier(residual)
+    if self.kind == "activation_grad":
+      return activation_grad_tile(self.activation, residual, out)
+    return interleave(*glu_grad_tile(self.activation, *deinterleave(residual), out))
+
+
+def interleave(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """(..., f) and (..., f) -> (..., 2f): GLU_UNIT-column units of gate and up alternating (f a
+  multiple of GLU_UNIT)."""
+  if gate.shape != up.shape or gate.shape[-1] % GLU_UNIT:
+    raise ValueError(f"gate and up: equal shapes whose last axis is a multiple of {GLU_UNIT}, "
+                     f"got {gate.shape} and {up.shape}")
+  *lead, f = gate.shape
+  units = (*lead, f // GLU_UNIT, 1, GLU_UNIT)
+  return jnp.concatenate([gate.reshape(units), up.reshape(units)], axis=-2).reshape(*lead, 2 * f)
+
+
+def deinterleave(gu: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The inverse of `interleave`: (..., 2f) -> (gate, up), each (..., f)."""
+  *lead, two_f = gu.shape
+  if two_f % (2 * GLU_UNIT):
+    raise ValueError(f"gu: the last axis must be a multiple of {2 * GLU_UNIT}, got {gu.shape}")
+  units = gu.reshape(*lead, two_f // (2 * GLU_UNIT), 2, GLU_UNIT)
+  return (units[..., 0, :].reshape(*lead, two_f // 2), units[..., 1, :].reshape(*lead, two_f // 2))
 
 
 def activation_tile(activation: str, h: jax.Array) -> jax.Array:
@@ -81,14 +132,29 @@ def activation_grad_tile(activation: str, h: jax.Array, da: jax.Array) -> jax.Ar
   return _lowerable(grad, h, da)
 
 
+def glu_tile(activation: str, g: jax.Array, u: jax.Array) -> jax.Array:
+  """a = act(g) * u for 16-bit tiles g and u, in g's dtype (kernels.hidden.hidden_math)."""
+  return _lowerable(functools.partial(hidden_math, kernel_activation(activation)), g, u)
+
+
+def glu_grad_tile(activation: str, g: jax.Array, u: jax.Array,
+                  da: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dg, du) of a = act(g) * u for the cotangent da (g's dtype): hidden_math's backward."""
+  def grad(g, u, da):
+    _, vjp = jax.vjp(functools.partial(hidden_math, kernel_activation(activation)), g, u)
+    return vjp(da)
+
+  return _lowerable(grad, g, u, da)
+
+
 def _lowerable(fn, *args):
   """fn(*args) with the same operations, minus three wrappers the Mosaic GPU lowering does not
   take: nested jits and custom_jvp functions (jax.nn.relu, the erfc of exact GELU) are inlined,
   and autodiff's add_any (how a cotangent flowing back along two uses of a value is summed)
   becomes a plain add: the same float32 arithmetic either way."""
   closed = jax.make_jaxpr(fn)(*args)
-  (out,) = _eval(closed.jaxpr, closed.consts, *args)
-  return out
+  outs = _eval(closed.jaxpr, closed.consts, *args)
+  return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def _eval(jaxpr: jex_core.Jaxpr, consts, *args) -> list:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from kernels.common.registry import Backend
 from kernels.gmm import mosaic_kernel, mosaic_ws_kernel, mosaic_xty_ws_kernel
-from kernels.gmm.epilogue import Epilogue
+from kernels.gmm.epilogue import GLU_UNIT, Epilogue
 from kernels.gmm.mosaic_kernel import MosaicGmmConfig, MosaicXtyConfig
 from kernels.gmm.mosaic_ws_kernel import MosaicWsGmmConfig
 from kernels.gmm.mosaic_xty_ws_kernel import MosaicWsXtyConfig
@@ -132,6 +132,8 @@ def gmm_epilogue_config(shape: GroupedShape, dtypes: Dtypes, tuned: GmmConfig | 
   config = tuned if isinstance(tuned, MosaicWsGmmConfig) else MosaicWsGmmConfig()
   if epilogue.kind == "activation" and config.epi_cols is None:
     config = dataclasses.replace(config, epi_cols=64)
+  if epilogue.is_glu:   # one gate and one up unit per warpgroup, a unit per chunk
+    config = dataclasses.replace(config, block_n=2 * GLU_UNIT, epi_cols=GLU_UNIT)
   if mosaic_ws_kernel.check(shape.k, shape.n, config, dtypes.operands, dtypes.out) is not None:
     return None
   return config

@@ -142,9 +142,15 @@ def gmm(
   if (residual is not None) != (epilogue is not None and epilogue.takes_residual):
     raise ValueError(f"residual: given exactly when the epilogue takes one, got epilogue={epilogue} "
                      f"and residual={None if residual is None else residual.shape}")
-  if residual is not None and residual.shape != (m, n):
-    raise ValueError(f"residual: must have shape {(m, n)}, got {residual.shape}")
-  num_out = 1 if epilogue is None else epilogue.num_outputs
+  if residual is not None and residual.shape != (m, epilogue.residual_width(n)):
+    raise ValueError(f"residual: must have shape {(m, epilogue.residual_width(n))}, got "
+                     f"{residual.shape}")
+  if epilogue is not None and epilogue.is_glu and not (
+      bn == 2 * epilogue_lib.GLU_UNIT and _epi_cols(cfg) == epilogue_lib.GLU_UNIT):
+    raise ValueError(f"config: a GLU epilogue needs block_n={2 * epilogue_lib.GLU_UNIT} (one gate "
+                     f"and one up unit per warpgroup) and epi_cols={epilogue_lib.GLU_UNIT}, got "
+                     f"block_n={bn}, epi_cols={cfg.epi_cols}")
+  widths = (n,) if epilogue is None else epilogue.output_widths(n)
   meta = tiling.tile_metadata(group_sizes, m, bm)
   grid_n = n // cta_n
   tile_width = math.gcd(cfg.grid_tile_width, grid_n)
@@ -198,34 +204,35 @@ def gmm(
       num_active = num_active_gmem[0]
 
       def store_tile(mi, ni, chunk_values):
-        """Writes this warpgroup's rows [row_start, row_end) of tile (mi, ni), block_n columns,
-        of every output, chunk by chunk through its o_smem slot; chunk_values(c, load_residual)
-        gives chunk c's values, one per output (load_residual() reads that chunk of the
-        residual, through the slot, before any of them is written there)."""
+        """Writes this warpgroup's rows [row_start, row_end) of tile (mi, ni), block_n columns
+        of the product, chunk by chunk through its o_smem slot: chunk_values(c, load_residual)
+        gives chunk c's stores, epi columns each, as (values, output index, column) in the
+        order _epilogue_targets lists them (load_residual(col) reads epi columns of the
+        residual from `col`, through the slot, before anything is written there)."""
         g = tile_group_gmem[mi]
         block_start = tile_block_gmem[mi] * bm
         row_start = jnp.maximum(offsets_gmem[g], block_start)
         row_end = jnp.minimum(offsets_gmem[g + 1], block_start + bm)
         count = row_end - row_start
         for c in range(bn // epi):
-          col0 = ni * cta_n + wg * bn + c * epi
           # The previous chunk's (or tile's) stores must have read o_smem before it is reused.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-          def load_residual():
-            plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(block_start, bm), pl.ds(col0, epi)],
+          def load_residual(col):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(block_start, bm), pl.ds(col, epi)],
                                     o_smem.at[wg], res_barrier.at[wg])
             plgpu.barrier_wait(res_barrier.at[wg])
             value = o_smem[wg]
             plgpu.commit_smem()   # every thread has read the slot before it is overwritten
             return value
 
-          for j, values in enumerate(chunk_values(c, load_residual)):
+          for j, (values, out, col) in enumerate(chunk_values(c, load_residual)):
             if j:
               plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             o_smem[wg] = values
             plgpu.commit_smem()
-            common.store_rows(o_smem.at[wg], outs_gmem[j].at[:, pl.ds(col0, epi)],
+            common.store_rows(o_smem.at[wg], outs_gmem[out].at[:, pl.ds(col, epi)],
                               first=row_start - block_start, count=count, dst_offset=block_start,
                               max_rows=min(bm, m))
 
@@ -241,8 +248,14 @@ def gmm(
           def _acc_scope(acc_ref):
             eval_pipeline(acc_ref)
             acc = acc_ref[...].astype(out_gmem.dtype)
-            store_tile(mi, ni, lambda c, load_residual: _epilogue_values(
-                epilogue, acc[:, c * epi:(c + 1) * epi], load_residual))
+
+            def chunk_values(c, load_residual):
+              col0 = ni * cta_n + wg * bn + c * epi
+              values = _epilogue_values(epilogue, acc, c, epi, col0, load_residual)
+              return [(v, out, col) for v, (out, col) in
+                      zip(values, _epilogue_targets(epilogue, c, epi, col0))]
+
+            store_tile(mi, ni, chunk_values)
 
         def mma_body(_, a_smem, b_smem, acc_ref):
           if transpose_rhs:
@@ -283,14 +296,17 @@ def gmm(
 
         @pl.when(wg < 2)
         def _():
-          store_tile(mi, ni, lambda c, _: [jnp.zeros((bm, epi), out_gmem.dtype)] * num_out)
+          zeros = jnp.zeros((bm, epi), out_gmem.dtype)
+          store_tile(mi, ni, lambda c, _: [
+              (zeros, out, col) for out, col in _epilogue_targets(
+                  epilogue, c, epi, ni * cta_n + wg * bn + c * epi)])
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+  out_types = tuple(jax.ShapeDtypeStruct((m, w), out_dtype) for w in widths)
   kernel = plgpu.kernel(
       body,
-      out_type=out_type if num_out == 1 else (out_type,) * num_out,
+      out_type=out_types[0] if len(out_types) == 1 else out_types,
       grid=(common.num_sms(),),
       grid_names=("sm",),
       num_threads=3,
@@ -310,10 +326,34 @@ def gmm(
                 lhs, rhs, *extra)
 
 
-def _epilogue_values(epilogue: Epilogue | None, out, load_residual) -> list[jax.Array]:
-  """The output chunks of one accumulator chunk `out` (already in the output dtype)."""
+def _epilogue_targets(epilogue: Epilogue | None, c: int, epi: int,
+                      col0) -> list[tuple[int, jax.Array]]:
+  """(output index, first column) of each store of chunk c, which covers the product's columns
+  [col0, col0 + epi)."""
+  if epilogue is None or epilogue.kind == "activation_grad":
+    return [(0, col0)]
+  if epilogue.kind == "activation":
+    return [(0, col0), (1, col0)]
+  unit = epilogue_lib.GLU_UNIT
+  if epilogue.kind == "glu":   # chunk 0 the gate unit, chunk 1 the up unit and then a
+    return [(0, col0)] if c == 0 else [(0, col0), (1, (col0 // (2 * unit)) * unit)]
+  # glu_grad: the chunk is unit col0 // unit of da; its gate and up sit at twice that.
+  return [(0, 2 * col0), (0, 2 * col0 + unit)]
+
+
+def _epilogue_values(epilogue: Epilogue | None, acc, c: int, epi: int, col0,
+                     load_residual) -> list[jax.Array]:
+  """The values of chunk c's stores (_epilogue_targets), from the tile `acc` (in the output
+  dtype) and, for the gradients, the residual's chunks."""
+  out = acc[:, c * epi:(c + 1) * epi]
   if epilogue is None:
     return [out]
+  act = epilogue.activation
   if epilogue.kind == "activation":
-    return [out, epilogue_lib.activation_tile(epilogue.activation, out)]
-  return [epilogue_lib.activation_grad_tile(epilogue.activation, load_residual(), out)]
+    return [out, epilogue_lib.activation_tile(act, out)]
+  if epilogue.kind == "activation_grad":
+    return [epilogue_lib.activation_grad_tile(act, load_residual(col0), out)]
+  if epilogue.kind == "glu":
+    return [out] if c == 0 else [out, epilogue_lib.glu_tile(act, acc[:, :epi], out)]
+  gate, up = load_residual(2 * col0), load_residual(2 * col0 + epilogue_lib.GLU_UNIT)
+  return list(epilogue_lib.glu_grad_tile(act, gate, up, out))
