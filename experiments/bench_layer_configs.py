@@ -70,17 +70,26 @@ def flops(shape) -> tuple[float, float]:
   return fwd, 2.0 * fwd
 
 
-def impl_backend(spec: str) -> tuple[str, str | None] | None:
-  """"IMPL" or "IMPL:BACKEND" (a backend of the impl's kernel registry, to compare backends in
-  one run) -> (impl, backend or None); None when either name is unknown."""
+# "+NAME" suffixes of an impl spec: MoEConfig overrides, to compare them in one run.
+SPEC_OPTIONS = {"fused_glu": {"fuse_glu": True}}
+
+
+def impl_backend(spec: str) -> tuple[str, str | None, dict] | None:
+  """"IMPL", "IMPL:BACKEND" (a backend of the impl's kernel registry, to compare backends in one
+  run), either with "+fused_glu" (impl grouped: the GLU as kernels.grouped_glu) -> (impl, backend
+  or None, MoEConfig overrides); None when a name is unknown."""
+  spec, *options = spec.split("+")
   impl, _, backend = spec.partition(":")
-  if impl not in DROPLESS_IMPLS:
+  if impl not in DROPLESS_IMPLS or any(o not in SPEC_OPTIONS for o in options):
     return None
+  if options and impl != "grouped":
+    return None
+  overrides = {k: v for o in options for k, v in SPEC_OPTIONS[o].items()}
   if not backend:
-    return impl, None
+    return impl, None, overrides
   if impl not in IMPL_BACKENDS or backend not in IMPL_BACKENDS[impl].names:
     return None
-  return impl, backend
+  return impl, backend, overrides
 
 
 def jax_layer(shape, impl: str, backend, iters: int, profile: bool = False,
@@ -234,7 +243,8 @@ def main() -> None:
   ap.add_argument("--configs", default=None, help="comma-separated names (default: all)")
   ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                   help=f"comma-separated, of {DROPLESS_IMPLS}; IMPL:BACKEND picks the impl's "
-                       "kernel backend (e.g. scatter:mosaic; default the platform's)")
+                       "kernel backend (e.g. scatter:mosaic; default the platform's); "
+                       "grouped+fused_glu runs the GLU as kernels.grouped_glu")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--profile", action="store_true",
@@ -249,7 +259,8 @@ def main() -> None:
   impls = args.impls.split(",")
   for bad in [c for c in names if c not in table] + [i for i in impls if impl_backend(i) is None]:
     ap.error(f"unknown config or impl {bad!r}; configs: {list(table)}; impls: {DROPLESS_IMPLS}, "
-             f"each optionally as IMPL:BACKEND with a backend of {sorted(IMPL_BACKENDS)}'s registry")
+             f"each optionally as IMPL:BACKEND with a backend of {sorted(IMPL_BACKENDS)}'s registry, "
+             f"and grouped with +{'/+'.join(SPEC_OPTIONS)}")
   if args.iters < 1:
     ap.error(f"--iters must be >= 1, got {args.iters}")
   backend = "triton_interpret" if args.smoke else None
@@ -263,9 +274,9 @@ def main() -> None:
       try:
         hlo = (os.path.join(args.out, f"hlo-{name}-{impl.replace(':', '-')}.txt.gz")
                if args.dump_hlo else None)
-        base, named = impl_backend(impl)
+        base, named, overrides = impl_backend(impl)
         row, y = jax_layer(shape, base, named or backend, args.iters, args.profile,
-                           hlo_path=hlo)
+                           overrides=overrides, hlo_path=hlo)
         row["impl"] = impl
         if ref is None:
           ref = y

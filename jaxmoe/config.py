@@ -107,6 +107,9 @@ class MoEConfig:
     fuse_activation: impl "grouped" runs a plain MLP's (no GLU, no biases) activation inside the
       grouped products' epilogues (kernels.grouped_mlp) where the backend has them (Mosaic GPU);
       False: the separate products and elementwise passes (the same values).
+    fuse_glu: impl "grouped" runs a GLU without biases as kernels.grouped_glu (act(gate) * up
+      and its gradient in the products' epilogues; d_ff a multiple of 64). Off by default: its
+      kernels have not yet run on a GPU (kernels/README.md).
   """
 
   d_model: int
@@ -133,6 +136,7 @@ class MoEConfig:
   block_size: int = 128
   remat_experts: bool = False
   fuse_activation: bool = True
+  fuse_glu: bool = False
 
   def __post_init__(self):
     for name in ("d_model", "d_ff", "num_experts"):
@@ -148,8 +152,12 @@ class MoEConfig:
     _check_choice("backend", self.backend, BACKENDS)
     self._check_routing()
     self._check_groups()
-    if not isinstance(self.fuse_activation, bool):
-      raise ValueError(f"MoEConfig.fuse_activation must be a bool, got {self.fuse_activation!r}")
+    for name in ("fuse_activation", "fuse_glu"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.fuse_glu and not (self.is_glu and self.d_ff % 64 == 0):
+      raise ValueError(f"MoEConfig.fuse_glu=True needs a GLU activation and d_ff a multiple of "
+                       f"64, got activation={self.activation!r}, d_ff={self.d_ff}")
     if not isinstance(self.shared_expert_gate, bool) or (self.shared_expert_gate
                                                          and not self.num_shared_experts):
       raise ValueError(f"MoEConfig.shared_expert_gate must be a bool, and True needs "
@@ -313,6 +321,7 @@ class ModelConfig:
   remat_mlp: bool = False    # recompute the (expert) MLPs' hidden activations in the backward
                              # (expert-parallel MoE layers: their comm-aware remat)
   fuse_activation: bool = True  # MoEConfig's field: the activation in the grouped kernels
+  fuse_glu: bool = False     # MoEConfig's field: a GLU's activation in the grouped kernels
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
@@ -341,7 +350,7 @@ class ModelConfig:
         or not 0 <= self.remat_skip <= self.n_layers:
       raise ValueError(f"model.remat_skip must be an int in [0, n_layers={self.n_layers}], got "
                        f"{self.remat_skip!r}")
-    for name in ("remat_mlp", "fuse_activation"):
+    for name in ("remat_mlp", "fuse_activation", "fuse_glu"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
     if self.remat_mlp and self.ffn == "moe" and self.moe_impl not in REMAT_EXPERTS_IMPLS:
@@ -416,7 +425,7 @@ class ModelConfig:
                      aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
                      block_size=self.block_size, remat_experts=self.remat_mlp,
-                     fuse_activation=self.fuse_activation)
+                     fuse_activation=self.fuse_activation, fuse_glu=self.fuse_glu)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

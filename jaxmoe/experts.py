@@ -28,6 +28,8 @@ GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 # (M, d) rows, W_in (E, d, f), W_out (E, f, d), group_sizes -> act(x W_in) W_out, one op.
 FusedMlp = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# (M, d) rows, W_gate, W_up (E, d, f), W_out, group_sizes -> (act(x W_gate) * x W_up) W_out.
+FusedGlu = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 # kernels.activations' functions: the fused GLU kernels recognize them (by identity) and compile
 # the same nonlinearity in.
@@ -132,16 +134,22 @@ class RoutedExperts(nnx.Module):
 
   def apply_sorted(self, x: jax.Array, group_sizes: jax.Array, expert: jax.Array,
                    matmul: GroupedMatmul, packed: bool = False,
-                   fused_mlp: FusedMlp | None = None) -> jax.Array:
+                   fused_mlp: FusedMlp | None = None,
+                   fused_glu: FusedGlu | None = None) -> jax.Array:
     """x (M, d) rows sorted by expert, group_sizes (E,), expert (M,) -> (M, d) expert outputs.
 
     packed: matmul takes a tuple of weights as one product (kernels.grouped_matmul does), so a
     GLU's gate and up run as one product of width 2f (expert_mlp's `packed`).
     fused_mlp: runs a plain MLP without biases as one op (kernels.grouped_mlp: the activation in
-    the products' epilogues); GLUs and biased MLPs take the separate products."""
-    if fused_mlp is not None and not self.config.is_glu and self.b_gate is None:
-      return fused_mlp(x.astype(self.dtype), self._w(self.w_gate), self._w(self.w_out),
-                       group_sizes)
+    the products' epilogues); fused_glu likewise a GLU without biases (kernels.grouped_glu).
+    Otherwise (and with biases) the separate products."""
+    if self.b_gate is None:
+      if fused_mlp is not None and not self.config.is_glu:
+        return fused_mlp(x.astype(self.dtype), self._w(self.w_gate), self._w(self.w_out),
+                         group_sizes)
+      if fused_glu is not None and self.config.is_glu:
+        return fused_glu(x.astype(self.dtype), self._w(self.w_gate), self._w(self.w_up),
+                         self._w(self.w_out), group_sizes)
     def project(which, lhs, out_dtype):   # (out_dtype is the compute dtype here)
       if which == "gate_up":
         y = matmul(lhs, (self._w(self.w_gate), self._w(self.w_up)), group_sizes)

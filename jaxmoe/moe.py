@@ -157,15 +157,17 @@ class MoE(nnx.Module):
       # kernels.grouped_matmul takes the gate and up weights as one product (ragged_dot would
       # keep their concatenation for its backward).
       packed = impl == "grouped"
-      fused = None
+      fused = {}
       if impl == "grouped" and cfg.fuse_activation:
-        fused = functools.partial(kernels.grouped_mlp, activation=activation_fn(cfg.activation),
-                                  backend=cfg.backend)
+        fused["fused_mlp"] = functools.partial(
+            kernels.grouped_mlp, activation=activation_fn(cfg.activation), backend=cfg.backend)
+      if impl == "grouped" and cfg.fuse_glu:
+        fused["fused_glu"] = functools.partial(
+            kernels.grouped_glu, activation=activation_fn(cfg.activation), backend=cfg.backend)
       d = dispatch.sort_by_expert(routing.indices, e)
       rows = dispatch.gather_sorted(tokens.astype(self.dtype), d)
       def apply(experts, rows, group_sizes, expert):
-        return experts.apply_sorted(rows, group_sizes, expert, matmul, packed=packed,
-                                    fused_mlp=fused)
+        return experts.apply_sorted(rows, group_sizes, expert, matmul, packed=packed, **fused)
       if cfg.remat_experts:
         # Keeps the sorted rows (the weights are inputs anyway) and recomputes the first matmul
         # and the activation, not the (rows, d_ff) gate [and up] and hidden arrays. The second

@@ -51,14 +51,19 @@ def test_layer_costs_counts_what_the_backward_keeps():
 
 
 @pytest.mark.parametrize("spec, want", [
-    ("scatter", ("scatter", None)),
-    ("scatter:mosaic", ("scatter", "mosaic")),
-    ("grouped:triton", ("grouped", "triton")),
+    ("scatter", ("scatter", None, {})),
+    ("scatter:mosaic", ("scatter", "mosaic", {})),
+    ("grouped:triton", ("grouped", "triton", {})),
+    ("grouped+fused_glu", ("grouped", None, {"fuse_glu": True})),
+    ("grouped:mosaic+fused_glu", ("grouped", "mosaic", {"fuse_glu": True})),
+    ("scatter+fused_glu", None),     # the option is the grouped impl's
+    ("grouped+nope", None),
     ("scatter:nope", None),          # not a backend of the scatter registry
     ("ragged_dot:xla", None),        # an impl without a kernel registry takes no backend
     ("nope", None),
 ])
 def test_layer_configs_impl_backend(spec, want):
-  """bench_layer_configs --impls IMPL[:BACKEND]: the backend must belong to the impl's registry."""
+  """bench_layer_configs --impls IMPL[:BACKEND][+OPTION]: the backend must belong to the impl's
+  registry, the option must be known and the impl's."""
   from experiments.bench_layer_configs import impl_backend
   assert impl_backend(spec) == want

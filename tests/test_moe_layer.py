@@ -362,3 +362,32 @@ def test_fused_activation_same_function_as_separate_passes(rng, monkeypatch):
   assert not calls
   with pytest.raises(ValueError, match="MoEConfig.fuse_activation must be a bool, got 'yes'"):
     MoEConfig(**base, fuse_activation="yes")
+
+
+def test_fuse_glu_runs_grouped_glu_with_the_same_values(rng, monkeypatch):
+  """fuse_glu=True: a GLU without biases in impl "grouped" runs as kernels.grouped_glu, with the
+  outputs and gradients of the separate products (and the dense reference), under remat too;
+  it is refused for a plain MLP or a d_ff that is not a multiple of 64."""
+  calls = []
+  fused_op = kernels.grouped_glu
+  monkeypatch.setattr(kernels, "grouped_glu", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+  base = dict(d_model=D, d_ff=64, num_experts=E, activation="swiglu", top_k=2)
+  x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  results = {}
+  for fuse, remat in ((False, False), (True, False), (True, True)):
+    layer = MoE(MoEConfig(**base, fuse_glu=fuse, remat_experts=remat), rngs=nnx.Rngs(0))
+    calls.clear()
+    y = layer(x)[0]
+    grads = nnx.grad(_loss("grouped", x, g), argnums=(0, 1))(layer, x)
+    assert bool(calls) == fuse, (fuse, remat)
+    results[fuse, remat] = (y, nnx.state(grads[0]), grads[1])
+    if fuse and not remat:
+      assert_close(y, dense_reference(layer, x), jnp.float32, name="fused vs dense reference")
+  for key in ((True, False), (True, True)):
+    chex.assert_trees_all_close(results[key], results[False, False], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="fuse_glu=True needs a GLU activation and d_ff a multiple "
+                                       "of 64, got activation='gelu', d_ff=64"):
+    MoEConfig(**{**base, "activation": "gelu"}, fuse_glu=True)
+  with pytest.raises(ValueError, match="d_ff=96"):
+    MoEConfig(**{**base, "d_ff": 96}, fuse_glu=True)
