@@ -19,6 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 import kernels
+from kernels.gmm.epilogue import GLU_UNIT
 
 # Dropless implementations compute the same function; "capacity" is the token-dropping baseline.
 DROPLESS_IMPLS = ("grouped", "ragged_dot", "scatter", "blocksparse")
@@ -155,9 +156,9 @@ class MoEConfig:
     for name in ("fuse_activation", "fuse_glu"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
-    if self.fuse_glu and not (self.is_glu and self.d_ff % 64 == 0):
+    if self.fuse_glu and not (self.is_glu and self.d_ff % GLU_UNIT == 0):
       raise ValueError(f"MoEConfig.fuse_glu=True needs a GLU activation and d_ff a multiple of "
-                       f"64, got activation={self.activation!r}, d_ff={self.d_ff}")
+                       f"{GLU_UNIT}, got activation={self.activation!r}, d_ff={self.d_ff}")
     if not isinstance(self.shared_expert_gate, bool) or (self.shared_expert_gate
                                                          and not self.num_shared_experts):
       raise ValueError(f"MoEConfig.shared_expert_gate must be a bool, and True needs "

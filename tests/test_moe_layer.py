@@ -334,20 +334,18 @@ def test_remat_experts_same_values_smaller_residuals(name, impl, rng):
     MoEConfig(d_model=D, d_ff=F, num_experts=E, impl="scatter", remat_experts=True)
 
 
-def test_fused_activation_same_function_as_separate_passes(rng, monkeypatch):
-  """A plain MLP without biases runs as kernels.grouped_mlp (fuse_activation, the default) in
-  impl "grouped": the same outputs and gradients as the separate products and passes and as the
-  dense reference, with and without remat_experts; a GLU, or fuse_activation=False, does not
-  call it."""
+def _fused_runs(rng, monkeypatch, op: str, flag: str, base: dict) -> list[bool]:
+  """Runs the layer of `base` with MoEConfig.<flag> off, on, and on under remat_experts, counting
+  the calls of kernels.<op>; asserts the fused runs' outputs and gradients equal the unfused
+  run's and the plain fused output the dense reference; returns the monkeypatched call log."""
   calls = []
-  fused_op = kernels.grouped_mlp
-  monkeypatch.setattr(kernels, "grouped_mlp", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
-  base = dict(d_model=D, d_ff=F, num_experts=E, activation="gelu_tanh", top_k=2)
+  fused_op = getattr(kernels, op)
+  monkeypatch.setattr(kernels, op, lambda *a, **k: calls.append(1) or fused_op(*a, **k))
   x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
   g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   results = {}
   for fuse, remat in ((False, False), (True, False), (True, True)):
-    layer = MoE(MoEConfig(**base, fuse_activation=fuse, remat_experts=remat), rngs=nnx.Rngs(0))
+    layer = MoE(MoEConfig(**base, **{flag: fuse}, remat_experts=remat), rngs=nnx.Rngs(0))
     calls.clear()
     y = layer(x)[0]
     grads = nnx.grad(_loss("grouped", x, g), argnums=(0, 1))(layer, x)
@@ -358,6 +356,17 @@ def test_fused_activation_same_function_as_separate_passes(rng, monkeypatch):
   for key in ((True, False), (True, True)):
     chex.assert_trees_all_close(results[key], results[False, False], rtol=1e-5, atol=1e-5)
   calls.clear()
+  return calls
+
+
+def test_fused_activation_same_function_as_separate_passes(rng, monkeypatch):
+  """A plain MLP without biases runs as kernels.grouped_mlp (fuse_activation, the default) in
+  impl "grouped": the same outputs and gradients as the separate products and passes and as the
+  dense reference, with and without remat_experts; a GLU, or fuse_activation=False, does not
+  call it."""
+  base = dict(d_model=D, d_ff=F, num_experts=E, activation="gelu_tanh", top_k=2)
+  calls = _fused_runs(rng, monkeypatch, "grouped_mlp", "fuse_activation", base)
+  x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
   MoE(MoEConfig(**{**base, "activation": "swiglu"}), rngs=nnx.Rngs(0))(x)
   assert not calls
   with pytest.raises(ValueError, match="MoEConfig.fuse_activation must be a bool, got 'yes'"):
@@ -368,24 +377,8 @@ def test_fuse_glu_runs_grouped_glu_with_the_same_values(rng, monkeypatch):
   """fuse_glu=True: a GLU without biases in impl "grouped" runs as kernels.grouped_glu, with the
   outputs and gradients of the separate products (and the dense reference), under remat too;
   it is refused for a plain MLP or a d_ff that is not a multiple of 64."""
-  calls = []
-  fused_op = kernels.grouped_glu
-  monkeypatch.setattr(kernels, "grouped_glu", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
   base = dict(d_model=D, d_ff=64, num_experts=E, activation="swiglu", top_k=2)
-  x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
-  g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-  results = {}
-  for fuse, remat in ((False, False), (True, False), (True, True)):
-    layer = MoE(MoEConfig(**base, fuse_glu=fuse, remat_experts=remat), rngs=nnx.Rngs(0))
-    calls.clear()
-    y = layer(x)[0]
-    grads = nnx.grad(_loss("grouped", x, g), argnums=(0, 1))(layer, x)
-    assert bool(calls) == fuse, (fuse, remat)
-    results[fuse, remat] = (y, nnx.state(grads[0]), grads[1])
-    if fuse and not remat:
-      assert_close(y, dense_reference(layer, x), jnp.float32, name="fused vs dense reference")
-  for key in ((True, False), (True, True)):
-    chex.assert_trees_all_close(results[key], results[False, False], rtol=1e-5, atol=1e-5)
+  _fused_runs(rng, monkeypatch, "grouped_glu", "fuse_glu", base)
   with pytest.raises(ValueError, match="fuse_glu=True needs a GLU activation and d_ff a multiple "
                                        "of 64, got activation='gelu', d_ff=64"):
     MoEConfig(**{**base, "activation": "gelu"}, fuse_glu=True)

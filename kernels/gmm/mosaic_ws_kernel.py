@@ -218,8 +218,7 @@ def gmm(
           # The previous chunk's (or tile's) stores must have read o_smem before it is reused.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-          def load_residual(col):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          def load_residual(col):   # (before any store of this chunk: the slot is free)
             plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(block_start, bm), pl.ds(col, epi)],
                                     o_smem.at[wg], res_barrier.at[wg])
             plgpu.barrier_wait(res_barrier.at[wg])
