@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels.combine import gather_sum
 from kernels.common.groups import inverse_permutation
 
 
@@ -61,11 +62,12 @@ def _gather_tokens_fwd(x, token, inverse):
 def _gather_tokens_bwd(res, dy):
   # jnp.take's own transpose is a scatter-add of the T*k rows onto T tokens, k rows per token:
   # atomics on the GPU. Each token's k rows sit at known sorted positions (inverse), so the
-  # gradient is a gather of them and a sum over the k slots (float32, then x's dtype).
+  # gradient gathers them and sums over the k slots in one pass (kernels.gather_sum: float32,
+  # then dy's dtype).
   inverse, t = res
-  rows = jnp.take(dy, inverse, axis=0, unique_indices=True)
-  dx = rows.reshape((t, -1) + dy.shape[1:]).sum(axis=1, dtype=jnp.float32)
-  return dx.astype(dy.dtype), None, None
+  rows = dy.reshape(dy.shape[0], -1)
+  dx = gather_sum(rows, inverse.reshape(t, -1), out_dtype=dy.dtype)
+  return dx.reshape((t,) + dy.shape[1:]), None, None
 
 
 _gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)

@@ -6,6 +6,7 @@ Pure JAX: imports neither jaxmoe nor flax. One folder per op family, each with t
   kernels.scatter      scatter_matmul, scatter_mlp, scatter_glu (SCATTER_BACKENDS, GLU_BACKENDS)
   kernels.blocksparse  sdd, dsd, dds, dmoe_mlp                  (BLOCKSPARSE_BACKENDS)
   kernels.topk         top_k (the router's expert choice)       (TOPK_BACKENDS)
+  kernels.combine      gather_sum (the combine over k in token order)  (COMBINE_BACKENDS)
   kernels.common       what the families share: the registry record, argument checks, group
                        offsets, row tiles, the Triton dot, GPU lowering, the Mosaic compile cache
   kernels.hidden       the expert MLP's activation with a recomputing backward
@@ -23,6 +24,7 @@ from kernels.scatter import (
     scatter_mlp)
 from kernels.blocksparse import BLOCKSPARSE_BACKENDS
 from kernels.topk import TOPK_BACKENDS, top_k
+from kernels.combine import COMBINE_BACKENDS, gather_sum
 
 # Every op's registry, by the op's public name (the autotuner, the GPU checks and the tests walk it).
 REGISTRIES: dict[str, Registry] = {
@@ -32,12 +34,13 @@ REGISTRIES: dict[str, Registry] = {
     "scatter_glu": GLU_BACKENDS,
     "blocksparse": BLOCKSPARSE_BACKENDS,
     "top_k": TOPK_BACKENDS,
+    "gather_sum": COMBINE_BACKENDS,
 }
 
 __all__ = [
-    "BLOCKSPARSE_BACKENDS", "Backend", "GLU_BACKENDS", "GMM_BACKENDS", "REGISTRIES", "Registry",
-    "SCATTER_BACKENDS", "SortedSlots", "TOPK_BACKENDS", "XTY_BACKENDS", "default_backend",
-    "gmm_reference", "group_xty", "group_xty_reference", "grouped_glu", "grouped_matmul",
-    "grouped_mlp", "inverse_permutation",
+    "BLOCKSPARSE_BACKENDS", "Backend", "COMBINE_BACKENDS", "GLU_BACKENDS", "GMM_BACKENDS",
+    "REGISTRIES", "Registry", "SCATTER_BACKENDS", "SortedSlots", "TOPK_BACKENDS", "XTY_BACKENDS",
+    "default_backend", "gather_sum", "gmm_reference", "group_xty", "group_xty_reference",
+    "grouped_glu", "grouped_matmul", "grouped_mlp", "inverse_permutation",
     "sort_slots", "scatter_glu", "scatter_matmul", "scatter_mlp", "top_k",
 ]

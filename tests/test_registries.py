@@ -17,6 +17,7 @@ from kernels import blocksparse
 from kernels.common import registry
 from kernels.gmm import mosaic_common
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
+from kernels.combine import CombineShape
 from kernels.topk import TopKShape
 
 # (M, K, N): K and N fit the Mosaic kernels' tiles; M and the sizes are not tile multiples, one
@@ -28,7 +29,8 @@ DT = make_dtypes(jnp.bfloat16)                  # what the scatter op and the ch
 DT_F32_OUT = make_dtypes(jnp.bfloat16, jnp.float32)   # the grouped ops below write float32
 # The ops whose registries take other shapes than GroupedShape: (shapes, dtypes) by op.
 TOPK_SHAPE = (TopKShape(37, 60, 7), (jnp.dtype(jnp.float32),))
-OP_SHAPES = {"top_k": TOPK_SHAPE}
+COMBINE_SHAPE = (CombineShape(37, 3, 111, 70), (jnp.dtype(jnp.bfloat16),) * 2)
+OP_SHAPES = {"top_k": TOPK_SHAPE, "gather_sum": COMBINE_SHAPE}
 
 
 @pytest.fixture(autouse=True)

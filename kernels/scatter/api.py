@@ -35,9 +35,10 @@ runs every product in the scatter kernel, as the paper does. "pallas" (the GPU d
 point of the method, and run the products whose input rows are already grouped on the
 grouped-matmul kernels (`kernels.gmm`: the Mosaic TMA + wgmma kernels on Hopper, faster than
 Triton's): the forward of a grouped input, and in the backward the data gradient, whose grouped
-dy the weight gradient gathers anyway. Their grouped output rows are then put in flat order (or
-combined) by an XLA gather of the (M, N) rows, where the scatter kernel would have written the
-same (M, N) rows in flat order, so no extra (M, ·) buffer is made.
+dy the weight gradient gathers anyway. Their grouped output rows are then combined (or, for the data
+gradient of an input in token order, each input row's copies summed) by kernels.gather_sum, which
+gathers each token's rows from the sorted (M, N) rows and sums them in one pass, where the scatter
+kernel would have written the same (M, N) rows in flat order for a separate sum.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kernels.combine import gather_sum
 from kernels.common import validation, weight_parts
 from kernels.common.groups import inverse_permutation
 from kernels.gmm.api import group_xty, grouped_matmul
@@ -57,10 +59,16 @@ from kernels.scatter.routing import SortedSlots
 from kernels.scatter.triton import TritonScatterConfig
 
 
+def _on_grouped_kernels(backend: ScatterBackend, src, scale) -> bool:
+  """Whether a product runs on the grouped-matmul kernels: its input rows are already grouped
+  (no gather) and unscaled, and the backend has grouped kernels."""
+  return backend.gmm_backend is not None and src is None and scale is None
+
+
 def _s2s(x, w, group_sizes, src, dst, scale, *, m, transpose_w, backend: ScatterBackend,
          out_dtype, config):
   """out[dst[p]] = scale[p] * x[src[p]] @ W[g(p)]; None = identity index / no scale."""
-  if backend.gmm_backend is not None and src is None and scale is None:
+  if _on_grouped_kernels(backend, src, scale):
     out = grouped_matmul(x, w, group_sizes, transpose_rhs=transpose_w, backend=backend.gmm_backend,
                          out_dtype=out_dtype)
     # dst is a permutation of the M rows (sorted_flat): a gather puts them in flat order.
@@ -82,15 +90,16 @@ def _forward(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transp
   m = sorted_flat.shape[0]
   w = weight_parts.join(w, transpose_w)
   backend = _select(x, w, sorted_flat, transpose_w, backend)
-  if x_grouped and gates is not None and backend.gmm_backend is not None:
-    # The grouped kernel's rows in flat order (_s2s), then the gates multiply in the fused
-    # combine (each product rounded to out_dtype, then scaled and summed in float32, as the
-    # grouped path's combine does; the scatter kernel rounds the gate-scaled product instead).
-    rows = _s2s(x, w, group_sizes, None, sorted_flat, None, m=m, transpose_w=transpose_w,
+  if x_grouped and gates is not None and _on_grouped_kernels(backend, None, None):
+    # The grouped kernel's rows in sorted order, then each token's k rows gathered, scaled by
+    # the gates and summed (kernels.gather_sum: each product rounded to out_dtype, then scaled
+    # and summed in float32, as the grouped path's combine does; the scatter kernel rounds the
+    # gate-scaled product instead).
+    rows = _s2s(x, w, group_sizes, None, None, None, m=m, transpose_w=transpose_w,
                 backend=backend, out_dtype=out_dtype, config=config)
-    t, k = gates.shape
-    rows = rows.reshape(t, k, -1).astype(jnp.float32)
-    return jnp.einsum("tk,tkn->tn", gates.astype(jnp.float32), rows).astype(out_dtype)
+    positions = inverse_permutation(sorted_flat).reshape(gates.shape)
+    return gather_sum(rows, positions, gates, out_dtype=out_dtype,
+                      backend=backend.combine_backend)
   src = None if x_grouped else sorted_flat // (m // x.shape[0])
   dst = None if y_grouped else sorted_flat
   scale = None if gates is None else gates.reshape(-1)[sorted_flat]
@@ -143,8 +152,18 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
     dyg, dy_src_dx = jnp.take(dy, dy_src, axis=0), None
   else:
     dy_src_dx = dy_src
-  u = _s2s(dy if dyg is None else dyg, w, group_sizes, dy_src_dx, dx_dst, None, m=m,
-           transpose_w=not transpose_w, backend=backend, out_dtype=x.dtype, config=config)
+  dx = None
+  if gates is None and not x_grouped and _on_grouped_kernels(backend, dy_src_dx, None):
+    # The data gradient's rows come off the grouped kernels in sorted order; each x row's r
+    # copies are gathered and summed in one pass (kernels.gather_sum), not put in flat order
+    # first and then summed.
+    u = _s2s(dy if dyg is None else dyg, w, group_sizes, None, None, None, m=m,
+             transpose_w=not transpose_w, backend=backend, out_dtype=x.dtype, config=config)
+    positions = inverse_permutation(sorted_flat).reshape(x.shape[0], r)
+    dx = gather_sum(u, positions, out_dtype=x.dtype, backend=backend.combine_backend)
+  else:
+    u = _s2s(dy if dyg is None else dyg, w, group_sizes, dy_src_dx, dx_dst, None, m=m,
+             transpose_w=not transpose_w, backend=backend, out_dtype=x.dtype, config=config)
   dgates = None
   if gates is not None:
     if x_grouped:
@@ -160,8 +179,9 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
       dgates = jnp.sum(u3 * x.astype(jnp.float32)[:, None, :], axis=-1).reshape(-1)
       u = (u3 * gates.reshape(x.shape[0], r, 1).astype(jnp.float32)).reshape(m, -1)
     dgates = dgates.reshape(gates.shape).astype(gates.dtype)
-  dx = u if r == 1 else u.reshape(x.shape[0], r, -1).sum(axis=1, dtype=jnp.float32)
-  dx = dx.astype(x.dtype)
+  if dx is None:
+    dx = u if r == 1 else u.reshape(x.shape[0], r, -1).sum(axis=1, dtype=jnp.float32)
+    dx = dx.astype(x.dtype)
   # Weight gradient over grouped rows: gather x and (scaled) dy into sorted order.
   xg = x if x_grouped else jnp.take(x, sorted_flat // r, axis=0)
   if dyg is None:

@@ -10,7 +10,8 @@ SCATTER_BACKENDS, the scatter matmul (`ScatterBackend` records):
                       where the shape fits, else Triton) for the grouped products; GPU default
   "triton_interpret", "mosaic_interpret"   the same in the Pallas interpreter
 The weight gradient (group_xty over grouped rows) runs on the grouped-matmul backend of the same
-name. This module is the only place that maps these names to code.
+name; where grouped products' rows go back to token order, kernels.gather_sum runs on "triton"
+("pallas": its own choice; "xla": XLA). This module is the only place that maps these names to code.
 
 Shapes given to default_config / check: `kernels.gmm.shapes.GroupedShape(m, k, n, g)` with M the
 sorted rows, K and N the product's (x columns, output columns), G the experts.
@@ -45,15 +46,20 @@ class ScatterBackend(Backend):
   gmm_backend: the grouped_matmul backend of the products whose input rows are already grouped
                (None: they run on fn too).
   xty_backend: the group_xty backend of the weight gradient.
+  combine_backend: the kernels.gather_sum backend that puts those grouped products' rows in
+               token order and sums each token's k rows (the combine, and the data gradient of
+               an input in token order).
   """
   gmm_backend: str | None = None
   xty_backend: str = "xla"
+  combine_backend: str = "xla"
 
   def interpreted(self) -> "ScatterBackend":
     return dataclasses.replace(
         super().interpreted(),
         gmm_backend=None if self.gmm_backend is None else f"{self.gmm_backend}_interpret",
-        xty_backend=f"{self.xty_backend}_interpret")
+        xty_backend=f"{self.xty_backend}_interpret",
+        combine_backend=f"{self.combine_backend}_interpret")
 
 
 def _grouped_products_check(shape: GroupedShape, dtypes: Dtypes, config) -> str | None:
@@ -77,7 +83,8 @@ def _scatter_config(shape: GroupedShape, dtypes: Dtypes) -> triton.TritonScatter
 
 _TRITON = ScatterBackend(name="triton", fn=triton.scatter2scatter,
                          config_classes=(triton.TritonScatterConfig,),
-                         default_config=_scatter_config, needs_gpu=True, xty_backend="triton")
+                         default_config=_scatter_config, needs_gpu=True, xty_backend="triton",
+                         combine_backend="triton")
 _MOSAIC = dataclasses.replace(_TRITON, name="mosaic", check=_grouped_products_check,
                               gmm_backend="mosaic", xty_backend="mosaic")
 
@@ -89,7 +96,7 @@ SCATTER_BACKENDS = Registry(
      _TRITON.interpreted(),
      _MOSAIC.interpreted(),
      dataclasses.replace(_TRITON, name=registry.PALLAS, gmm_backend=registry.PALLAS,
-                         xty_backend=registry.PALLAS)])
+                         xty_backend=registry.PALLAS, combine_backend=registry.PALLAS)])
 
 
 @dataclasses.dataclass(frozen=True)
