@@ -76,13 +76,14 @@ SPEC_OPTIONS = {"fused_glu": {"fuse_glu": True}}
 
 def impl_backend(spec: str) -> tuple[str, str | None, dict] | None:
   """"IMPL", "IMPL:BACKEND" (a backend of the impl's kernel registry, to compare backends in one
-  run), either with "+fused_glu" (impl grouped: the GLU as kernels.grouped_glu) -> (impl, backend
-  or None, MoEConfig overrides); None when a name is unknown."""
+  run), either with "+fused_glu" (MoEConfig.fuse_glu: impl grouped: the GLU as
+  kernels.grouped_glu; impl scatter: the fused up-projection forward) -> (impl, backend or None,
+  MoEConfig overrides); None when a name is unknown."""
   spec, *options = spec.split("+")
   impl, _, backend = spec.partition(":")
   if impl not in DROPLESS_IMPLS or any(o not in SPEC_OPTIONS for o in options):
     return None
-  if options and impl != "grouped":
+  if options and impl not in ("grouped", "scatter"):
     return None
   overrides = {k: v for o in options for k, v in SPEC_OPTIONS[o].items()}
   if not backend:
@@ -244,7 +245,8 @@ def main() -> None:
   ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                   help=f"comma-separated, of {DROPLESS_IMPLS}; IMPL:BACKEND picks the impl's "
                        "kernel backend (e.g. scatter:mosaic; default the platform's); "
-                       "grouped+fused_glu runs the GLU as kernels.grouped_glu")
+                       "+fused_glu sets MoEConfig.fuse_glu (grouped: kernels.grouped_glu; "
+                       "scatter: the fused up-projection forward)")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--profile", action="store_true",
@@ -260,7 +262,7 @@ def main() -> None:
   for bad in [c for c in names if c not in table] + [i for i in impls if impl_backend(i) is None]:
     ap.error(f"unknown config or impl {bad!r}; configs: {list(table)}; impls: {DROPLESS_IMPLS}, "
              f"each optionally as IMPL:BACKEND with a backend of {sorted(IMPL_BACKENDS)}'s registry, "
-             f"and grouped with +{'/+'.join(SPEC_OPTIONS)}")
+             f"and grouped or scatter with +{'/+'.join(SPEC_OPTIONS)}")
   if args.iters < 1:
     ap.error(f"--iters must be >= 1, got {args.iters}")
   backend = "triton_interpret" if args.smoke else None

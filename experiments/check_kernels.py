@@ -263,14 +263,14 @@ def _glu_cases(shapes, dtype):
       return jax.block_until_ready(jax.jit(functools.partial(_glu_outputs, glu))(*args))
 
     shape = GroupedShape(t * top, d, f, e)
-    # Both paths: the products path (the default) first, then the fused kernels (every backend
-    # but "xla").
-    for path in ("products", "fused"):
+    # The three paths: the products path (the default) first, then the fused kernels and the
+    # fused forward with the products path's backward (every backend but "xla").
+    for path, fused in (("products", None), ("fused", True), ("fusedfwd", "forward")):
       label = f"{name}_k{top}_{act}_{path}"
       for i, which in enumerate(GLU_OUTPUTS):
         op = "scatter_glu" if which == "y" else f"scatter_glu({which})"
         cases.append((op, label, shape,
-                      lambda b, i=i, got=got, fused=path == "fused": got(b, fused)[i],
+                      lambda b, i=i, got=got, fused=fused: got(b, fused)[i],
                       lambda i=i, want=want: want()[i], None))
   return cases
 
@@ -426,7 +426,8 @@ def run(quick: bool, ops: tuple[str, ...] = (), dtypes_wanted: tuple[str, ...] =
         resolved = reg.select(name, shape, reg_dtypes)
         row["runs_on"] = resolved.name
         # Compiled backends on the GPU; interpreted ones (and xla) in --quick mode on CPU.
-        if op.startswith("scatter_glu") and shape_name.endswith("_fused") and resolved.fn is None:
+        if (op.startswith("scatter_glu") and shape_name.endswith(("_fused", "_fusedfwd"))
+            and resolved.fn is None):
           row.update(status="skipped", reason="no fused GLU kernels (the products path is checked)")
         elif resolved.interpret and not quick:
           row.update(status="skipped", reason="interpret backend (use --quick)")

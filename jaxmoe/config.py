@@ -108,9 +108,12 @@ class MoEConfig:
     fuse_activation: impl "grouped" runs a plain MLP's (no GLU, no biases) activation inside the
       grouped products' epilogues (kernels.grouped_mlp) where the backend has them (Mosaic GPU);
       False: the separate products and elementwise passes (the same values).
-    fuse_glu: impl "grouped" runs a GLU without biases as kernels.grouped_glu (act(gate) * up
-      and its gradient in the products' epilogues; d_ff a multiple of 64). Off by default: on the
-      H200 it is no faster than the separate passes (kernels/README.md).
+    fuse_glu: a GLU's activation in its up projection's kernel. impl "grouped": a GLU without
+      biases runs as kernels.grouped_glu (act(gate) * up and its gradient in the products'
+      epilogues); impl "scatter": scatter_glu(fused="forward") where the backend has the fused
+      GLU kernels (the fused up-projection in the forward, the products path's backward). d_ff
+      a multiple of 64. Off by default (kernels/README.md: grouped_glu is no faster than the
+      separate passes on the H200).
   """
 
   d_model: int

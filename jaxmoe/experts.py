@@ -178,8 +178,12 @@ class RoutedExperts(nnx.Module):
     gates = weights.astype(jnp.float32)  # combine weights stay float32, as in the other impls
     kw = dict(activation=activation_fn(cfg.activation), backend=cfg.backend)
     if cfg.is_glu:
+      # fuse_glu: the fused up-projection forward where the backend has the fused kernels (as
+      # the grouped impl's fuse_glu runs its epilogues only where the backend has them).
+      backend = scatter.GLU_BACKENDS.get(scatter.GLU_BACKENDS.validate(cfg.backend))
+      fused = "forward" if cfg.fuse_glu and backend.fn is not None else None
       return scatter.scatter_glu(x, self._w(self.w_gate), self._w(self.w_up),
-                                 self._w(self.w_out), routing, gates, **kw)
+                                 self._w(self.w_out), routing, gates, fused=fused, **kw)
     return scatter.scatter_mlp(x, self._w(self.w_gate), self._w(self.w_out), routing, gates, **kw)
 
   def apply_blocksparse(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:

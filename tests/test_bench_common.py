@@ -56,7 +56,8 @@ def test_layer_costs_counts_what_the_backward_keeps():
     ("grouped:triton", ("grouped", "triton", {})),
     ("grouped+fused_glu", ("grouped", None, {"fuse_glu": True})),
     ("grouped:mosaic+fused_glu", ("grouped", "mosaic", {"fuse_glu": True})),
-    ("scatter+fused_glu", None),     # the option is the grouped impl's
+    ("scatter+fused_glu", ("scatter", None, {"fuse_glu": True})),
+    ("blocksparse+fused_glu", None),  # the option is grouped's and scatter's
     ("grouped+nope", None),
     ("scatter:nope", None),          # not a backend of the scatter registry
     ("ragged_dot:xla", None),        # an impl without a kernel registry takes no backend

@@ -384,3 +384,27 @@ def test_fuse_glu_runs_grouped_glu_with_the_same_values(rng, monkeypatch):
     MoEConfig(**{**base, "activation": "gelu"}, fuse_glu=True)
   with pytest.raises(ValueError, match="d_ff=96"):
     MoEConfig(**{**base, "d_ff": 96}, fuse_glu=True)
+
+
+def test_fuse_glu_scatter_runs_the_fused_forward_with_the_same_values(rng, monkeypatch):
+  """fuse_glu=True in impl "scatter" on a backend with the fused GLU kernels runs
+  scatter_glu(fused="forward"): the outputs and gradients of the products path; on "xla" (no
+  fused kernels) it runs the products path."""
+  from kernels import scatter
+  seen = []
+  glu = scatter.scatter_glu
+  monkeypatch.setattr(scatter, "scatter_glu", lambda *a, **k: seen.append(k["fused"]) or glu(*a, **k))
+  x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  base = dict(d_model=D, d_ff=64, num_experts=E, activation="swiglu", top_k=2, impl="scatter")
+  results = []
+  for fuse in (False, True):
+    layer = MoE(MoEConfig(**base, backend="triton_interpret", fuse_glu=fuse), rngs=nnx.Rngs(0))
+    y = layer(x)[0]
+    grads = nnx.grad(_loss("scatter", x, g), argnums=(0, 1))(layer, x)
+    results.append((y, nnx.state(grads[0]), grads[1]))
+  assert seen[0] is None and seen[-1] == "forward", seen
+  chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+  seen.clear()
+  MoE(MoEConfig(**base, backend="xla", fuse_glu=True), rngs=nnx.Rngs(0))(x)
+  assert seen == [None]

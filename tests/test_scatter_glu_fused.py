@@ -2,7 +2,10 @@
 and every gradient (x, w_gate, w_up, w_down, gates) against the plain-jnp float32 reference, at
 empty experts, one expert taking every token, row counts off the tile grid, k = 1 and k > 1,
 bf16 and float32, SwiGLU and GEGLU; the kernels alone at rows past the groups; what the backward
-keeps; the products path kept behind `fused=False`; the argument errors; the GPU lowering."""
+keeps; the products path kept behind `fused=False`; the argument errors; the GPU lowering. The
+fused forward with the products path's backward (`fused="forward"`): its forward is the fused
+path's, its gradients the reference's and the products path's; scatter_matmul_backward, the
+products' backward it runs, is scatter_matmul's VJP."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from kernels.scatter import (
     FusedGluConfig, TritonScatterConfig, scatter_glu, scatter_glu_reference,
     scatter_matmul_reference, sort_slots)
 from kernels.scatter import glu_triton
+from kernels.scatter.api import scatter_matmul, scatter_matmul_backward
 
 TILES = TritonScatterConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4,
                             num_stages=2)
@@ -32,12 +36,12 @@ def _choices(rng, kind: str, t: int, k: int) -> np.ndarray:
   return rng.integers(0, E, (t, k))
 
 
-def _setup(rng, kind: str, t: int, k: int, dtype):
+def _setup(rng, kind: str, t: int, k: int, dtype, d: int = D, f: int = F):
   routing = sort_slots(jnp.asarray(_choices(rng, kind, t, k), jnp.int32), E)
-  x = jnp.asarray(rng.standard_normal((t, D)), dtype)
-  ws = (jnp.asarray(rng.standard_normal((E, D, F)) / np.sqrt(D), dtype),
-        jnp.asarray(rng.standard_normal((E, D, F)) / np.sqrt(D), dtype),
-        jnp.asarray(rng.standard_normal((E, F, D)) / np.sqrt(F), dtype))
+  x = jnp.asarray(rng.standard_normal((t, d)), dtype)
+  ws = (jnp.asarray(rng.standard_normal((E, d, f)) / np.sqrt(d), dtype),
+        jnp.asarray(rng.standard_normal((E, d, f)) / np.sqrt(d), dtype),
+        jnp.asarray(rng.standard_normal((E, f, d)) / np.sqrt(f), dtype))
   gates = jnp.asarray(rng.random((t, k)) + 0.1, jnp.float32)
   return routing, x, ws, gates
 
@@ -137,10 +141,135 @@ def test_argument_errors(rng):
     scatter_glu(x, *ws, routing, gates, backend="triton_interpret", config=huge, fused=True)
   with pytest.raises(ValueError, match="config.down must be a TritonScatterConfig or None"):
     FusedGluConfig(down=FusedGluConfig())
-  with pytest.raises(ValueError, match="fused must be None, True or False"):
+  with pytest.raises(ValueError, match="fused must be one of"):
     scatter_glu(x, *ws, routing, gates, fused="yes")
   with pytest.raises(ValueError, match="routing.sorted_flat must be a 1-D int32 array"):
     scatter_glu(x, *ws, routing._replace(sorted_flat=routing.sorted_flat[:, None]), gates)
+
+
+# ------------------------------------------------- fused="forward": the products path's backward
+
+def _check_fused_forward(rng, kind, t, k, dtype, activation, backend, config=TILES, d=D, f=F,
+                         products=True):
+  """fused="forward" against the fused path's forward (the same kernels: equal), the float32
+  reference (the reference tests' budgets) and, with `products`, the products path's gradients
+  (the same backward on the same g and u: a tenth of the reference budget; in the interpreter
+  they are equal)."""
+  routing, x, ws, gates = _setup(rng, kind, t, k, dtype, d, f)
+  run = lambda fused: (lambda x, wg, wu, wd, g: scatter_glu(
+      x, wg, wu, wd, routing, g, activation=activation, backend=backend, config=config,
+      fused=fused))
+  np.testing.assert_array_equal(jax.jit(run("forward"))(x, *ws, gates),
+                                jax.jit(run(True))(x, *ws, gates))
+  act = activations.ACTIVATIONS[activation]
+  ref = lambda x, wg, wu, wd, g: scatter_glu_reference(x, wg, wu, wd, *routing, g, act)
+  f32 = lambda a: a.astype(jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  y, got = _value_and_grads(run("forward"), x, ws, gates, probe)
+  y_ref, want = _value_and_grads(ref, f32(x), tuple(map(f32, ws)), gates, probe)
+  assert_close(y, y_ref, dtype, name="loss")
+  names = ("dx", "dw_gate", "dw_up", "dw_down", "dgates")
+  for name, g, w, operand in zip(names, got, want, (x, *ws, gates)):
+    assert g.shape == w.shape and g.dtype == operand.dtype, (name, g.shape, g.dtype)
+    assert_close(g, w, dtype, factor=2.0, name=name)
+  if products:
+    y_products, from_products = _value_and_grads(run(False), x, ws, gates, probe)
+    assert_close(y, y_products, dtype, factor=0.1, name="loss vs products")
+    for name, g, p in zip(names, got, from_products):
+      assert_close(g, p, dtype, factor=0.1, name=f"{name} vs products")
+
+
+@pytest.mark.parametrize("kind,t,k,dtype,activation", [
+    ("empty", 19, 2, jnp.float32, "silu"),   # experts 0 and 3 empty, 38 rows (off the 16-row tile)
+    ("one", 21, 1, jnp.bfloat16, "gelu"),    # k = 1: one expert takes every row, exact GELU
+])
+def test_fused_forward_path_matches_reference_and_products(rng, kind, t, k, dtype, activation):
+  _check_fused_forward(rng, kind, t, k, dtype, activation, "triton_interpret")
+
+
+def test_fused_forward_path_on_mosaic_interpret(rng):
+  """backend "mosaic" (the GPU's "pallas" at these shapes): the backward's grouped products on
+  the Mosaic kernels, at their tiles' multiples (d = f = 128); bf16, experts 0 and 3 empty, 42
+  rows. Against the reference only: the Mosaic kernels are slow to interpret in bf16 (about 12 s
+  per forward+backward), and the agreement with the products path is checked above."""
+  _check_fused_forward(rng, "empty", 21, 2, jnp.bfloat16, "silu", "mosaic_interpret", d=128,
+                       f=128, products=False)
+
+
+def test_fused_forward_path_keeps_gate_up_and_a(rng):
+  """The VJP's residuals are the products path's: g, u and a (three (M, f) arrays), no (M, d)
+  array and no (M, 2f) concatenation (shapes only: nothing runs)."""
+  t, k = 19, 2
+  routing, x, ws, gates = _setup(rng, "random", t, k, jnp.bfloat16)
+  fn = lambda x, wg, wu, wd, g: scatter_glu(x, wg, wu, wd, routing, g, backend="triton_interpret",
+                                            config=TILES, fused="forward")
+  vjp = jax.eval_shape(lambda *args: jax.vjp(fn, *args)[1], x, *ws, gates)
+  shapes = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(vjp)]
+  assert shapes.count((t * k, F)) == 3, shapes
+  assert (t * k, D) not in shapes and (t * k, 2 * F) not in shapes, shapes
+
+
+def test_fused_forward_argument_errors(rng):
+  routing, x, ws, gates = _setup(rng, "empty", 9, 2, jnp.float32)
+  with pytest.raises(ValueError, match="fused: backend 'xla' has no fused GLU kernels"):
+    scatter_glu(x, *ws, routing, gates, backend="xla", fused="forward")
+  with pytest.raises(ValueError, match=r"fused must be one of \(None, False, True, 'forward'\)"):
+    scatter_glu(x, *ws, routing, gates, backend="triton_interpret", fused="backward")
+  with pytest.raises(ValueError, match="pack_gate_up: fused='forward' runs the backward of the "
+                                       "gate and up projections packed"):
+    scatter_glu(x, *ws, routing, gates, backend="triton_interpret", fused="forward",
+                pack_gate_up=False)
+  with pytest.raises(ValueError, match="activation: the fused GLU kernels compile in one of"):
+    scatter_glu(x, *ws, routing, gates, backend="triton_interpret", activation=lambda v: v,
+                fused="forward")
+
+
+@pytest.mark.parametrize("x_grouped,y_grouped,use_gates,parts", [
+    (True, False, True, False),    # the down projection: grouped a, gated combine
+    (False, True, False, True),    # the gate and up projections: token-order x, a weight pair
+])
+def test_scatter_matmul_backward_is_the_vjp(rng, x_grouped, y_grouped, use_gates, parts):
+  """scatter_matmul_backward(forward's arguments, dy) is jax.vjp of scatter_matmul: the same
+  custom_vjp backward, the same values ("xla": nothing interpreted), weight parts split back."""
+  t, k = 11, 2
+  routing, x, (wg, wu, _), gates = _setup(rng, "empty", t, k, jnp.float32)
+  if x_grouped:
+    x = jnp.asarray(rng.standard_normal((t * k, D)), jnp.float32)
+  w = (wg, wu) if parts else wg
+  kw = dict(x_grouped=x_grouped, y_grouped=y_grouped, backend="xla")
+  y, vjp = jax.vjp(lambda x, w, g: scatter_matmul(x, w, routing, gates=g, **kw), x, w,
+                   gates if use_gates else None)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  want = vjp(dy)
+  got = scatter_matmul_backward(x, w, routing, dy, gates=gates if use_gates else None, **kw)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for g, w_ in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(g, w_)
+  with pytest.raises(ValueError, match="dy: must have the output's shape"):
+    scatter_matmul_backward(x, w, routing, dy[:, 1:], gates=gates if use_gates else None, **kw)
+
+
+@pytest.mark.parametrize("backend", ["mosaic", "triton"])
+def test_fused_forward_path_lowers_for_h100(backend):
+  """fused="forward" lowers for an H100: the fused up-projection in the forward, and none of
+  the fused backward's kernels (the backward is the products path's)."""
+  from kernels.common.gpu_lowering import lower_for_gpu
+
+  s = jax.ShapeDtypeStruct
+  t, k, e, d, f = 300, 4, 8, 256, 384
+
+  def loss(x, g, wg, wu, wd, choices):
+    out = scatter_glu(x, wg, wu, wd, sort_slots(choices, e), g, backend=backend,
+                      activation="silu", fused="forward")
+    return jnp.sum(out.astype(jnp.float32))
+
+  bf = jnp.bfloat16
+  text = lower_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), s((t, d), bf),
+                       s((t, k), jnp.float32), s((e, d, f), bf), s((e, d, f), bf),
+                       s((e, f, d), bf), s((t, k), jnp.int32))
+  assert "jaxmoe_glu_up" in text
+  assert "jaxmoe_glu_hidden_grad" not in text and "jaxmoe_glu_data_grad" not in text
+  assert ("mosaic_gpu" in text) == (backend == "mosaic")
 
 
 # ----------------------------------------------------------------------------- the kernels alone

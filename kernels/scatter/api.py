@@ -27,7 +27,10 @@ transposed, gathering dy (by token when the output was combined) and writing str
 layout (summed over the k copies when x was in token order); the weight gradient is
 `kernels.gmm.group_xty` over grouped x and grouped dy (gathered here: transient, backward only); the
 gate gradient is d gates[f] = <dy[t], x_in @ W> = <dy[t] @ W^T, x_in>, taken from the unscaled
-data-gradient rows, so the forward keeps no output activations for it.
+data-gradient rows, so the forward keeps no output activations for it. `scatter_matmul_backward`
+is this backward as a function, for an op with a custom_vjp of its own that computes a product's
+forward otherwise and runs scatter_matmul's backward for it (kernels.scatter.glu's fused
+up-projection path: the fused kernel's forward, the products path's backward).
 
 Backends (`kernels.scatter.backends.SCATTER_BACKENDS`, which says what each name runs): "triton"
 runs every product in the scatter kernel, as the paper does. "pallas" (the GPU default) and
@@ -57,6 +60,8 @@ from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 from kernels.scatter.backends import SCATTER_BACKENDS, ScatterBackend
 from kernels.scatter.routing import SortedSlots
 from kernels.scatter.triton import TritonScatterConfig
+
+Weight = weight_parts.Weight
 
 
 def _on_grouped_kernels(backend: ScatterBackend, src, scale) -> bool:
@@ -200,38 +205,11 @@ def _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config, res, dy)
 _scatter_matmul.defvjp(_fwd, _bwd)
 
 
-def scatter_matmul(
-    x: jax.Array,
-    w: jax.Array | tuple[jax.Array, ...],
-    routing: SortedSlots,
-    *,
-    gates: jax.Array | None = None,
-    x_grouped: bool = False,
-    y_grouped: bool = False,
-    transpose_w: bool = False,
-    backend: str | None = None,
-    out_dtype: Any = None,
-    config: Any = None,
-) -> jax.Array:
-  """Differentiable ScatterMoE ParallelLinear; see the module docstring for the layouts.
-
-  Args:
-    x: (T, K) token order (or (M, K) flat order) unless x_grouped, then (M, K) sorted order.
-    w: (E, K, N) expert weights of x's dtype, or (E, N, K) with transpose_w; or a tuple of such
-      weights (E, K, N_i), one product of width N = sum N_i (see the module docstring).
-    routing: SortedSlots from sort_slots (sorted_flat (M,), group_sizes (E,), int32).
-    gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
-    x_grouped, y_grouped: input / output already in expert-sorted order.
-    backend: a name of `SCATTER_BACKENDS` (kernels.scatter.backends): "xla" (plain XLA; CPU
-      default), "triton" / "triton_interpret" (every product in the scatter kernel), "pallas"
-      (GPU default), "mosaic" / "mosaic_interpret" (grouped-input products on the
-      grouped-matmul kernels; see the module docstring) or None.
-    out_dtype: defaults to x.dtype; accumulation is float32.
-    config: optional kernels.scatter.TritonScatterConfig (tile sizes, warps, stages).
-
-  Returns:
-    (M, N) sorted (y_grouped), (M, N) flat order, or (T, N) with gates.
-  """
+def _check(x, w, routing, gates, x_grouped: bool, y_grouped: bool, transpose_w: bool,
+           backend: str | None, config) -> tuple[str, Weight, Any]:
+  """Checks the arguments of scatter_matmul and scatter_matmul_backward (ValueError naming the
+  argument); returns the backend's name (None resolved to the platform default), w (a tuple for
+  parts) and the joined weight (or its shape and dtype, for parts)."""
   backend = SCATTER_BACKENDS.validate(backend)
   validation.check_float_operand("x", x, 2)
   w, joined = weight_parts.check("w", w, transpose_w, {"x": x})
@@ -265,6 +243,88 @@ def scatter_matmul(
   if config is not None and not isinstance(config, TritonScatterConfig):
     raise ValueError(f"config must be a kernels.scatter.TritonScatterConfig or None, got "
                      f"{type(config).__name__}")
+  return backend, w, joined
+
+
+def scatter_matmul(
+    x: jax.Array,
+    w: jax.Array | tuple[jax.Array, ...],
+    routing: SortedSlots,
+    *,
+    gates: jax.Array | None = None,
+    x_grouped: bool = False,
+    y_grouped: bool = False,
+    transpose_w: bool = False,
+    backend: str | None = None,
+    out_dtype: Any = None,
+    config: Any = None,
+) -> jax.Array:
+  """Differentiable ScatterMoE ParallelLinear; see the module docstring for the layouts.
+
+  Args:
+    x: (T, K) token order (or (M, K) flat order) unless x_grouped, then (M, K) sorted order.
+    w: (E, K, N) expert weights of x's dtype, or (E, N, K) with transpose_w; or a tuple of such
+      weights (E, K, N_i), one product of width N = sum N_i (see the module docstring).
+    routing: SortedSlots from sort_slots (sorted_flat (M,), group_sizes (E,), int32).
+    gates: optional (T, k) router weights: combine the k choices of each token into (T, N).
+    x_grouped, y_grouped: input / output already in expert-sorted order.
+    backend: a name of `SCATTER_BACKENDS` (kernels.scatter.backends): "xla" (plain XLA; CPU
+      default), "triton" / "triton_interpret" (every product in the scatter kernel), "pallas"
+      (GPU default), "mosaic" / "mosaic_interpret" (grouped-input products on the
+      grouped-matmul kernels; see the module docstring) or None.
+    out_dtype: defaults to x.dtype; accumulation is float32.
+    config: optional kernels.scatter.TritonScatterConfig (tile sizes, warps, stages).
+
+  Returns:
+    (M, N) sorted (y_grouped), (M, N) flat order, or (T, N) with gates.
+  """
+  backend, w, _ = _check(x, w, routing, gates, x_grouped, y_grouped, transpose_w, backend, config)
+  sorted_flat, group_sizes = routing
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   return _scatter_matmul(x, w, gates, sorted_flat, group_sizes, x_grouped, y_grouped, transpose_w,
                          backend, out_dtype, config)
+
+
+def scatter_matmul_backward(
+    x: jax.Array,
+    w: Weight,
+    routing: SortedSlots,
+    dy: jax.Array,
+    *,
+    gates: jax.Array | None = None,
+    x_grouped: bool = False,
+    y_grouped: bool = False,
+    transpose_w: bool = False,
+    backend: str | None = None,
+    out_dtype: Any = None,
+    config: Any = None,
+) -> tuple[jax.Array, Weight, jax.Array | None]:
+  """The VJP of scatter_matmul(x, w, routing, gates=gates, ...) for the output gradient dy, as a
+  function for ops that run a scatter_matmul product inside a custom_vjp of their own (the fused
+  up-projection GLU, kernels.scatter.glu: its forward writes the product's input itself and its
+  backward is this one). It runs the op's own backward: the same kernels and the same values as
+  differentiating scatter_matmul.
+
+  Args:
+    x, w, routing, gates, x_grouped, y_grouped, transpose_w, backend, out_dtype, config: the
+      forward's arguments (see scatter_matmul).
+    dy: the output's gradient, of the output's shape ((T, N) with gates, else (M, N)); it is
+      rounded to x's dtype, as scatter_matmul's backward does.
+
+  Returns:
+    (dx, dw, dgates): dx in x's layout and dtype; dw in w's dtype, a tuple of the parts'
+    gradients when w is a tuple; dgates (T, k) in gates' dtype, or None without gates.
+  """
+  backend, w, joined = _check(x, w, routing, gates, x_grouped, y_grouped, transpose_w, backend,
+                              config)
+  n = joined.shape[1] if transpose_w else joined.shape[2]
+  rows = routing.sorted_flat.shape[0] if gates is None else gates.shape[0]
+  validation.check_float_operand("dy", dy, 2)
+  if tuple(dy.shape) != (rows, n):
+    raise ValueError(f"dy: must have the output's shape {(rows, n)}, got {tuple(dy.shape)}")
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  # The custom_vjp's residuals are exactly these inputs (see _fwd).
+  residuals = (x, w, gates, routing.sorted_flat, routing.group_sizes)
+  dx, dw, dgates, _, _ = _bwd(x_grouped, y_grouped, transpose_w, backend, out_dtype, config,
+                              residuals, dy)
+  return dx, dw, dgates

@@ -8,7 +8,7 @@ hidden rows grouped by expert (M = T * k rows); the activation runs on the group
 product reads grouped rows, multiplies by the gates and scatters back to token-choice order, and
 the k choices are summed. The routed input is never copied into a (M, d) buffer.
 
-scatter_glu has two paths (its `fused` argument):
+scatter_glu has three paths (its `fused` argument):
   fused     the fused GLU kernels (kernels.scatter.glu): one up-projection kernel gathers x once
             for both products and applies the activation in its epilogue; the backward fuses the
             GLU's backward into the down projection's data gradient and runs the two up
@@ -17,6 +17,10 @@ scatter_glu has two paths (its `fused` argument):
             fine-grained shapes and runs the forward 1.06-1.08x as fast, the forward+backward
             0.84-0.93x; checked against the reference on the GPU at the edge shape
             (docs/performance.md).
+  forward   the fused path's forward with the products path's backward (kernels.scatter.glu's
+            second custom_vjp), whose grouped products run on the Mosaic kernels on the GPU where
+            the fused backward's Triton kernels lose: fused="forward", on the backends of
+            fused=True. Checked in the Pallas interpreter, not yet on a GPU.
   products  scatter_matmul products with kernels.hidden between them: the gate and up projections
             as one product of width 2f, then the down projection with the combine; the default,
             and the only path of "xla" (which has no fused kernels).
@@ -35,10 +39,14 @@ from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
 from kernels.hidden import hidden, hidden_packed
 from kernels.scatter.api import scatter_matmul
 from kernels.scatter.backends import GLU_BACKENDS
-from kernels.scatter.glu import fused_scatter_glu
+from kernels.scatter.glu import fused_scatter_glu, fused_up_scatter_glu
 from kernels.scatter.glu_triton import FusedGluConfig, check as check_fused_config
 from kernels.scatter.routing import SortedSlots
 from kernels.scatter.triton import TritonScatterConfig
+
+# scatter_glu's `fused` values: the products path (None, False), the fused path (True), the fused
+# forward with the products path's backward ("forward").
+_FUSED = (None, False, True, "forward")
 
 
 def _check(x, routing, gates, named_weights):
@@ -113,7 +121,7 @@ def scatter_glu(
     activation: str | Callable[[jax.Array], jax.Array] = jax.nn.silu,
     backend: str | None = None,
     config: Any = None,
-    fused: bool | None = None,
+    fused: bool | str | None = None,
     pack_gate_up: bool = True,
 ) -> jax.Array:
   """Expert GLU (SwiGLU with silu); x (T, d), w_gate/w_up (E, d, f), w_down (E, f, d) -> (T, d).
@@ -125,18 +133,24 @@ def scatter_glu(
       jax.nn.gelu (tanh), kernels.activations.gelu); the products path takes any function.
     backend: a name of GLU_BACKENDS (kernels.scatter.backends; the names of scatter_matmul) or
       None (the platform default).
-    config: for the fused path a kernels.scatter.FusedGluConfig, or a TritonScatterConfig for
-      every kernel; for the products path a TritonScatterConfig; None: the defaults.
-    fused: True: the fused path (ValueError on "xla"); None or False: the products path (three
-      scatter_matmul products and kernels.hidden), the default: faster in forward+backward on
-      the H200, and checked there. The fused kernels are checked against the reference in the
-      Pallas interpreter and against the products path on the GPU at SonicMoE's fine-grained
-      shapes, and against the reference on the GPU at the edge shape (`python -m
-      experiments.check_kernels --ops scatter_glu --shapes edge`).
+    config: for the fused paths (fused True or "forward") a kernels.scatter.FusedGluConfig, or a
+      TritonScatterConfig for every kernel; for the products path a TritonScatterConfig; None:
+      the defaults. fused="forward" runs its backward's scatter-kernel products with the
+      FusedGluConfig's `down` (its hidden_grad and data_grad configure fused=True's backward).
+    fused: True: the fused path (ValueError on "xla"); "forward": the fused up-projection in the
+      forward, the products path's backward (its grouped products on the Mosaic kernels on the
+      GPU; ValueError on "xla"); None or False: the products path (three scatter_matmul products
+      and kernels.hidden), the default: faster in forward+backward than fused=True on the H200,
+      and checked there. The fused kernels are checked against the reference in the Pallas
+      interpreter and against the products path on the GPU at SonicMoE's fine-grained shapes,
+      and against the reference on the GPU at the edge shape (`python -m
+      experiments.check_kernels --ops scatter_glu --shapes edge`); fused="forward" only in the
+      interpreter so far.
     pack_gate_up: the products path runs the gate and up projections as one product of width 2f
       (True: x gathered once, one data-gradient product and one weight gradient over one gathered
       copy of x, but the two weights concatenated in the forward and again in the backward) or
-      as two products (False).
+      as two products (False). fused="forward" runs the packed product's backward, so it takes
+      only True; fused=True ignores it.
   """
   t, d = _check(x, routing, gates, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
   e, d_in, f = w_gate.shape
@@ -150,11 +164,15 @@ def scatter_glu(
   record = GLU_BACKENDS.get(backend)
   if pack_gate_up not in (True, False):
     raise ValueError(f"pack_gate_up must be True or False, got {pack_gate_up!r}")
-  if fused not in (None, True, False):
-    raise ValueError(f"fused must be None, True or False, got {fused!r}")
+  if fused not in _FUSED:
+    raise ValueError(f"fused must be one of {_FUSED}, got {fused!r}")
   if fused and record.fn is None:
     raise ValueError(f"fused: backend {backend!r} has no fused GLU kernels (those with them: "
-                     f"{tuple(b.name for b in GLU_BACKENDS if b.fn is not None)}); got fused=True")
+                     f"{tuple(b.name for b in GLU_BACKENDS if b.fn is not None)}); got "
+                     f"fused={fused!r}")
+  if fused == "forward" and not pack_gate_up:
+    raise ValueError("pack_gate_up: fused='forward' runs the backward of the gate and up "
+                     "projections packed as one product of width 2f; it needs pack_gate_up=True")
   name = activation_name(activation)
   if isinstance(activation, str) and name is None:
     raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} or a function, got "
@@ -166,8 +184,9 @@ def scatter_glu(
                        f"{activation!r}; fused=False runs any function")
     shape = GroupedShape(routing.sorted_flat.shape[0], d, f, e)
     cfg = _fused_config(config, shape, make_dtypes(x.dtype), record)
-    return fused_scatter_glu(x, w_gate, w_up, w_down, routing, gates, activation=name,
-                             backend=backend, config=cfg)
+    op = fused_up_scatter_glu if fused == "forward" else fused_scatter_glu
+    return op(x, w_gate, w_up, w_down, routing, gates, activation=name, backend=backend,
+              config=cfg)
   if isinstance(config, FusedGluConfig):
     raise ValueError("config: a FusedGluConfig configures the fused path; the products path "
                      "takes a TritonScatterConfig or None")

@@ -1,16 +1,18 @@
-"""The fused expert GLU on expert-sorted rows: a jax.custom_vjp over the fused GLU kernels.
+"""The fused expert GLU on expert-sorted rows: two jax.custom_vjps over the fused GLU kernels,
+with one forward and two backwards.
 
   y[t] = sum_j gates[t, j] * (act(x[t] @ w_gate[e]) * (x[t] @ w_up[e])) @ w_down[e],
   e = expert of (t, j); M = T * k sorted rows (kernels.scatter.routing.SortedSlots)
 
-Forward: the fused up-projection (`glu_triton.glu_up`) gathers each sorted row's token from x
-inside the kernel once per K step for both products and writes a = act(g) * u (M, f); the down
+Forward (both): the fused up-projection (`glu_triton.glu_up`) gathers each sorted row's token from
+x inside the kernel once per K step for both products and writes a = act(g) * u (M, f); the down
 projection is `scatter_matmul(a, w_down, x_grouped=True, gates=gates)` on the backend's scatter
 matmul (gate-weighted, summed over the k choices). Differentiated, the up-projection also writes g
-and u, the only (M, ·) residuals: the backward keeps x, the weights, the gates, the routing, g and
-u, not a and not a gathered (M, d) copy of x.
+and u.
 
-Backward, for the output gradient dy (T, d):
+_fused_glu (`fused_scatter_glu`, scatter_glu(fused=True)): the backward on the fused kernels. g
+and u are the only (M, ·) residuals: it keeps x, the weights, the gates, the routing, g and u, not
+a and not a gathered (M, d) copy of x. For the output gradient dy (T, d):
   dO = dy[token of each sorted row]                         (M, d) gathered once
   glu_hidden_grad: dA' = dO @ w_down^T with, in its epilogue, a recomputed from g and u, the GLU
     backward of dA = gates * dA' (dG, dU), gates * a, and the sums of dA' * a (d gates)
@@ -18,6 +20,18 @@ Backward, for the output gradient dy (T, d):
     then dx = their sum over each token's k rows (one reduce)
   weight gradients on group_xty: dW_gate = x_g^T dG, dW_up = x_g^T dU with x gathered once into
     x_g (transient), dW_down = (gates * a)^T dO.
+
+_fused_up_glu (`fused_up_scatter_glu`, scatter_glu(fused="forward")): the fused forward and the
+products path's backward (kernels.scatter.experts), whose grouped products run on the Mosaic
+grouped-matmul kernels on the GPU ("pallas", "mosaic"), where the Triton backward above is slower
+(on the H200 the fused forward ran 1.06-1.08x as fast as the products path's, the fused
+forward+backward 0.84-0.93x; this path is checked in the Pallas interpreter, not yet on a GPU).
+It keeps what the products path keeps (g, u and a) and runs, through `scatter_matmul_backward`,
+exactly the backwards of the products path's down projection and packed gate-and-up projection,
+with the GLU's backward between them as hidden_packed's:
+  (da, dW_down, d gates) = the down projection's backward, from a, the gates and dy
+  dG, dU = the GLU's backward of da from g and u (float32), packed as dGU (M, 2f) in x's dtype
+  (dx, (dW_gate, dW_up)) = the backward of the product of width 2f, x (w_gate | w_up), from dGU
 """
 
 from __future__ import annotations
@@ -27,8 +41,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels.activations import ACTIVATIONS
 from kernels.gmm.api import group_xty
-from kernels.scatter.api import scatter_matmul
+from kernels.hidden import glu_math_grad
+from kernels.scatter.api import scatter_matmul, scatter_matmul_backward
 from kernels.scatter.backends import GLU_BACKENDS, GluBackend
 from kernels.scatter.glu_triton import FusedGluConfig
 from kernels.scatter.routing import SortedSlots
@@ -51,20 +67,34 @@ def _down(a, w_down, gates, sorted_flat, group_sizes, record, config):
                         gates=gates, backend=record.scatter_backend, config=config.down)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _fused_glu(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
-               config):
+def _forward(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
+             config):
+  """The forward of both custom_vjps, undifferentiated: a alone from the up-projection."""
   record = _record(backend)
   a = _up(x, w_gate, w_up, sorted_flat, group_sizes, gates.shape[1], activation, record, config,
           save_gate_up=False)
   return _down(a, w_down, gates, sorted_flat, group_sizes, record, config)
 
 
-def _fwd(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend, config):
+def _forward_saving(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation,
+                    backend, config):
+  """The forward of both custom_vjps' fwd rules: y, and a, g, u from the up-projection."""
   record = _record(backend)
   a, g, u = _up(x, w_gate, w_up, sorted_flat, group_sizes, gates.shape[1], activation, record,
                 config, save_gate_up=True)
-  y = _down(a, w_down, gates, sorted_flat, group_sizes, record, config)
+  return _down(a, w_down, gates, sorted_flat, group_sizes, record, config), a, g, u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _fused_glu(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
+               config):
+  return _forward(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
+                  config)
+
+
+def _fwd(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend, config):
+  y, _, g, u = _forward_saving(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes,
+                               activation, backend, config)
   return y, (x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, g, u)
 
 
@@ -95,6 +125,47 @@ def _bwd(activation, backend, config, res, dy):
 _fused_glu.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _fused_up_glu(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
+                  config):
+  return _forward(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
+                  config)
+
+
+def _fused_up_fwd(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
+                  config):
+  y, a, g, u = _forward_saving(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes,
+                               activation, backend, config)
+  # a is what the products path's down projection keeps: its backward reads it for dW_down and
+  # d gates before the GLU's backward could recompute it from g and u.
+  return y, (x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, g, u, a)
+
+
+def _fused_up_bwd(activation, backend, config, res, dy):
+  x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, g, u, a = res
+  record = _record(backend)
+  routing = SortedSlots(sorted_flat, group_sizes)
+  # Both products' backwards take config.down, the config of this path's scatter-kernel products
+  # (None: the scatter kernel's default), so that they are the products path's very calls: a
+  # TritonScatterConfig given to scatter_glu becomes every kernel's (FusedGluConfig.of_tiles),
+  # as the products path gives it to every product. Not config.data_grad, although the up
+  # projection's data gradient is glu_data_grad's product: its tiles are sized for a kernel that
+  # loads four tiles per K step, the scatter kernel loads two.
+  backward = functools.partial(scatter_matmul_backward, backend=record.scatter_backend,
+                               config=config.down)
+  da, dw_down, dgates = backward(a, w_down, routing, dy, gates=gates, x_grouped=True)
+  # The GLU's backward as hidden_packed's (the same float32 math, the exact activation, not the
+  # kernel's form): da arrives in a's dtype as there, and dG | dU leave in x's dtype, packed for
+  # the one product of width 2f (XLA can fuse the concatenation into the elementwise pass).
+  _, dg, du = glu_math_grad(ACTIVATIONS[activation], g, u, da.astype(jnp.float32))
+  dgu = jnp.concatenate([dg, du], axis=-1).astype(x.dtype)               # (M, 2f) sorted
+  dx, (dw_gate, dw_up), _ = backward(x, (w_gate, w_up), routing, dgu, y_grouped=True)
+  return dx, dw_gate, dw_up, dw_down, dgates, None, None
+
+
+_fused_up_glu.defvjp(_fused_up_fwd, _fused_up_bwd)
+
+
 def fused_scatter_glu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
                       routing: SortedSlots, gates: jax.Array, *, activation: str, backend: str,
                       config: FusedGluConfig) -> jax.Array:
@@ -103,3 +174,13 @@ def fused_scatter_glu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: 
   validated by the public op, kernels.scatter.scatter_glu."""
   return _fused_glu(x, w_gate, w_up, w_down, gates, routing.sorted_flat, routing.group_sizes,
                     activation, backend, config)
+
+
+def fused_up_scatter_glu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                         routing: SortedSlots, gates: jax.Array, *, activation: str, backend: str,
+                         config: FusedGluConfig) -> jax.Array:
+  """The fused GLU's forward with the products path's backward (module docstring) on a
+  GLU_BACKENDS backend with fused kernels; the arguments and result of fused_scatter_glu, and
+  its forward. Arguments are validated by the public op, kernels.scatter.scatter_glu."""
+  return _fused_up_glu(x, w_gate, w_up, w_down, gates, routing.sorted_flat, routing.group_sizes,
+                       activation, backend, config)
