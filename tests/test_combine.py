@@ -134,12 +134,16 @@ def test_scatter_matmul_grouped_path_calls_gather_sum(rng, monkeypatch):
                                atol=3e-2 * scale)
 
 
-def test_pallas_chooses_triton_within_its_limits():
+def test_pallas_stays_on_xla_and_the_kernel_refuses_past_max_k():
+  """"pallas" runs XLA until the kernel has been checked on a GPU (kernels/combine/backends.py);
+  the kernel's own check refuses more picks than it unrolls."""
   bf = (jnp.dtype(jnp.bfloat16),) * 2
-  assert COMBINE_BACKENDS.select("pallas", CombineShape(40960, 8, 327680, 768), bf).name == \
-      "triton"
-  assert COMBINE_BACKENDS.select("pallas", CombineShape(64, combine_triton.MAX_K + 1, 4160, 64),
-                                 bf).name == "xla"
+  assert COMBINE_BACKENDS.select("pallas", CombineShape(40960, 8, 327680, 768), bf).name == "xla"
+  wide = CombineShape(64, combine_triton.MAX_K + 1, 4160, 64)
+  why = combine_triton.check(wide, bf, combine_triton.default_config(wide, bf))
+  assert why is not None and f"k <= {combine_triton.MAX_K}" in why
+  assert combine_triton.check(CombineShape(40960, 8, 327680, 768), bf,
+                              combine_triton.default_config(wide, bf)) is None
 
 
 @pytest.mark.parametrize("call, match", [
