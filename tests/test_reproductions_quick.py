@@ -45,7 +45,7 @@ def test_ted_quick(tmp_path, monkeypatch):
     assert on["all_to_all_bytes"] * 2 == off["all_to_all_bytes"]
     assert on["all_gather_bytes"] > off["all_gather_bytes"]
   assert {(r["layout"], r["lean_optimizer"]) for r in payload["train"]} == {
-      (layout, lean) for layout in ("1x8x1", "2x4x1", "1x4x2", "2x2x2") for lean in (False, True)}
+      (layout, lean) for layout in ("1x8x1", "2x2x2") for lean in (False, True)}
   assert all(r["temp_bytes"] > 0 for r in payload["train"])
 
 
