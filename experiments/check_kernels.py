@@ -168,7 +168,7 @@ def _mlp_cases(shapes, dtype):
                                                       backend=backend)
       return jax.block_until_ready(jax.jit(functools.partial(_vjp_outputs, glu))(args, probe))
 
-    for i, which in enumerate(GLU_OUTPUTS[:-1]):
+    for i, which in enumerate(GLU_OUTPUTS[:5]):   # y and the four gradients (no gates)
       op = "grouped_glu" if which == "y" else f"grouped_glu({which})"
       cases.append((op, f"{name}_silu", shape, lambda b, i=i, got=glu_got: got(b)[i],
                     lambda i=i, want=glu_want: want()[i], used if which in ("y", "dx") else None))
@@ -217,13 +217,15 @@ GLU_GPU_SHAPES = [
     ("fine_k8", 3001, 8, 768, 256, [0 if i % 4 == 3 else 1 + i % 5 for i in range(128)], "silu"),
     ("fine_k16", 1021, 16, 4096, 256, [0 if i % 8 == 5 else 1 for i in range(256)], "silu"),
 ]
-GLU_OUTPUTS = ("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates")
+GLU_OUTPUTS = ("y", "dx", "dw_gate", "dw_up", "dw_down", "dgates", "y_undifferentiated")
 
 
 def _glu_outputs(fn, x, ws, gates, probe):
-  """fn's output and the gradients of <output, probe> of x, the three weights and the gates."""
+  """fn's output and the gradients of <output, probe> of x, the three weights and the gates,
+  then fn's output undifferentiated (a custom_vjp's primal, which may run other kernels than
+  its fwd rule: scatter_glu's fused="forward")."""
   y, vjp = jax.vjp(fn, x, *ws, gates)
-  return (y, *vjp(probe.astype(y.dtype)))
+  return (y, *vjp(probe.astype(y.dtype)), fn(x, *ws, gates))
 
 
 def _glu_cases(shapes, dtype):
@@ -263,11 +265,13 @@ def _glu_cases(shapes, dtype):
       return jax.block_until_ready(jax.jit(functools.partial(_glu_outputs, glu))(*args))
 
     shape = GroupedShape(t * top, d, f, e)
-    # The three paths: the products path (the default) first, then the fused kernels and the
-    # fused forward with the products path's backward (every backend but "xla").
-    for path, fused in (("products", None), ("fused", True), ("fusedfwd", "forward")):
+    # The paths: the products path first, then the fused kernels and the fused forward with the
+    # products path's backward (every backend but "xla"; the GPU's default).
+    for path, fused in (("products", False), ("fused", True), ("fusedfwd", "forward")):
       label = f"{name}_k{top}_{act}_{path}"
       for i, which in enumerate(GLU_OUTPUTS):
+        if which == "y_undifferentiated" and path == "products":
+          continue   # the products path has no primal of its own: y above
         op = "scatter_glu" if which == "y" else f"scatter_glu({which})"
         cases.append((op, label, shape,
                       lambda b, i=i, got=got, fused=fused: got(b, fused)[i],

@@ -110,10 +110,12 @@ class MoEConfig:
       False: the separate products and elementwise passes (the same values).
     fuse_glu: a GLU's activation in its up projection's kernel. impl "grouped": a GLU without
       biases runs as kernels.grouped_glu (act(gate) * up and its gradient in the products'
-      epilogues); impl "scatter": scatter_glu(fused="forward") where the backend has the fused
-      GLU kernels (the fused up-projection in the forward, the products path's backward). d_ff
-      a multiple of 64. Off by default (kernels/README.md: grouped_glu is no faster than the
-      separate passes on the H200).
+      epilogues); impl "scatter": scatter_glu(fused=True) where the backend has the fused GLU
+      kernels (the fused up-projection and the fused backward: it keeps g and u, not the
+      activation, but its forward+backward was 0.84-0.93x the default's on the H200; off, the
+      scatter impl runs scatter_glu's default, the fused up-projection in an undifferentiated
+      forward). d_ff a multiple of 64. Off by default (kernels/README.md: neither is faster
+      than the default in training on the H200).
   """
 
   d_model: int

@@ -178,10 +178,11 @@ class RoutedExperts(nnx.Module):
     gates = weights.astype(jnp.float32)  # combine weights stay float32, as in the other impls
     kw = dict(activation=activation_fn(cfg.activation), backend=cfg.backend)
     if cfg.is_glu:
-      # fuse_glu: the fused up-projection forward where the backend has the fused kernels (as
-      # the grouped impl's fuse_glu runs its epilogues only where the backend has them).
+      # fuse_glu: the fused GLU kernels forward and backward where the backend has them (as
+      # the grouped impl's fuse_glu runs its epilogues only where the backend has them); else
+      # scatter_glu's default path.
       backend = scatter.GLU_BACKENDS.get(scatter.GLU_BACKENDS.validate(cfg.backend))
-      fused = "forward" if cfg.fuse_glu and backend.fn is not None else None
+      fused = True if cfg.fuse_glu and backend.fn is not None else None
       return scatter.scatter_glu(x, self._w(self.w_gate), self._w(self.w_up),
                                  self._w(self.w_out), routing, gates, fused=fused, **kw)
     return scatter.scatter_mlp(x, self._w(self.w_gate), self._w(self.w_out), routing, gates, **kw)

@@ -134,11 +134,17 @@ def test_scatter_matmul_grouped_path_calls_gather_sum(rng, monkeypatch):
                                atol=3e-2 * scale)
 
 
-def test_pallas_stays_on_xla_and_the_kernel_refuses_past_max_k():
-  """"pallas" runs XLA until the kernel has been checked on a GPU (kernels/combine/backends.py);
-  the kernel's own check refuses more picks than it unrolls."""
-  bf = (jnp.dtype(jnp.bfloat16),) * 2
-  assert COMBINE_BACKENDS.select("pallas", CombineShape(40960, 8, 327680, 768), bf).name == "xla"
+def test_pallas_picks_the_kernel_where_it_was_faster_and_the_kernel_refuses_past_max_k():
+  """"pallas" runs the Triton kernel for bfloat16 rows at k <= 2 (faster than XLA there on the
+  H200) and XLA at more picks or float32 rows (kernels/combine/backends.py); the kernel's own
+  check refuses more picks than it unrolls."""
+  bf, f32 = (jnp.dtype(jnp.bfloat16),) * 2, (jnp.dtype(jnp.float32),) * 2
+  select = lambda shape, dtypes: COMBINE_BACKENDS.select("pallas", shape, dtypes).name
+  assert select(CombineShape(40960, 2, 81920, 768), bf) == "triton"
+  assert select(CombineShape(40960, 1, 40960, 768), bf) == "triton"
+  assert select(CombineShape(40960, 4, 163840, 768), bf) == "xla"
+  assert select(CombineShape(40960, 8, 327680, 768), bf) == "xla"
+  assert select(CombineShape(40960, 2, 81920, 768), f32) == "xla"
   wide = CombineShape(64, combine_triton.MAX_K + 1, 4160, 64)
   why = combine_triton.check(wide, bf, combine_triton.default_config(wide, bf))
   assert why is not None and f"k <= {combine_triton.MAX_K}" in why

@@ -386,10 +386,10 @@ def test_fuse_glu_runs_grouped_glu_with_the_same_values(rng, monkeypatch):
     MoEConfig(**{**base, "d_ff": 96}, fuse_glu=True)
 
 
-def test_fuse_glu_scatter_runs_the_fused_forward_with_the_same_values(rng, monkeypatch):
+def test_fuse_glu_scatter_runs_the_fused_path_with_the_same_values(rng, monkeypatch):
   """fuse_glu=True in impl "scatter" on a backend with the fused GLU kernels runs
-  scatter_glu(fused="forward"): the outputs and gradients of the products path; on "xla" (no
-  fused kernels) it runs the products path."""
+  scatter_glu(fused=True), off its default path (fused=None): the same outputs and gradients;
+  on "xla" (no fused kernels) it runs the default path."""
   from kernels import scatter
   seen = []
   glu = scatter.scatter_glu
@@ -403,7 +403,7 @@ def test_fuse_glu_scatter_runs_the_fused_forward_with_the_same_values(rng, monke
     y = layer(x)[0]
     grads = nnx.grad(_loss("scatter", x, g), argnums=(0, 1))(layer, x)
     results.append((y, nnx.state(grads[0]), grads[1]))
-  assert seen[0] is None and seen[-1] == "forward", seen
+  assert seen[0] is None and seen[-1] is True, seen
   chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-5)
   seen.clear()
   MoE(MoEConfig(**base, backend="xla", fuse_glu=True), rngs=nnx.Rngs(0))(x)

@@ -19,7 +19,7 @@ from kernels import activations
 from kernels.scatter import (
     FusedGluConfig, TritonScatterConfig, scatter_glu, scatter_glu_reference,
     scatter_matmul_reference, sort_slots)
-from kernels.scatter import glu_triton
+from kernels.scatter import experts as experts_module, glu_triton
 from kernels.scatter.api import scatter_matmul, scatter_matmul_backward
 
 TILES = TritonScatterConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4,
@@ -196,17 +196,39 @@ def test_fused_forward_path_on_mosaic_interpret(rng):
                        f=128, products=False)
 
 
-def test_fused_forward_path_keeps_gate_up_and_a(rng):
-  """The VJP's residuals are the products path's: g, u and a (three (M, f) arrays), no (M, d)
-  array and no (M, 2f) concatenation (shapes only: nothing runs)."""
+def test_fused_forward_path_keeps_the_products_residuals(rng):
+  """Differentiated, fused="forward" runs the products path's forward, so the VJP's residuals
+  are the products path's: the packed gu (M, 2f) and a (M, f), no (M, d) array (shapes only:
+  nothing runs)."""
   t, k = 19, 2
   routing, x, ws, gates = _setup(rng, "random", t, k, jnp.bfloat16)
   fn = lambda x, wg, wu, wd, g: scatter_glu(x, wg, wu, wd, routing, g, backend="triton_interpret",
                                             config=TILES, fused="forward")
   vjp = jax.eval_shape(lambda *args: jax.vjp(fn, *args)[1], x, *ws, gates)
   shapes = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(vjp)]
-  assert shapes.count((t * k, F)) == 3, shapes
-  assert (t * k, D) not in shapes and (t * k, 2 * F) not in shapes, shapes
+  assert shapes.count((t * k, F)) == 1 and shapes.count((t * k, 2 * F)) == 1, shapes
+  assert (t * k, D) not in shapes, shapes
+
+
+def test_default_is_the_fused_forward_where_it_runs(rng, monkeypatch):
+  """fused=None runs fused="forward" on a backend with the fused kernels at a shape they take,
+  a named activation, pack_gate_up and no config; the products path otherwise (a products
+  config, an unnamed activation, two products, "xla")."""
+  calls = []
+  real = experts_module.fused_up_scatter_glu
+  monkeypatch.setattr(experts_module, "fused_up_scatter_glu",
+                      lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  routing, x, ws, gates = _setup(rng, "empty", 19, 2, jnp.float32)
+  run = lambda **kw: scatter_glu(x, *ws, routing, gates, **kw)
+  y = run(backend="triton_interpret")
+  assert calls == [1]
+  np.testing.assert_array_equal(y, run(backend="triton_interpret", fused="forward"))
+  calls.clear()
+  run(backend="triton_interpret", config=TILES)
+  run(backend="triton_interpret", activation=lambda v: jax.nn.silu(v))
+  run(backend="triton_interpret", pack_gate_up=False)
+  run(backend="xla")
+  assert calls == [], calls
 
 
 def test_fused_forward_argument_errors(rng):
@@ -251,8 +273,9 @@ def test_scatter_matmul_backward_is_the_vjp(rng, x_grouped, y_grouped, use_gates
 
 @pytest.mark.parametrize("backend", ["mosaic", "triton"])
 def test_fused_forward_path_lowers_for_h100(backend):
-  """fused="forward" lowers for an H100: the fused up-projection in the forward, and none of
-  the fused backward's kernels (the backward is the products path's)."""
+  """fused="forward" lowers for an H100: the fused up-projection in the undifferentiated
+  forward, and none of the fused kernels under differentiation (the products path's forward
+  and backward)."""
   from kernels.common.gpu_lowering import lower_for_gpu
 
   s = jax.ShapeDtypeStruct
@@ -264,12 +287,14 @@ def test_fused_forward_path_lowers_for_h100(backend):
     return jnp.sum(out.astype(jnp.float32))
 
   bf = jnp.bfloat16
-  text = lower_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), s((t, d), bf),
-                       s((t, k), jnp.float32), s((e, d, f), bf), s((e, d, f), bf),
-                       s((e, f, d), bf), s((t, k), jnp.int32))
-  assert "jaxmoe_glu_up" in text
-  assert "jaxmoe_glu_hidden_grad" not in text and "jaxmoe_glu_data_grad" not in text
-  assert ("mosaic_gpu" in text) == (backend == "mosaic")
+  args = (s((t, d), bf), s((t, k), jnp.float32), s((e, d, f), bf), s((e, d, f), bf),
+          s((e, f, d), bf), s((t, k), jnp.int32))
+  forward = lower_for_gpu(loss, *args)
+  assert "jaxmoe_glu_up" in forward
+  trained = lower_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), *args)
+  for name in ("jaxmoe_glu_up", "jaxmoe_glu_hidden_grad", "jaxmoe_glu_data_grad"):
+    assert name not in trained, name
+  assert ("mosaic_gpu" in trained) == (backend == "mosaic")
 
 
 # ----------------------------------------------------------------------------- the kernels alone

@@ -12,17 +12,19 @@ scatter_glu has three paths (its `fused` argument):
   fused     the fused GLU kernels (kernels.scatter.glu): one up-projection kernel gathers x once
             for both products and applies the activation in its epilogue; the backward fuses the
             GLU's backward into the down projection's data gradient and runs the two up
-            projections' data gradients as one kernel. fused=True, on every backend of
-            GLU_BACKENDS but "xla". On the H200 it agrees with the products path at SonicMoE's
-            fine-grained shapes and runs the forward 1.06-1.08x as fast, the forward+backward
-            0.84-0.93x; checked against the reference on the GPU at the edge shape
-            (docs/performance.md).
-  forward   the fused path's forward with the products path's backward (kernels.scatter.glu's
-            second custom_vjp), whose grouped products run on the Mosaic kernels on the GPU where
-            the fused backward's Triton kernels lose: fused="forward", on the backends of
-            fused=True. Checked in the Pallas interpreter, not yet on a GPU.
+            projections' data gradients as one kernel. It keeps g and u, not a: the least
+            activation memory of the three. fused=True, on every backend of GLU_BACKENDS but
+            "xla". On the H200 it agrees with the products path at SonicMoE's fine-grained shapes
+            and runs the forward+backward 0.84-0.93x as fast; checked against the reference on
+            the GPU (docs/performance.md).
+  forward   the fused up-projection where the output is not differentiated, the products path
+            where it is (kernels.scatter.glu's second custom_vjp): fused="forward", and the
+            default (fused=None) on the backends of fused=True where the fused kernels take the
+            shape and the activation and no products config is given. On the H200 the
+            undifferentiated layer forward ran 1.03-1.11x as fast as the products path's at four
+            of SonicMoE's Figure 14 configurations; checked against the reference on the GPU.
   products  scatter_matmul products with kernels.hidden between them: the gate and up projections
-            as one product of width 2f, then the down projection with the combine; the default,
+            as one product of width 2f, then the down projection with the combine: fused=False,
             and the only path of "xla" (which has no fused kernels).
 """
 
@@ -44,8 +46,8 @@ from kernels.scatter.glu_triton import FusedGluConfig, check as check_fused_conf
 from kernels.scatter.routing import SortedSlots
 from kernels.scatter.triton import TritonScatterConfig
 
-# scatter_glu's `fused` values: the products path (None, False), the fused path (True), the fused
-# forward with the products path's backward ("forward").
+# scatter_glu's `fused` values: the products path (False), the fused path (True), the fused
+# forward with the products path's backward ("forward"), the default's choice (None).
 _FUSED = (None, False, True, "forward")
 
 
@@ -110,6 +112,18 @@ def _fused_config(config, shape: GroupedShape, dtypes, record) -> FusedGluConfig
   return config
 
 
+def _default_path(record, activation: str | None, pack_gate_up: bool, config: Any,
+                  shape: GroupedShape, dtype) -> str | bool:
+  """fused=None's path: "forward" where it runs as configured (scatter_glu's `fused`), else the
+  products path (False)."""
+  if record.fn is None or activation is None or not pack_gate_up or config is not None:
+    return False
+  dtypes = make_dtypes(dtype)
+  if check_fused_config(shape, dtypes, record.default_config(shape, dtypes)) is not None:
+    return False
+  return "forward"
+
+
 def scatter_glu(
     x: jax.Array,
     w_gate: jax.Array,
@@ -137,15 +151,15 @@ def scatter_glu(
       TritonScatterConfig for every kernel; for the products path a TritonScatterConfig; None:
       the defaults. fused="forward" runs its backward's scatter-kernel products with the
       FusedGluConfig's `down` (its hidden_grad and data_grad configure fused=True's backward).
-    fused: True: the fused path (ValueError on "xla"); "forward": the fused up-projection in the
-      forward, the products path's backward (its grouped products on the Mosaic kernels on the
-      GPU; ValueError on "xla"); None or False: the products path (three scatter_matmul products
-      and kernels.hidden), the default: faster in forward+backward than fused=True on the H200,
-      and checked there. The fused kernels are checked against the reference in the Pallas
-      interpreter and against the products path on the GPU at SonicMoE's fine-grained shapes,
-      and against the reference on the GPU at the edge shape (`python -m
-      experiments.check_kernels --ops scatter_glu --shapes edge`); fused="forward" only in the
-      interpreter so far.
+    fused: True: the fused path (ValueError on "xla"); "forward": the fused up-projection where
+      the output is not differentiated, the products path (forward and backward, its grouped
+      products on the Mosaic kernels on the GPU) where it is (ValueError on "xla"); False: the
+      products path (three scatter_matmul products and kernels.hidden); None (the default):
+      "forward" where the backend has the fused kernels, they take this shape at their default
+      config, the activation is one they compile in, pack_gate_up is True and config is None;
+      the products path otherwise. All three are checked against the float32 reference in the
+      Pallas interpreter and on the GPU (`python -m experiments.check_kernels --ops
+      scatter_glu`).
     pack_gate_up: the products path runs the gate and up projections as one product of width 2f
       (True: x gathered once, one data-gradient product and one weight gradient over one gathered
       copy of x, but the two weights concatenated in the forward and again in the backward) or
@@ -177,6 +191,9 @@ def scatter_glu(
   if isinstance(activation, str) and name is None:
     raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} or a function, got "
                      f"{activation!r}")
+  if fused is None:
+    fused = _default_path(record, name, pack_gate_up, config,
+                          GroupedShape(routing.sorted_flat.shape[0], d, f, e), x.dtype)
   if fused and record.fn is not None:
     if name is None:
       raise ValueError(f"activation: the fused GLU kernels compile in one of "

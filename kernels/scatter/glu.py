@@ -1,14 +1,14 @@
 """The fused expert GLU on expert-sorted rows: two jax.custom_vjps over the fused GLU kernels,
-with one forward and two backwards.
+with one undifferentiated forward.
 
   y[t] = sum_j gates[t, j] * (act(x[t] @ w_gate[e]) * (x[t] @ w_up[e])) @ w_down[e],
   e = expert of (t, j); M = T * k sorted rows (kernels.scatter.routing.SortedSlots)
 
-Forward (both): the fused up-projection (`glu_triton.glu_up`) gathers each sorted row's token from
+Undifferentiated forward (both): the fused up-projection (`glu_triton.glu_up`) gathers each sorted row's token from
 x inside the kernel once per K step for both products and writes a = act(g) * u (M, f); the down
 projection is `scatter_matmul(a, w_down, x_grouped=True, gates=gates)` on the backend's scatter
-matmul (gate-weighted, summed over the k choices). Differentiated, the up-projection also writes g
-and u.
+matmul (gate-weighted, summed over the k choices). Differentiated, _fused_glu's up-projection also
+writes g and u; _fused_up_glu runs the products path's forward instead.
 
 _fused_glu (`fused_scatter_glu`, scatter_glu(fused=True)): the backward on the fused kernels. g
 and u are the only (M, ·) residuals: it keeps x, the weights, the gates, the routing, g and u, not
@@ -21,14 +21,17 @@ a and not a gathered (M, d) copy of x. For the output gradient dy (T, d):
   weight gradients on group_xty: dW_gate = x_g^T dG, dW_up = x_g^T dU with x gathered once into
     x_g (transient), dW_down = (gates * a)^T dO.
 
-_fused_up_glu (`fused_up_scatter_glu`, scatter_glu(fused="forward")): the fused forward and the
-products path's backward (kernels.scatter.experts), whose grouped products run on the Mosaic
-grouped-matmul kernels on the GPU ("pallas", "mosaic"), where the Triton backward above is slower
-(on the H200 the fused forward ran 1.06-1.08x as fast as the products path's, the fused
-forward+backward 0.84-0.93x; this path is checked in the Pallas interpreter, not yet on a GPU).
-It keeps what the products path keeps (g, u and a) and runs, through `scatter_matmul_backward`,
-exactly the backwards of the products path's down projection and packed gate-and-up projection,
-with the GLU's backward between them as hidden_packed's:
+_fused_up_glu (`fused_up_scatter_glu`, scatter_glu(fused="forward"), the GPU default): the fused
+kernel's forward where the output is not differentiated (inference, evaluation), and the products
+path's forward and backward (kernels.scatter.experts) where it is, whose grouped products run on
+the Mosaic grouped-matmul kernels on the GPU ("pallas", "mosaic"), where the Triton backward above
+is slower. On the H200 at four of SonicMoE's Figure 14 configurations the undifferentiated forward
+ran 1.03-1.11x as fast as the products path's; differentiated, the fused forward (writing g, u and
+a) was 0.98-1.02x the products path's forward+backward, so the fwd rule runs the products path
+(docs/performance.md, scatter path). The fwd rule keeps what the products path keeps (the packed
+gu and a) and the backward runs, through `scatter_matmul_backward`, exactly the backwards of the
+products path's down projection and packed gate-and-up projection, with the GLU's backward
+between them as hidden_packed's:
   (da, dW_down, d gates) = the down projection's backward, from a, the gates and dy
   dG, dU = the GLU's backward of da from g and u (float32), packed as dGU (M, 2f) in x's dtype
   (dx, (dW_gate, dW_up)) = the backward of the product of width 2f, x (w_gate | w_up), from dGU
@@ -43,7 +46,7 @@ import jax.numpy as jnp
 
 from kernels.activations import ACTIVATIONS
 from kernels.gmm.api import group_xty
-from kernels.hidden import glu_math_grad
+from kernels.hidden import glu_math_grad, hidden_packed
 from kernels.scatter.api import scatter_matmul, scatter_matmul_backward
 from kernels.scatter.backends import GLU_BACKENDS, GluBackend
 from kernels.scatter.glu_triton import FusedGluConfig
@@ -78,7 +81,7 @@ def _forward(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activatio
 
 def _forward_saving(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation,
                     backend, config):
-  """The forward of both custom_vjps' fwd rules: y, and a, g, u from the up-projection."""
+  """The forward of _fused_glu's fwd rule: y, and a, g, u from the up-projection."""
   record = _record(backend)
   a, g, u = _up(x, w_gate, w_up, sorted_flat, group_sizes, gates.shape[1], activation, record,
                 config, save_gate_up=True)
@@ -134,17 +137,25 @@ def _fused_up_glu(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, acti
 
 def _fused_up_fwd(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend,
                   config):
-  y, a, g, u = _forward_saving(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes,
-                               activation, backend, config)
-  # a is what the products path's down projection keeps: its backward reads it for dW_down and
-  # d gates before the GLU's backward could recompute it from g and u.
-  return y, (x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, g, u, a)
+  # Differentiated, the forward is the products path's (not the fused kernel's): writing g, u
+  # and a from the fused kernel's epilogue cost the H200 more than its gather saved (the layer's
+  # forward+backward 0.98-1.02x the products path's), and the products' residuals are what the
+  # backward below reads. Both products take config.down, as the backward's do.
+  record = _record(backend)
+  routing = SortedSlots(sorted_flat, group_sizes)
+  gu = scatter_matmul(x, (w_gate, w_up), routing, y_grouped=True, backend=record.scatter_backend,
+                      config=config.down)                                 # (M, 2f) sorted
+  a = hidden_packed(ACTIVATIONS[activation], gu)
+  y = _down(a, w_down, gates, sorted_flat, group_sizes, record, config)
+  return y, (x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, gu, a)
 
 
 def _fused_up_bwd(activation, backend, config, res, dy):
-  x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, g, u, a = res
+  x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, gu, a = res
   record = _record(backend)
   routing = SortedSlots(sorted_flat, group_sizes)
+  f = gu.shape[-1] // 2
+  g, u = gu[:, :f], gu[:, f:]   # slices XLA fuses into the GLU's backward below
   # Both products' backwards take config.down, the config of this path's scatter-kernel products
   # (None: the scatter kernel's default), so that they are the products path's very calls: a
   # TritonScatterConfig given to scatter_glu becomes every kernel's (FusedGluConfig.of_tiles),
