@@ -77,7 +77,7 @@ SPEC_OPTIONS = {"fused_glu": {"fuse_glu": True}}
 def impl_backend(spec: str) -> tuple[str, str | None, dict] | None:
   """"IMPL", "IMPL:BACKEND" (a backend of the impl's kernel registry, to compare backends in one
   run), either with "+fused_glu" (MoEConfig.fuse_glu: impl grouped: the GLU as
-  kernels.grouped_glu; impl scatter: the fused up-projection forward) -> (impl, backend or None,
+  kernels.grouped_glu; impl scatter: scatter_glu(fused=True)) -> (impl, backend or None,
   MoEConfig overrides); None when a name is unknown."""
   spec, *options = spec.split("+")
   impl, _, backend = spec.partition(":")
@@ -246,7 +246,7 @@ def main() -> None:
                   help=f"comma-separated, of {DROPLESS_IMPLS}; IMPL:BACKEND picks the impl's "
                        "kernel backend (e.g. scatter:mosaic; default the platform's); "
                        "+fused_glu sets MoEConfig.fuse_glu (grouped: kernels.grouped_glu; "
-                       "scatter: the fused up-projection forward)")
+                       "scatter: scatter_glu(fused=True), the fused GLU kernels forward and backward)")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--profile", action="store_true",
