@@ -20,9 +20,10 @@ scatter_glu has three paths (its `fused` argument):
   forward   the fused up-projection where the output is not differentiated, the products path
             where it is (kernels.scatter.glu's second custom_vjp): fused="forward", and the
             default (fused=None) on the backends of fused=True where the fused kernels take the
-            shape and the activation and no products config is given. On the H200 the
-            undifferentiated layer forward ran 1.03-1.11x as fast as the products path's at four
-            of SonicMoE's Figure 14 configurations; checked against the reference on the GPU.
+            shape and the activation and no products config is given. The undifferentiated
+            layer forward ran 1.08-1.17x as fast as the products path's on an H100 (1.03-1.10x
+            on the H200) at four of SonicMoE's Figure 14 configurations, the forward+backward
+            1.01-1.02x; checked against the reference on the GPU.
   products  scatter_matmul products with kernels.hidden between them: the gate and up projections
             as one product of width 2f, then the down projection with the combine: fused=False,
             and the only path of "xla" (which has no fused kernels).

@@ -25,10 +25,10 @@ _fused_up_glu (`fused_up_scatter_glu`, scatter_glu(fused="forward"), the GPU def
 kernel's forward where the output is not differentiated (inference, evaluation), and the products
 path's forward and backward (kernels.scatter.experts) where it is, whose grouped products run on
 the Mosaic grouped-matmul kernels on the GPU ("pallas", "mosaic"), where the Triton backward above
-is slower. On the H200 at four of SonicMoE's Figure 14 configurations the undifferentiated forward
-ran 1.03-1.11x as fast as the products path's; differentiated, the fused forward (writing g, u and
-a) was 0.98-1.02x the products path's forward+backward, so the fwd rule runs the products path
-(docs/performance.md, scatter path). The fwd rule keeps what the products path keeps (the packed
+is slower. At four of SonicMoE's Figure 14 configurations the undifferentiated forward ran
+1.03-1.10x as fast as the products path's on the H200 and 1.08-1.17x on an H100; differentiated,
+the fused forward (writing g, u and a) was 0.98-1.02x the products path's forward+backward on
+the H200, so the fwd rule runs the products path (docs/performance.md, scatter path). The fwd rule keeps what the products path keeps (the packed
 gu and a) and the backward runs, through `scatter_matmul_backward`, exactly the backwards of the
 products path's down projection and packed gate-and-up projection, with the GLU's backward
 between them as hidden_packed's:
