@@ -3,9 +3,10 @@ and every gradient (x, w_gate, w_up, w_down, gates) against the plain-jnp float3
 empty experts, one expert taking every token, row counts off the tile grid, k = 1 and k > 1,
 bf16 and float32, SwiGLU and GEGLU; the kernels alone at rows past the groups; what the backward
 keeps; the products path kept behind `fused=False`; the argument errors; the GPU lowering. The
-fused forward with the products path's backward (`fused="forward"`): its forward is the fused
-path's, its gradients the reference's and the products path's; scatter_matmul_backward, the
-products' backward it runs, is scatter_matmul's VJP."""
+fused up-projection undifferentiated, the products path differentiated (`fused="forward"`, the
+default where the fused kernels run): its undifferentiated forward is the fused path's, its
+gradients the reference's and the products path's, its residuals the products path's;
+scatter_matmul_backward, the products' backward it runs, is scatter_matmul's VJP."""
 
 from __future__ import annotations
 

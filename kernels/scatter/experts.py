@@ -150,8 +150,9 @@ def scatter_glu(
       None (the platform default).
     config: for the fused paths (fused True or "forward") a kernels.scatter.FusedGluConfig, or a
       TritonScatterConfig for every kernel; for the products path a TritonScatterConfig; None:
-      the defaults. fused="forward" runs its backward's scatter-kernel products with the
-      FusedGluConfig's `down` (its hidden_grad and data_grad configure fused=True's backward).
+      the defaults. fused="forward" runs the scatter-kernel products of its differentiated
+      forward and its backward with the FusedGluConfig's `down` (its hidden_grad and data_grad
+      configure fused=True's backward).
     fused: True: the fused path (ValueError on "xla"); "forward": the fused up-projection where
       the output is not differentiated, the products path (forward and backward, its grouped
       products on the Mosaic kernels on the GPU) where it is (ValueError on "xla"); False: the
