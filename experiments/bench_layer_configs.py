@@ -4,7 +4,11 @@ For each configuration (T tokens, model width d, expert width n, E experts, top-
 jaxmoe impl asked for, plus a PyTorch layer on `torch._grouped_mm` where torch imports with CUDA:
   - forward and backward TFLOP/s separately, with SonicMoE's count: 6 T k d n FLOPs forward
     (the SwiGLU up-projection 2 T k d 2n, the down-projection 2 T k n d), twice that backward;
-    backward time = (forward+backward) - forward, both timed on their own;
+    backward time = (forward+backward) - forward, both timed on their own. The forward alone is
+    undifferentiated, which may run other kernels than the forward of a training step
+    (scatter_glu's default fuses its up-projection only there), so the training step is also
+    compared whole: step_vs_sonicmoe = SonicMoE's forward+backward time at its TFLOP/s and this
+    FLOP count over ours;
   - activation memory: the bytes the backward keeps (the VJP residuals, less the parameters and
     the input, from jax.eval_shape: what Figure 13 counts) and XLA's planned temporaries (of the
     forward+backward; of the forward alone as fwd_temp_bytes);
@@ -202,6 +206,9 @@ def finish(row: dict, name: str, shape, sonic) -> dict:
   if sonic[0]:
     row["fwd_vs_sonicmoe"] = row["fwd_tflops"] / sonic[0]
     row["bwd_vs_sonicmoe"] = None if row["bwd_tflops"] is None else row["bwd_tflops"] / sonic[1]
+    # ms at SonicMoE's TFLOP/s: FLOPs / (TFLOP/s * 1e12) s = FLOPs / (TFLOP/s * 1e9) ms
+    sonic_step_ms = f_fwd / (sonic[0] * 1e9) + f_bwd / (sonic[1] * 1e9)
+    row["step_vs_sonicmoe"] = sonic_step_ms / row["fwdbwd_ms"]
   return row
 
 
@@ -303,7 +310,7 @@ def main() -> None:
                      "rows": rows}
     summary += [{"config": name, **{c: r.get(c) for c in (
         "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops", "fwd_vs_sonicmoe",
-        "bwd_vs_sonicmoe", "residual_vs_sonicmoe_fig13")},
+        "bwd_vs_sonicmoe", "step_vs_sonicmoe", "residual_vs_sonicmoe_fig13")},
         "resid_GiB": (r.get("residual_bytes") or 0) / 2 ** 30} for r in rows]
     # Written after every configuration, so a run cut short by a time limit keeps what it measured.
     payload = {"env": env, "flop_count": "6 T k d n forward, 12 T k d n backward",
@@ -311,7 +318,7 @@ def main() -> None:
     path = bc.write_result(args.out, "layer-configs", payload)
   plot(results, path.replace(".json", ".png"))
   print(bc.table(summary, ["config", "impl", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops",
-                           "fwd_vs_sonicmoe", "bwd_vs_sonicmoe", "resid_GiB",
+                           "fwd_vs_sonicmoe", "bwd_vs_sonicmoe", "step_vs_sonicmoe", "resid_GiB",
                            "residual_vs_sonicmoe_fig13"]))
 
 

@@ -68,3 +68,20 @@ def test_layer_configs_impl_backend(spec, want):
   registry, the option must be known and the impl's."""
   from experiments.bench_layer_configs import impl_backend
   assert impl_backend(spec) == want
+
+
+def test_layer_configs_finish_compares_the_step_whole():
+  """finish(): backward time = forward+backward - forward; at SonicMoE's own times every ratio
+  is 1, and a faster undifferentiated forward raises fwd_vs_sonicmoe, lowers bwd_vs_sonicmoe and
+  leaves step_vs_sonicmoe, the training step's ratio, where forward+backward puts it."""
+  from experiments.bench_layer_configs import CONFIGS, finish, flops
+  name = "T40960-d768-n256-E128-k8"
+  shape, sonic = CONFIGS[name]
+  f_fwd, f_bwd = flops(shape)
+  fwd_ms, bwd_ms = f_fwd / (sonic[0] * 1e9), f_bwd / (sonic[1] * 1e9)
+  row = finish({"fwd_ms": fwd_ms, "fwdbwd_ms": fwd_ms + bwd_ms}, name, shape, sonic)
+  for key in ("fwd_vs_sonicmoe", "bwd_vs_sonicmoe", "step_vs_sonicmoe"):
+    assert abs(row[key] - 1.0) < 1e-9, (key, row[key])
+  row = finish({"fwd_ms": fwd_ms / 2, "fwdbwd_ms": fwd_ms + bwd_ms}, name, shape, sonic)
+  assert abs(row["fwd_vs_sonicmoe"] - 2.0) < 1e-9 and row["bwd_vs_sonicmoe"] < 1.0
+  assert abs(row["step_vs_sonicmoe"] - 1.0) < 1e-9
