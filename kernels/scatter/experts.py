@@ -39,10 +39,10 @@ import jax.numpy as jnp
 from kernels.activations import ACTIVATIONS, activation_name
 from kernels.common import validation
 from kernels.gmm.shapes import GroupedShape, dtypes as make_dtypes
-from kernels.hidden import hidden, hidden_packed
+from kernels.hidden import hidden
 from kernels.scatter.api import scatter_matmul
 from kernels.scatter.backends import GLU_BACKENDS
-from kernels.scatter.glu import fused_scatter_glu, fused_up_scatter_glu
+from kernels.scatter.glu import fused_scatter_glu, fused_up_scatter_glu, packed_products_glu
 from kernels.scatter.glu_triton import FusedGluConfig, check as check_fused_config
 from kernels.scatter.routing import SortedSlots
 from kernels.scatter.triton import TritonScatterConfig
@@ -214,10 +214,8 @@ def scatter_glu(
   # The gate and up projections as one product of width 2f (scatter_matmul takes the weight
   # pair): x gathered once, and in the backward one data-gradient product and one gathered x.
   if pack_gate_up:
-    gu = scatter_matmul(x, (w_gate, w_up), routing, y_grouped=True, **kw)   # (M, 2f) sorted
-    a = hidden_packed(act, gu)
-  else:
-    g = scatter_matmul(x, w_gate, routing, y_grouped=True, **kw)            # (M, f) sorted
-    u = scatter_matmul(x, w_up, routing, y_grouped=True, **kw)              # (M, f) sorted
-    a = hidden(act, g, u)
+    return packed_products_glu(x, w_gate, w_up, w_down, routing, gates, act, **kw)[0]
+  g = scatter_matmul(x, w_gate, routing, y_grouped=True, **kw)              # (M, f) sorted
+  u = scatter_matmul(x, w_up, routing, y_grouped=True, **kw)                # (M, f) sorted
+  a = hidden(act, g, u)
   return scatter_matmul(a, w_down, routing, x_grouped=True, gates=gates, **kw)  # (T, d)

@@ -79,13 +79,19 @@ def _forward(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activatio
   return _down(a, w_down, gates, sorted_flat, group_sizes, record, config)
 
 
-def _forward_saving(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation,
-                    backend, config):
-  """The forward of _fused_glu's fwd rule: y, and a, g, u from the up-projection."""
-  record = _record(backend)
-  a, g, u = _up(x, w_gate, w_up, sorted_flat, group_sizes, gates.shape[1], activation, record,
-                config, save_gate_up=True)
-  return _down(a, w_down, gates, sorted_flat, group_sizes, record, config), a, g, u
+def packed_products_glu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                        routing: SortedSlots, gates: jax.Array, activation, *, backend: str,
+                        config) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """scatter_glu's products path with the gate and up projections as one product of width 2f
+  (the weight pair: x gathered once) on the scatter matmul `backend`, every product with
+  `config`: y (T, d), and what its backward reads, the sorted product gu (M, 2f) and a (M, f).
+  The products path itself and fused="forward"'s fwd rule both run it, so that the two are the
+  same kernels."""
+  gu = scatter_matmul(x, (w_gate, w_up), routing, y_grouped=True, backend=backend, config=config)
+  a = hidden_packed(activation, gu)
+  y = scatter_matmul(a, w_down, routing, x_grouped=True, gates=gates, backend=backend,
+                     config=config)
+  return y, gu, a
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -96,8 +102,10 @@ def _fused_glu(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activat
 
 
 def _fwd(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, activation, backend, config):
-  y, _, g, u = _forward_saving(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes,
-                               activation, backend, config)
+  record = _record(backend)
+  a, g, u = _up(x, w_gate, w_up, sorted_flat, group_sizes, gates.shape[1], activation, record,
+                config, save_gate_up=True)
+  y = _down(a, w_down, gates, sorted_flat, group_sizes, record, config)
   return y, (x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, g, u)
 
 
@@ -142,11 +150,9 @@ def _fused_up_fwd(x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, acti
   # forward+backward 0.98-1.02x the products path's), and the products' residuals are what the
   # backward below reads. Both products take config.down, as the backward's do.
   record = _record(backend)
-  routing = SortedSlots(sorted_flat, group_sizes)
-  gu = scatter_matmul(x, (w_gate, w_up), routing, y_grouped=True, backend=record.scatter_backend,
-                      config=config.down)                                 # (M, 2f) sorted
-  a = hidden_packed(ACTIVATIONS[activation], gu)
-  y = _down(a, w_down, gates, sorted_flat, group_sizes, record, config)
+  y, gu, a = packed_products_glu(x, w_gate, w_up, w_down, SortedSlots(sorted_flat, group_sizes),
+                                 gates, ACTIVATIONS[activation], backend=record.scatter_backend,
+                                 config=config.down)
   return y, (x, w_gate, w_up, w_down, gates, sorted_flat, group_sizes, gu, a)
 
 
