@@ -301,3 +301,15 @@ def test_weight_tuple_validation_names_the_part(rng):
     scatter_matmul(x, (w, w[:, :-1]), routing, y_grouped=True)
   with pytest.raises(ValueError, match=r"w\[1\]"):
     scatter_matmul(x, (w, w.astype(jnp.bfloat16)), routing, y_grouped=True)
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton_interpret"])
+@pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[4]])
+@pytest.mark.parametrize("kin, n", [(24, 40), (40, 24)])
+def test_gated_weight_gradient_scales_either_operand(rng, layout, backend, kin, n):
+  """With gates the weight gradient scales the narrower of x and dy by the gates (K < N: x,
+  else dy); both ways match the reference's gradients."""
+  choices, routing, x, w, gates = make_inputs(rng, kin=kin, n=n, transpose_w=layout[3])
+  if layout[0]:
+    x = jnp.asarray(rng.standard_normal((routing.sorted_flat.shape[0], kin)), jnp.float32)
+  _check_grads(x, w, gates, routing, layout, backend, jnp.float32, 1.0)
