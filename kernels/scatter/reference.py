@@ -13,7 +13,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels.common.groups import row_group_ids
 from kernels.gmm.reference import gmm_reference
 
 
@@ -28,23 +27,14 @@ def scatter_matmul_reference(
     y_grouped: bool = False,
     transpose_w: bool = False,
 ) -> jax.Array:
-  """Float32 reference of kernels.scatter.scatter_matmul (same argument meanings), via per-row weights.
-
-  Builds the (M, K, N) per-row weight tensor, so use it on small shapes only.
-  """
+  """Float32 reference of kernels.scatter.scatter_matmul (same argument meanings). The product
+  is gmm_reference's masked dense product per expert (E times the FLOPs, no per-row weight
+  tensor, which at the GPU check shapes was tens of GiB), zero for rows past the groups."""
   m = sorted_flat.shape[0]
   x32 = x.astype(jnp.float32)
-  w32 = w.astype(jnp.float32)
-  if transpose_w:
-    w32 = jnp.swapaxes(w32, 1, 2)
-  if x_grouped:
-    xin = x32
-  else:
-    xin = x32[sorted_flat // (m // x.shape[0])]
-  gid = row_group_ids(group_sizes, m)
-  valid = gid < w.shape[0]
-  w_rows = w32[jnp.minimum(gid, w.shape[0] - 1)]
-  out = jnp.where(valid[:, None], jnp.einsum("mk,mkn->mn", xin, w_rows), 0.0)  # (M, N) sorted
+  xin = x32 if x_grouped else x32[sorted_flat // (m // x.shape[0])]
+  out = gmm_reference(xin, w.astype(jnp.float32), group_sizes, transpose_rhs=transpose_w,
+                      out_dtype=jnp.float32)                                  # (M, N) sorted
   if y_grouped:
     return out
   flat = jnp.zeros_like(out).at[sorted_flat].set(out)  # token-choice order
