@@ -49,7 +49,8 @@ GPU (one H200; default OUT experiments/results), as two calls meant each to fit 
   python -m experiments.reproduce_scattermoe --parts moa-cost,moa-train [--out DIR]
 (all parts in one call is the default). A configuration cut short by a time limit is rerun alone
 with --configs NAME: the JSON is written after every configuration.
-CPU check of the whole pipeline (CI runs it; tiny shapes, Pallas interpret mode):
+CPU check of the whole pipeline (CI runs it; tiny shapes, the platform's default backends: XLA
+on the CPU, where the kernels' interpreters have tests of their own):
   python -m experiments.reproduce_scattermoe --quick --out DIR
 """
 
@@ -404,7 +405,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="results folder: writes OUT/<device>/<date>-scattermoe.json and .png files "
                        "(default experiments/results)")
   ap.add_argument("--quick", action="store_true",
-                  help="tiny shapes on CPU, Pallas interpret mode, a few training steps (CI)")
+                  help="tiny shapes, the default backends (XLA on CPU), a few training steps (CI)")
   ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
   ap.add_argument("--configs", default=None, help=f"layers: comma-separated of {tuple(CONFIGS)}")
   ap.add_argument("--impls", default=",".join(LAYER_IMPLS), help=f"layers: of {IMPLS}")
@@ -455,7 +456,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> str:
   """Runs the parts asked for; returns the JSON's path."""
   args = parse_args(argv)
-  backend = "triton_interpret" if args.quick else None
+  backend = None   # the platform default: the Pallas kernels on the GPU, XLA on the CPU
   env = bc.environment()
   path = bc.result_path(args.out, "scattermoe", env)
   payload = {"env": env, "parts": {}}

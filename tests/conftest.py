@@ -17,6 +17,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):
+  # Tests marked `slow` (tens of seconds each on a 2-core CPU) run first: pytest-xdist hands out
+  # tests in collection order, and a long test started last keeps one worker busy while the
+  # others have finished. The sort is stable, so every worker collects the same order.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
   if jax.default_backend() == "gpu":
     return
   skip = pytest.mark.skip(reason="needs a GPU")

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -43,6 +45,7 @@ def _run_processes(num_processes: int, layouts: list[str]) -> list[tuple[int, st
   return results
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_device():
   results = _run_processes(2, ["2,2,2", "1,4,2"])
   if any(rc != 0 for rc, _ in results) and any("Address already in use" in out

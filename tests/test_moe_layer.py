@@ -90,6 +90,7 @@ def _loss(impl, x, g):
   return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_impls_match_reference_outputs_and_grads(name, rng):
   layer = _layer(name)

@@ -82,6 +82,7 @@ def test_layer_task_loss_reaches_the_router(routing, impl, rng):
   np.testing.assert_allclose(auto, fd, rtol=3e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["top1_softmax", "top2_renormalized"])
 def test_model_task_loss_reaches_every_router(routing, rng):
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,

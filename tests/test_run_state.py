@@ -39,6 +39,7 @@ def _steps(run_dir) -> list[int]:
   return [r["step"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_at_the_first_non_finite_step_and_saves_nothing_of_it(tmp_path, capsys):
   """--lr 1e6 turns the gradient norm NaN within a few steps. Checkpoints every 2 steps, logging
   every 5: the bad step falls between logging steps and is caught before the next save; the
@@ -66,6 +67,7 @@ def test_diverging_run_stops_at_the_first_non_finite_step_and_saves_nothing_of_i
   assert not (out / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_schedule_and_stop_at_keeps_it(tmp_path, capsys):
   out = tmp_path / "run"
   code = cli.main(["train", *FLAGS, "--steps", "8", "--stop-at", "4", "--log-every", "1",
@@ -118,6 +120,7 @@ def _cli(*argv):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped_renamed_and_kept(tmp_path):
   """Steps 4, 8, 12 saved; step 12's arrays truncated. `sample` uses step 8 and says so in one
   line (renaming nothing); `train` resumes from step 8 with one line naming the damaged
@@ -152,6 +155,7 @@ def test_damaged_newest_checkpoint_is_skipped_renamed_and_kept(tmp_path):
   assert {r["step"]: r["loss"] for r in read_jsonl(str(out / "metrics.jsonl"))} == losses
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_keeps_metrics_in_step_order(tmp_path):
   """A run killed after logging step 6 whose last checkpoint is step 4 (the step-6 one never
   written) resumes from 4: metrics.jsonl holds steps 1..8 once each, strictly increasing."""

@@ -188,6 +188,7 @@ def test_fused_forward_path_matches_reference_and_products(rng, kind, t, k, dtyp
   _check_fused_forward(rng, kind, t, k, dtype, activation, "triton_interpret")
 
 
+@pytest.mark.slow
 def test_fused_forward_path_on_mosaic_interpret(rng):
   """backend "mosaic" (the GPU's "pallas" at these shapes): the backward's grouped products on
   the Mosaic kernels, at their tiles' multiples (d = f = 128); bf16, experts 0 and 3 empty, 42
@@ -410,6 +411,7 @@ def test_fused_glu_lowers_for_h100(activation):
   assert text.count("jaxmoe_scatter2scatter") == text.count("jaxmoe_glu_up")
 
 
+@pytest.mark.slow
 def test_bench_scatter_glu_smoke(tmp_path, monkeypatch):
   """experiments.bench_scatter --smoke --only glu: the three paths timed, the fused path's and
   the unpacked products path's outputs and gradients compared with the products path's, the JSON

@@ -130,6 +130,7 @@ def test_a_bpe_run_keeps_its_tokenizer_and_sample_decodes_with_it(tmp_path, cach
   assert capsys.readouterr().out.startswith("def add")
 
 
+@pytest.mark.slow
 def test_init_from_starts_with_the_saved_parameters(tmp_path):
   import jax
   from flax import nnx
