@@ -90,7 +90,8 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--quick", action="store_true",
-                  help="smaller shapes, the layouts with a tensor axis, the training step at (2,2,2)")
+                  help="smaller shapes, the layouts with a tensor axis, the training step at "
+                       "(2,2,2)")
   args = ap.parse_args()
   if jax.device_count() < 8:
     ap.error(f"needs 8 devices, got {jax.device_count()} (run it as a fresh process: it asks "

@@ -27,11 +27,12 @@ transposed, gathering dy (by token when the output was combined) and writing str
 layout (summed over the k copies when x was in token order); the weight gradient is
 `kernels.gmm.group_xty` over grouped x and grouped dy (gathered here: transient, backward only;
 with gates, the narrower of the two is scaled by them, e.g. the (M, f) hidden rather than a copy
-of the (M, d) output gradient); the gate gradient is d gates[f] = <dy[t], x_in @ W> = <dy[t] @ W^T, x_in>, taken from the unscaled
-data-gradient rows, so the forward keeps no output activations for it. `scatter_matmul_backward`
-is this backward as a function, for an op with a custom_vjp of its own that computes a product's
-forward otherwise and runs scatter_matmul's backward for it (kernels.scatter.glu's fused
-up-projection path: the fused kernel's forward, the products path's backward).
+of the (M, d) output gradient); the gate gradient is d gates[f] = <dy[t], x_in @ W> =
+<dy[t] @ W^T, x_in>, taken from the unscaled data-gradient rows, so the forward keeps no output
+activations for it. `scatter_matmul_backward` is this backward as a function, for an op with a
+custom_vjp of its own that computes a product's forward otherwise and runs scatter_matmul's
+backward for it (kernels.scatter.glu's fused up-projection path: the fused kernel's forward, the
+products path's backward).
 
 Backends (`kernels.scatter.backends.SCATTER_BACKENDS`, which says what each name runs): "triton"
 runs every product in the scatter kernel, as the paper does. "pallas" (the GPU default) and
