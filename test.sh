@@ -8,8 +8,4 @@ bash "$root/scripts/bootstrap.sh"
 cd "$root"
 # worksteal: a worker that runs out of tests takes queued ones from the other (the slow tests,
 # marked in tests/, are queued first; see tests/conftest.py).
-workers="${JAXMOE_TEST_WORKERS:-2}"
-if [[ "$workers" == 0 ]]; then
-  exec "$root/.venv/bin/python" -m pytest -q "$@"
-fi
-exec "$root/.venv/bin/python" -m pytest -q -n "$workers" --dist worksteal "$@"
+exec "$root/.venv/bin/python" -m pytest -q -n "${JAXMOE_TEST_WORKERS:-2}" --dist worksteal "$@"

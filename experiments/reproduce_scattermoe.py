@@ -121,11 +121,12 @@ def scatter_vs(rows: list[dict]) -> dict:
   return out
 
 
-def run_layers(table: dict, names, impls, settings: dict, backend, use_torch: bool, env: dict,
+def run_layers(table: dict, names, impls, settings: dict, use_torch: bool, env: dict,
                results: dict, save) -> dict:
   """Every impl (and torch) at each named configuration of table, into results (a config run
   again replaces its entry; the others stay); save(results) after each configuration. settings:
-  tokens (None: the table's T), capacity_factor, iters."""
+  tokens (None: the table's T), capacity_factor, iters. Every part runs the platform's default
+  backends: the Pallas kernels on the GPU, XLA on the CPU."""
   iters, capacity_factor = settings["iters"], settings["capacity_factor"]
   for name in names:
     shape = table[name]
@@ -136,7 +137,7 @@ def run_layers(table: dict, names, impls, settings: dict, backend, use_torch: bo
     for impl in impls:
       overrides = {"capacity_factor": capacity_factor} if impl == "capacity" else None
       try:
-        row, y = jax_layer(shape, impl, backend, iters, overrides=overrides)
+        row, y = jax_layer(shape, impl, None, iters, overrides=overrides)
         if impl in DROPLESS_IMPLS:   # the same parameters and routing: the same function
           if ref is None:
             ref, row["reference_for_rel_err"] = y, True
@@ -173,13 +174,13 @@ def _throughput(row: dict, tokens: int) -> dict:
 
 # ---------------------------------------------------------------- part "moa-cost"
 
-def attention_cost(spec: dict, variant: str, backend, iters: int) -> dict:
+def attention_cost(spec: dict, variant: str, iters: int) -> dict:
   """Forward / forward+backward time and memory of one attention variant at spec's shape."""
   kind, impl = ("moa", variant.split("-", 1)[1]) if variant.startswith("moa-") else (variant,
                                                                                     "scatter")
   cfg = moa_lm.AttentionConfig(d_model=spec["d_model"], num_experts=spec["num_experts"],
                                top_k=spec["top_k"], heads=spec["heads"],
-                               head_dim=spec["head_dim"], moa_impl=impl, backend=backend)
+                               head_dim=spec["head_dim"], moa_impl=impl)
   layer = moa_lm.make_attention(cfg, kind, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                                 param_dtype=jnp.bfloat16)
   graphdef, state = nnx.split(layer)
@@ -202,11 +203,11 @@ def attention_cost(spec: dict, variant: str, backend, iters: int) -> dict:
           "inference_tokens_per_s": tokens / (row["fwd_ms"] * 1e-3)}
 
 
-def run_moa_cost(spec: dict, variants, backend, iters) -> dict:
+def run_moa_cost(spec: dict, variants, iters) -> dict:
   rows = []
   for v in variants:
     try:
-      rows.append(attention_cost(spec, v, backend, iters))
+      rows.append(attention_cost(spec, v, iters))
     except Exception as err:
       traceback.print_exc()
       rows.append({"variant": v, "error": f"{type(err).__name__}: {err}"[:400]})
@@ -216,7 +217,7 @@ def run_moa_cost(spec: dict, variants, backend, iters) -> dict:
 
 # ---------------------------------------------------------------- part "moa-train"
 
-def run_moa_train(lm_spec: dict, settings: moa_lm.TrainSettings, data_args: dict, backend,
+def run_moa_train(lm_spec: dict, settings: moa_lm.TrainSettings, data_args: dict,
                   attentions) -> dict:
   from jaxmoe import corpus
   from jaxmoe import data as data_lib
@@ -230,7 +231,7 @@ def run_moa_train(lm_spec: dict, settings: moa_lm.TrainSettings, data_args: dict
   spec = dict(lm_spec)
   cfg = moa_lm.LMConfig(
       vocab_size=data_args["vocab_size"], n_layers=spec.pop("n_layers"), d_ff=spec.pop("d_ff"),
-      seq_len=spec.pop("seq_len"), attention=moa_lm.AttentionConfig(**spec, backend=backend))
+      seq_len=spec.pop("seq_len"), attention=moa_lm.AttentionConfig(**spec))
   runs = {}
   for kind in attentions:
     runs[kind] = moa_lm.train(cfg, kind, train_tokens, val_tokens, settings)
@@ -456,7 +457,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> str:
   """Runs the parts asked for; returns the JSON's path."""
   args = parse_args(argv)
-  backend = None   # the platform default: the Pallas kernels on the GPU, XLA on the CPU
   env = bc.environment()
   path = bc.result_path(args.out, "scattermoe", env)
   payload = {"env": env, "parts": {}}
@@ -476,12 +476,12 @@ def main(argv=None) -> str:
     # Configurations measured by an earlier call stay (each with its own run record).
     earlier = dict(payload["parts"].get("layers", {}).get("results", {}))
     run_layers(QUICK_CONFIGS if args.quick else CONFIGS, args.configs, args.impls, settings,
-               backend, use_torch, env, earlier,
+               use_torch, env, earlier,
                lambda results: save("layers", {"results": results}))
   if "moa-cost" in args.parts:
     print("== Mixture-of-Attention cost", flush=True)
     spec = QUICK_MOA_COST if args.quick else MOA_COST
-    save("moa-cost", run_moa_cost(spec, args.moa_variants, backend, args.iters))
+    save("moa-cost", run_moa_cost(spec, args.moa_variants, args.iters))
   if "moa-train" in args.parts:
     print("== Mixture-of-Attention training", flush=True)
     if args.quick:
@@ -496,7 +496,7 @@ def main(argv=None) -> str:
                        corpus_bytes=args.corpus_bytes)
     try:
       result = run_moa_train(QUICK_MOA_LM if args.quick else MOA_LM, settings, data_args,
-                             backend, args.attentions)
+                             args.attentions)
     except ValueError as err:   # the data or tokenizer named on the command line
       print(f"reproduce_scattermoe: error: {err}", file=sys.stderr)
       sys.exit(2)
