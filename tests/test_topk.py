@@ -40,7 +40,7 @@ def _assert_same(got, want, name=""):
 
 
 @pytest.mark.parametrize("t, e, k", [(37, 6, 1), (37, 6, 6), (37, 60, 7), (37, 128, 8),
-                                     (9, 1, 1), (12, 32, 32)])
+                                     (9, 1, 1), (12, 32, 32), (37, 256, 16)])
 def test_kernel_chooses_as_lax_top_k(rng, t, e, k):
   x = jnp.asarray(_scores(rng, t, e, k))
   want = kernels.topk.top_k_reference(x, k)
@@ -104,8 +104,12 @@ def test_pallas_runs_the_kernel_up_to_its_expert_bound():
                               f32).name == "xla"
   # The default configs never exceed the register bound the check enforces.
   for e in (1, 6, 60, 128, 1000, 1024):
-    shape = TopKShape(40960, e, 1)
-    assert topk_triton.check(shape, f32, topk_triton.default_config(shape, f32)) is None, e
+    for k in (1, min(e, topk_triton.LARGE_K)):
+      shape = TopKShape(40960, e, k)
+      assert topk_triton.check(shape, f32, topk_triton.default_config(shape, f32)) is None, e
+  # From k = LARGE_K: a quarter of the scores per program, at 8 warps (4 rows of 256 experts).
+  assert topk_triton.default_config(TopKShape(32768, 256, 16), f32) == TritonTopKConfig(4, 8)
+  assert topk_triton.default_config(TopKShape(32768, 256, 8), f32) == TritonTopKConfig(16, 4)
 
 
 @pytest.mark.parametrize("call, match", [

@@ -59,11 +59,21 @@ class TritonTopKConfig:
       raise ValueError(f"config.num_warps must be a power of two >= 1, got {self.num_warps}")
 
 
+# From k = 16 on a program holds a quarter of BLOCK_ELEMENTS at 8 warps: its k rounds are serial,
+# and fewer rows per program give more programs to hide them (H100 sweep at T 32768, E 256, k 16:
+# 4 rows at 8 warps 93 us, the 16 rows at 4 warps that BLOCK_ELEMENTS gives 146-150 us;
+# experiments/results/h100/2026-12-07-topk-sweep.json). At k <= 8 the sweep's best configs are
+# within noise of the default, so it stays.
+LARGE_K = 16
+
+
 def default_config(shape: TopKShape, dtypes) -> TritonTopKConfig:
-  """BLOCK_ELEMENTS scores per program: 32 rows of 128 experts, 4 rows of 1024."""
+  """BLOCK_ELEMENTS scores per program (32 rows of 128 experts, 4 rows of 1024) at 4 warps; from
+  k = LARGE_K a quarter of that at 8 warps (4 rows of 256 experts)."""
   e_pad = pow2_at_least(shape.e)
-  block_t = max(1, min(128, BLOCK_ELEMENTS // e_pad, pow2_at_least(max(shape.t, 1))))
-  return TritonTopKConfig(block_t=block_t)
+  elements, warps = (BLOCK_ELEMENTS // 4, 8) if shape.k >= LARGE_K else (BLOCK_ELEMENTS, 4)
+  block_t = max(1, min(128, elements // e_pad, pow2_at_least(max(shape.t, 1))))
+  return TritonTopKConfig(block_t=block_t, num_warps=warps)
 
 
 def check(shape: TopKShape, dtypes, config: TritonTopKConfig) -> str | None:
