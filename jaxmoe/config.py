@@ -345,6 +345,10 @@ class ModelConfig:
   topk_group: int | None = None  # only the topk_group best groups eligible (MoEConfig's fields)
   scale_tied_head: bool = True  # a tied LM head multiplies by d_model ** -0.5 (jaxmoe's own
                                 # models; the published ones do not)
+  # > 0: the training loss runs the LM head and the cross-entropy fused, in this many pieces of
+  # the sequence (kernels.cross_entropy.linear_cross_entropy): the (B, T, V) logits are never all
+  # in memory (6.1 GiB in bf16 at the Small preset's batch). 0: the model's logits, then the loss.
+  loss_chunks: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
@@ -405,6 +409,10 @@ class ModelConfig:
         or not 0 <= self.first_dense_layers <= self.n_layers:
       raise ValueError(f"model.first_dense_layers must be an int in [0, n_layers={self.n_layers}], "
                        f"got {self.first_dense_layers!r}")
+    if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) \
+        or not 0 <= self.loss_chunks <= self.max_seq_len:
+      raise ValueError(f"model.loss_chunks must be an int in [0, max_seq_len={self.max_seq_len}], "
+                       f"got {self.loss_chunks!r}")
     for name in ("qkv_bias", "shared_expert_gate", "scale_tied_head", "tie_embeddings"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")

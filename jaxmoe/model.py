@@ -246,6 +246,25 @@ class TransformerLM(nnx.Module):
     self.lm_head = None if cfg.tie_embeddings else _dense(rngs, cfg.d_model, cfg.vocab_size, dtype)
 
   def __call__(self, tokens: jax.Array, deterministic: bool = True):
+    x, stats = self.features(tokens, deterministic)
+    # Operands and logits in the compute dtype (float32 accumulation inside the matmul): a float32
+    # output would make the backward's cotangent float32 and its two matmuls TF32 (about a third
+    # of bf16's rate on the H100), and float32 logits are 4 B per (token, vocab) entry written and
+    # read again (kernels.cross_entropy does the loss's float32 math on the 16-bit logits).
+    return jnp.dot(x, self.head_weight(x.dtype)), stats
+
+  def head_weight(self, dtype: Any) -> jax.Array:
+    """The LM head's (d_model, vocab) weight in `dtype`: logits = features @ head_weight."""
+    if self.lm_head is not None:
+      return self.lm_head.kernel[...].astype(dtype)
+    # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits; the
+    # scale is folded into the table's cast to the compute dtype (one rounding).
+    table = self.embed.embedding[...]
+    return (table * self.cfg.d_model ** -0.5 if self.cfg.scale_tied_head else table).astype(dtype).T
+
+  def features(self, tokens: jax.Array, deterministic: bool = True):
+    """tokens (B, T) -> (the final norm's output (B, T, d_model) in cfg.dtype, stats): all of the
+    model but the head (the fused loss, kernels.cross_entropy.linear_cross_entropy, takes them)."""
     cfg = self.cfg
     if tokens.ndim != 2:
       raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
@@ -264,19 +283,7 @@ class TransformerLM(nnx.Module):
       if s is not None:
         stats.append(s)
     x = checkpointed(self.final_norm, x)   # as the blocks' norms
-    # Operands and logits in the compute dtype (float32 accumulation inside the matmul): a float32
-    # output would make the backward's cotangent float32 and its two matmuls TF32 (about a third
-    # of bf16's rate on the H100), and float32 logits are 4 B per (token, vocab) entry written and
-    # read again (kernels.cross_entropy does the loss's float32 math on the 16-bit logits).
-    if self.lm_head is None:
-      # Tied head: unit-variance embeddings, so scale by 1/sqrt(d) to start with O(1) logits;
-      # the scale is folded into the table's cast to the compute dtype (one rounding, as before).
-      table = self.embed.embedding[...]
-      w = (table * cfg.d_model ** -0.5 if cfg.scale_tied_head else table).astype(x.dtype)
-      logits = jnp.dot(x, w.T)
-    else:
-      logits = self.lm_head(x)
-    return logits, _summarize(stats, cfg.num_experts)
+    return x, _summarize(stats, cfg.num_experts)
 
 
 def _summarize(stats: list[MoEStats], num_experts: int) -> dict[str, jax.Array]:

@@ -1,4 +1,6 @@
-"""kernels.cross_entropy: float32 math on the logits' own dtype, a one-pass backward."""
+"""kernels.cross_entropy: float32 math on the logits' own dtype, a one-pass backward; the LM head
+fused with the loss (linear_cross_entropy): the logits path's values and gradients, chunk by chunk,
+keeping no logits."""
 
 import chex
 import jax
@@ -6,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy
 
 
 def _case(rng, dtype, shape=(3, 17), vocab=301, scale=4.0):
@@ -77,3 +79,72 @@ def test_out_of_range_targets_give_nan(rng):
 def test_bad_input_names_the_argument(logits, targets, match):
   with pytest.raises(ValueError, match=match):
     cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+
+
+def _head_case(rng, dtype, b=3, t=10, d=24, v=97):
+  x = jnp.asarray(rng.standard_normal((b, t, d)), dtype)
+  w = jnp.asarray(rng.standard_normal((d, v)) * 0.5, dtype)
+  y = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+  return x, w, y
+
+
+def _logits_path(x, w, y):
+  """The unfused form: the head's logits in x's dtype, then the mean loss."""
+  logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.mean(cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_chunks", [1, 3, 10])   # 3 does not divide T = 10: a padded piece
+def test_linear_cross_entropy_matches_the_logits_path(rng, dtype, num_chunks):
+  x, w, y = _head_case(rng, dtype)
+  scale = 2.5   # a cotangent other than 1 reaches both gradients
+  f = jax.jit(jax.value_and_grad(lambda x, w: scale * linear_cross_entropy(
+      x, w, y, num_chunks=num_chunks), argnums=(0, 1)))
+  g = jax.jit(jax.value_and_grad(lambda x, w: scale * _logits_path(x, w, y), argnums=(0, 1)))
+  (l1, (dx1, dw1)), (l0, (dx0, dw0)) = f(x, w), g(x, w)
+  assert l1.dtype == jnp.float32 and dx1.dtype == dtype and dw1.dtype == dtype
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  # float32: the same math. bf16: dlogits are rounded before the cotangent's scale, which the
+  # logits path folds in first, and dw is summed over chunks in float32 before its one rounding:
+  # sums over V with cancellation then differ by a few units of the largest terms.
+  for got, want in ((dx1, dx0), (dw1, dw0)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    else:
+      np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+  # Not differentiated: the loss alone, chunk by chunk.
+  np.testing.assert_allclose(jax.jit(lambda x, w: linear_cross_entropy(
+      x, w, y, num_chunks=num_chunks))(x, w), l0 / scale, rtol=1e-6)
+
+
+def test_linear_cross_entropy_keeps_no_logits(rng):
+  """The VJP keeps dx and dw, nothing (B, T, V)-sized; the logits path keeps the logits."""
+  x, w, y = _head_case(rng, jnp.bfloat16, v=301)
+  big = lambda vjp: [r.shape for r in jax.tree.leaves(vjp) if hasattr(r, "shape")
+                     and np.prod(r.shape) >= x.shape[0] * x.shape[1] * w.shape[1]]
+  assert not big(jax.vjp(lambda x, w: linear_cross_entropy(x, w, y, num_chunks=2), x, w)[1])
+  assert big(jax.vjp(lambda x, w: _logits_path(x, w, y), x, w)[1])
+
+
+def test_linear_cross_entropy_out_of_range_target_gives_nan(rng):
+  x, w, y = _head_case(rng, jnp.float32, v=7)
+  y = y.at[0, 0].set(7)
+  assert np.isnan(linear_cross_entropy(x, w, y, num_chunks=2))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_chunks=0), "num_chunks: must be a positive int"),
+    (dict(num_chunks=11), r"num_chunks: must be at most T = 10"),
+    (dict(x=np.zeros((3, 10), np.float32)), r"x: must be a non-empty floating \(B, T, D\)"),
+    (dict(w=np.zeros((23, 97), np.float32)), r"w: must be a \(D=24, V\) array"),
+    (dict(w=np.zeros((24, 97), np.float16)), r"w: must be a \(D=24, V\) array of x's dtype"),
+    (dict(y=np.zeros((3, 9), np.int32)), r"targets: must be an integer array of shape \(B, T\)"),
+])
+def test_linear_cross_entropy_bad_input_names_the_argument(rng, kw, match):
+  x, w, y = _head_case(rng, jnp.float32)
+  args = dict(x=x, w=w, y=y, num_chunks=2)
+  args.update({k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+  with pytest.raises(ValueError, match=match):
+    linear_cross_entropy(args["x"], args["w"], args["y"], num_chunks=args["num_chunks"])

@@ -184,10 +184,34 @@ def test_bf16_compute_float32_params(rng):
     ({"remat_skip": 1}, "needs remat=true"),
     ({"remat_mlp": True, "moe_impl": "scatter"}, "remat_mlp is implemented for"),
     ({"remat_mlp": 1}, "remat_mlp must be true or false"),
+    ({"loss_chunks": -1}, r"loss_chunks must be an int in \[0, max_seq_len=16\]"),
+    ({"loss_chunks": 17}, r"loss_chunks must be an int in \[0, max_seq_len=16\]"),
 ])
 def test_config_errors(override, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{**SMALL, **override})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_same_loss_and_grads_no_logits_kept(rng, tie):
+  """loss_chunks > 0: the training loss (jaxmoe.train.loss_fn) runs the head and the loss fused
+  (kernels.cross_entropy.linear_cross_entropy): the same loss and gradients as the logits path, and
+  its VJP keeps nothing (B, T, V)-sized."""
+  from jaxmoe.train import loss_fn
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+  x, y = tokens[:, :-1], tokens[:, 1:]   # T = 15: 4 chunks, the last one padded
+  out = {}
+  for chunks in (0, 4):
+    model = TransformerLM(ModelConfig(**SMALL, tie_embeddings=tie, loss_chunks=chunks),
+                          rngs=nnx.Rngs(3))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: loss_fn(graphdef)(p, rest, x, y, False)[0]   # noqa: E731
+    out[chunks] = jax.jit(jax.value_and_grad(loss))(params)
+    big = [r.shape for r in jax.tree.leaves(jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params))
+           if hasattr(r, "shape") and tuple(r.shape) in ((2, 15, 64), (30, 64))]
+    assert bool(big) == (chunks == 0), (chunks, big)
+  np.testing.assert_allclose(out[4][0], out[0][0], rtol=1e-6)
+  chex.assert_trees_all_close(out[4][1], out[0][1], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kernels.cross_entropy import linear_cross_entropy
 from jaxmoe.config import DTYPES, ModelConfig, TrainConfig
 from jaxmoe.model import cross_entropy, update_router_biases
 from jaxmoe.train.mesh import batch_sharding
@@ -46,11 +47,20 @@ def microbatches(a: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
 
 
 def loss_fn(graphdef):
-  """loss_fn(params, rest, x, y, deterministic) -> (cross-entropy + the MoE losses, (ce, stats))."""
+  """loss_fn(params, rest, x, y, deterministic) -> (cross-entropy + the MoE losses, (ce, stats)).
+
+  With the model's loss_chunks > 0 the cross-entropy runs fused with the LM head
+  (kernels.cross_entropy.linear_cross_entropy) instead of on the model's logits."""
   def loss(params, rest, x, y, deterministic):
     model = nnx.merge(graphdef, params, rest)
-    logits, stats = model(x, deterministic=deterministic)
-    ce = cross_entropy(logits, y)
+    chunks = model.cfg.loss_chunks
+    if chunks:
+      feats, stats = model.features(x, deterministic=deterministic)
+      ce = linear_cross_entropy(feats, model.head_weight(feats.dtype), y,
+                                num_chunks=min(chunks, feats.shape[1]))
+    else:
+      logits, stats = model(x, deterministic=deterministic)
+      ce = cross_entropy(logits, y)
     return ce + stats["moe_loss"], (ce, stats)
   return loss
 
