@@ -9,8 +9,14 @@ autodiff forms, with timings.
                  bytes such as the space take a large share, where scatter-add atomics contend)
   remat_experts  the Small preset's MoE layer (bf16, grouped, the platform's kernels) with
                  MoEConfig.remat_experts vs without: outputs and gradients
+  linear_cross_entropy  kernels.cross_entropy.linear_cross_entropy (the head and the loss fused,
+                 8 chunks of the sequence) vs the head's logits then cross_entropy: the loss and
+                 the gradients of the features and the head, and the memory XLA plans for each
+  recompute_activation  the Small preset's MoE layer with MoEConfig.recompute_activation vs
+                 without (kernels.grouped_mlp keep_activation=False: the backward's epilogue
+                 writes act(h) again): outputs and gradients, and the planned memory
 
-Shapes are the Small preset's at batch 64: 65536 tokens, vocabulary 50304, d_model 768, ids drawn
+Shapes are the Small preset's at batch 64: 65536 tokens (64 x 1024), vocabulary 50304, d_model 768, ids drawn
 from 256 values (a byte-level corpus); the layer has 64 experts of width 3072, top-1. Each check
 compares values and gradients, then times the forward+backward of both forms in one process
 (ratios; absolute times only from a GPU).
@@ -34,7 +40,7 @@ from experiments import bench_common as bc
 from jaxmoe import MoE, MoEConfig
 from jaxmoe import data as data_lib
 from jaxmoe.model import embed_lookup
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy
 
 
 def check_cross_entropy(tokens: int, vocab: int, timed: bool) -> tuple[bool, dict]:
@@ -117,7 +123,68 @@ def check_remat_experts(tokens: int, d: int, f: int, experts: int, timed: bool
   return ok, res
 
 
-CHECKS = ("cross_entropy", "embed_grad", "embed_grad_text", "remat_experts")
+def check_linear_cross_entropy(tokens: int, vocab: int, d: int, timed: bool
+                               ) -> tuple[bool, dict]:
+  b = 64 if tokens % 64 == 0 else 1
+  k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(k1, (b, tokens // b, d), jnp.float32).astype(jnp.bfloat16)
+  w = (jax.random.normal(k2, (d, vocab), jnp.float32) * d ** -0.5).astype(jnp.bfloat16)
+  y = jax.random.randint(k3, (b, tokens // b), 0, vocab, jnp.int32)
+
+  def logits_path(x, w):
+    logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.mean(cross_entropy(logits, y))
+
+  fused = lambda x, w: linear_cross_entropy(x, w, y, num_chunks=8)   # noqa: E731
+  ours, ref = (jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for f in (fused, logits_path))
+  (l1, (dx1, dw1)), (l0, (dx0, dw0)) = ours(x, w), ref(x, w)
+  res = {"loss_rel_err": bc.rel_err(l1, l0), "dx_rel_err": bc.rel_err(dx1, dx0),
+         "dw_rel_err": bc.rel_err(dw1, dw0),
+         "planned_gib": bc.compiled_bytes(jax.value_and_grad(fused, argnums=(0, 1)), x, w) / 2**30,
+         "reference_planned_gib": bc.compiled_bytes(
+             jax.value_and_grad(logits_path, argnums=(0, 1)), x, w) / 2**30}
+  # The same math in the same dtypes; dw is summed over chunks in float32 before its rounding.
+  ok = res["loss_rel_err"] < 1e-5 and res["dx_rel_err"] < 1e-2 and res["dw_rel_err"] < 1e-2
+  if timed:
+    res["ms"] = bc.time_jax(ours, x, w)
+    res["reference_ms"] = bc.time_jax(ref, x, w)
+  return ok, res
+
+
+def check_recompute_activation(tokens: int, d: int, f: int, experts: int, timed: bool
+                               ) -> tuple[bool, dict]:
+  layers = [MoE(MoEConfig(d_model=d, d_ff=f, num_experts=experts, top_k=1, activation="gelu_tanh",
+                          recompute_activation=r), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+            for r in (True, False)]
+  k1, k2 = jax.random.split(jax.random.key(5))
+  x = jax.random.normal(k1, (tokens, d), jnp.bfloat16)
+  g = jax.random.normal(k2, (tokens, d), jnp.bfloat16)
+
+  def fwd_bwd(layer):
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x):
+      y, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, x)
+      return y, vjp(g)
+    return run, state
+
+  (ours, state), (plain, state0) = fwd_bwd(layers[0]), fwd_bwd(layers[1])
+  (y, grads), (y0, grads0) = jax.jit(ours)(state, x), jax.jit(plain)(state0, x)
+  pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)))
+  res = {"y_rel_err": bc.rel_err(y, y0),
+         "grad_rel_err": max(bc.rel_err(a, b) for a, b in pairs if a.size),
+         "planned_gib": bc.compiled_bytes(ours, state, x) / 2**30,
+         "reference_planned_gib": bc.compiled_bytes(plain, state0, x) / 2**30}
+  # The same kernels, and act(h) from the same h: equal up to the order XLA sums in.
+  ok = res["y_rel_err"] < 1e-6 and res["grad_rel_err"] < 1e-2
+  if timed:
+    res["ms"] = bc.time_jax(jax.jit(ours), state, x)
+    res["reference_ms"] = bc.time_jax(jax.jit(plain), state0, x)
+  return ok, res
+
+
+CHECKS = ("cross_entropy", "embed_grad", "embed_grad_text", "remat_experts",
+          "linear_cross_entropy", "recompute_activation")
 
 
 def main() -> int:
@@ -138,7 +205,9 @@ def main() -> int:
   checks = {"cross_entropy": lambda: check_cross_entropy(tokens, vocab, timed),
             "embed_grad": lambda: check_embed_grad(tokens, vocab, d, timed),
             "embed_grad_text": lambda: check_embed_grad(tokens, vocab, d, timed, text=True),
-            "remat_experts": lambda: check_remat_experts(tokens, d, f, e, timed)}
+            "remat_experts": lambda: check_remat_experts(tokens, d, f, e, timed),
+            "linear_cross_entropy": lambda: check_linear_cross_entropy(tokens, vocab, d, timed),
+            "recompute_activation": lambda: check_recompute_activation(tokens, d, f, e, timed)}
   for name in chosen:
     ok, res = checks[name]()
     results[name] = {"ok": ok, **res}

@@ -108,6 +108,13 @@ class MoEConfig:
     fuse_activation: impl "grouped" runs a plain MLP's (no GLU, no biases) activation inside the
       grouped products' epilogues (kernels.grouped_mlp) where the backend has them (Mosaic GPU);
       False: the separate products and elementwise passes (the same values).
+    recompute_activation: with fuse_activation on impl "grouped" (a plain MLP without biases),
+      the forward pass keeps only the pre-activation h for the backward pass, and the backward's
+      data-gradient product writes act(h) again in its epilogue (kernels.grouped_mlp's
+      keep_activation=False): one (rows, d_ff) array less memory per layer between the passes,
+      one (rows, d_ff) write more in the backward. The same values. Like fuse_activation, a
+      choice of the single-device layer (the expert-parallel one runs separate products and
+      ParallelConfig.remat chooses what it recomputes).
     fuse_glu: a GLU's activation in its up projection's kernel. impl "grouped": a GLU without
       biases runs as kernels.grouped_glu (act(gate) * up and its gradient in the products'
       epilogues); impl "scatter": scatter_glu(fused=True) where the backend has the fused GLU
@@ -143,6 +150,7 @@ class MoEConfig:
   remat_experts: bool = False
   fuse_activation: bool = True
   fuse_glu: bool = False
+  recompute_activation: bool = False
 
   def __post_init__(self):
     for name in ("d_model", "d_ff", "num_experts"):
@@ -158,9 +166,15 @@ class MoEConfig:
     _check_choice("backend", self.backend, BACKENDS)
     self._check_routing()
     self._check_groups()
-    for name in ("fuse_activation", "fuse_glu"):
+    for name in ("fuse_activation", "fuse_glu", "recompute_activation"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.recompute_activation and not (self.impl == "grouped" and self.fuse_activation
+                                          and not self.is_glu and not self.use_bias):
+      raise ValueError(f"MoEConfig.recompute_activation=True needs impl='grouped' with "
+                       f"fuse_activation=True, a plain (non-GLU) activation and no biases; got "
+                       f"impl={self.impl!r}, fuse_activation={self.fuse_activation}, "
+                       f"activation={self.activation!r}, use_bias={self.use_bias}")
     if self.fuse_glu and not (self.is_glu and self.d_ff % GLU_UNIT == 0):
       raise ValueError(f"MoEConfig.fuse_glu=True needs a GLU activation and d_ff a multiple of "
                        f"{GLU_UNIT}, got activation={self.activation!r}, d_ff={self.d_ff}")
@@ -328,6 +342,7 @@ class ModelConfig:
                              # (expert-parallel MoE layers: their comm-aware remat)
   fuse_activation: bool = True  # MoEConfig's field: the activation in the grouped kernels
   fuse_glu: bool = False     # MoEConfig's field: a GLU's activation in the grouped kernels
+  recompute_activation: bool = False  # MoEConfig's field: keep h, not act(h), for the backward
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
@@ -360,7 +375,7 @@ class ModelConfig:
         or not 0 <= self.remat_skip <= self.n_layers:
       raise ValueError(f"model.remat_skip must be an int in [0, n_layers={self.n_layers}], got "
                        f"{self.remat_skip!r}")
-    for name in ("remat_mlp", "fuse_activation", "fuse_glu"):
+    for name in ("remat_mlp", "fuse_activation", "fuse_glu", "recompute_activation"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
     if self.remat_mlp and self.ffn == "moe" and self.moe_impl not in REMAT_EXPERTS_IMPLS:
@@ -439,7 +454,8 @@ class ModelConfig:
                      aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
                      bias_balancing=self.bias_balancing, backend=self.backend,
                      block_size=self.block_size, remat_experts=self.remat_mlp,
-                     fuse_activation=self.fuse_activation, fuse_glu=self.fuse_glu)
+                     fuse_activation=self.fuse_activation, fuse_glu=self.fuse_glu,
+                     recompute_activation=self.recompute_activation)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

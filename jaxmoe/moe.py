@@ -160,7 +160,8 @@ class MoE(nnx.Module):
       fused = {}
       if impl == "grouped" and cfg.fuse_activation:
         fused["fused_mlp"] = functools.partial(
-            kernels.grouped_mlp, activation=activation_fn(cfg.activation), backend=cfg.backend)
+            kernels.grouped_mlp, activation=activation_fn(cfg.activation), backend=cfg.backend,
+            keep_activation=not cfg.recompute_activation)
       if impl == "grouped" and cfg.fuse_glu:
         fused["fused_glu"] = functools.partial(
             kernels.grouped_glu, activation=activation_fn(cfg.activation), backend=cfg.backend)

@@ -19,6 +19,7 @@ from kernels.gmm import mosaic, mosaic_common, mosaic_kernel, mosaic_ws_kernel
 from kernels.gmm.epilogue import (
     Epilogue, activation_grad_tile, activation_tile, deinterleave, interleave)
 from kernels.gmm.reference import gmm_reference
+from kernels.gmm.shapes import GroupedShape, dtypes
 from kernels.hidden import hidden, hidden_packed
 
 ACTS = tuple(ACTIVATIONS)
@@ -91,6 +92,28 @@ def test_xla_matches_reference_and_separate_passes(activation):
   np.testing.assert_array_equal(np.asarray(got[0][sum(sizes):], np.float32), 0.0)
 
 
+@pytest.mark.parametrize("backend", ["xla", pytest.param("mosaic_interpret", marks=pytest.mark.slow)])
+def test_keep_activation_false_same_values_less_kept(two_sms, backend):
+  """keep_activation=False: the backward writes a = act(h) again (Epilogue
+  "activation_grad_value") instead of keeping it: the same output and gradients, bit for bit, and
+  one (M, f) residual fewer."""
+  m, sizes = CASES["ragged_tail"]
+  x, w_in, w_out, gs, probe = _inputs(m, sizes)
+  fn = lambda keep: jax.jit(functools.partial(_value_and_grads, lambda x, a, b: kernels.grouped_mlp(
+      x, a, b, gs, activation="gelu_tanh", backend=backend, keep_activation=keep)))  # noqa: E731
+  for name, g, w in zip(("y", "dx", "dw_in", "dw_out"), fn(False)(x, w_in, w_out, probe),
+                        fn(True)(x, w_in, w_out, probe)):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                  err_msg=name)
+  if backend != "xla":
+    assert _no_interpret_races()
+  hidden_sized = lambda keep: sum(
+      tuple(r.shape) == (m, F) for r in jax.tree.leaves(jax.vjp(lambda x: kernels.grouped_mlp(
+          x, w_in, w_out, gs, activation="gelu_tanh", backend="xla", keep_activation=keep),
+          x)[1]) if hasattr(r, "shape"))
+  assert (hidden_sized(True), hidden_sized(False)) == (2, 1)
+
+
 def test_the_activation_can_be_given_as_a_function():
   m, sizes = CASES["ragged_tail"]
   x, w_in, w_out, gs, _ = _inputs(m, sizes)
@@ -139,6 +162,12 @@ def test_mosaic_epilogues_equal_their_separate_passes(two_sms, activation):
            residual=h)
   da = run(dy, w_out, gs, transpose_rhs=True)
   assert_close(dh, activation_grad_tile(activation, h, da), jnp.bfloat16, factor=0.1, name="dh")
+  dh2, a2 = run(dy, w_out, gs, transpose_rhs=True,
+                epilogue=Epilogue("activation_grad_value", activation), residual=h)
+  assert_close(dh2, activation_grad_tile(activation, h, da), jnp.bfloat16, factor=0.1, name="dh2")
+  # The activation from h read back equals the forward epilogue's, computed from the same values.
+  used = sum(CASES["ragged_tail"][1])
+  np.testing.assert_array_equal(np.asarray(a2[:used], np.float32), np.asarray(a[:used], np.float32))
   assert _no_interpret_races()
 
 
@@ -154,10 +183,13 @@ def test_epilogues_lower_for_gpu(activation):
   up = functools.partial(mosaic_ws_kernel.gmm, transpose_rhs=False, out_dtype=jnp.bfloat16,
                          epilogue=Epilogue("activation", activation))
   assert lower_for_gpu(up, sds(m, 512), sds(g, 512, 1024), sds(g, dtype=jnp.int32))
-  grad = functools.partial(mosaic_ws_kernel.gmm, transpose_rhs=True, out_dtype=jnp.bfloat16,
-                           epilogue=Epilogue("activation_grad", activation))
-  assert lower_for_gpu(lambda a, b, c, h: grad(a, b, c, residual=h), sds(m, 512),
-                       sds(g, 1024, 512), sds(g, dtype=jnp.int32), sds(m, 1024))
+  for kind in ("activation_grad", "activation_grad_value"):
+    config = mosaic.gmm_epilogue_config(GroupedShape(m, 512, 1024, g), dtypes(jnp.bfloat16), None,
+                                        Epilogue(kind, activation))
+    grad = functools.partial(mosaic_ws_kernel.gmm, transpose_rhs=True, out_dtype=jnp.bfloat16,
+                             epilogue=Epilogue(kind, activation), config=config)
+    assert lower_for_gpu(lambda a, b, c, h: grad(a, b, c, residual=h), sds(m, 512),
+                         sds(g, 1024, 512), sds(g, dtype=jnp.int32), sds(m, 1024)), kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +198,7 @@ def test_epilogues_lower_for_gpu(activation):
 
 def test_epilogue_rejects_unknown_kind_and_activation():
   with pytest.raises(ValueError, match=r"kind must be one of \('activation', 'activation_grad', "
-                     r"'glu', 'glu_grad'\), got 'softmax'"):
+                     r"'activation_grad_value', 'glu', 'glu_grad'\), got 'softmax'"):
     Epilogue("softmax", "relu")
   with pytest.raises(ValueError, match="activation must be one of .*got 'tanh'"):
     Epilogue("activation", "tanh")

@@ -374,6 +374,31 @@ def test_fused_activation_same_function_as_separate_passes(rng, monkeypatch):
     MoEConfig(**base, fuse_activation="yes")
 
 
+def test_recompute_activation_same_values_one_hidden_array_less(rng, monkeypatch):
+  """recompute_activation=True: the layer passes keep_activation=False to kernels.grouped_mlp:
+  the same output and gradients, and its VJP keeps one (rows, d_ff) array fewer; it is refused
+  where the fused plain MLP does not run."""
+  base = dict(d_model=D, d_ff=F, num_experts=E, activation="gelu_tanh", top_k=2)
+  x = jnp.asarray(rng.standard_normal((2, 9, D)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  out, kept = {}, {}
+  for flag in (False, True):
+    layer = MoE(MoEConfig(**base, recompute_activation=flag), rngs=nnx.Rngs(0))
+    grads = nnx.grad(_loss("grouped", x, g), argnums=(0, 1))(layer, x)
+    out[flag] = (layer(x)[0], nnx.state(grads[0]), grads[1])
+    graphdef, state = nnx.split(layer)
+    saved = jax.tree.leaves(jax.eval_shape(
+        lambda s: jax.vjp(lambda s: nnx.merge(graphdef, s)(x)[0], s)[1], state))
+    kept[flag] = sum(getattr(a, "shape", None) == (x.size // D * 2, F) for a in saved)
+  chex.assert_trees_all_close(out[True], out[False], rtol=0, atol=0)
+  assert kept[False] == kept[True] + 1, kept
+  for bad in (dict(activation="swiglu"), dict(fuse_activation=False), dict(impl="ragged_dot"),
+              dict(use_bias=True)):
+    with pytest.raises(ValueError, match="recompute_activation=True needs impl='grouped' with "
+                                         "fuse_activation=True, a plain"):
+      MoEConfig(**{**base, **bad}, recompute_activation=True)
+
+
 def test_fuse_glu_runs_grouped_glu_with_the_same_values(rng, monkeypatch):
   """fuse_glu=True: a GLU without biases in impl "grouped" runs as kernels.grouped_glu, with the
   outputs and gradients of the separate products (and the dense reference), under remat too;

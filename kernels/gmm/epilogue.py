@@ -10,6 +10,10 @@ pass over a (rows, d_ff) array each time (a write and a read of it, and one of t
                                     pass and the activation that feeds the next product
   Epilogue("activation_grad", act)  one more input h (rows, N); out = dh, the gradient through
                                     a = act(h) of da = acc (rounded to the output dtype)
+  Epilogue("activation_grad_value", act)   as "activation_grad", and a second output a = act(h):
+                                    the activation recomputed where h is read anyway, for an MLP
+                                    whose forward pass did not keep it (the down projection's
+                                    weight gradient takes it)
 
 The tile math is `kernels.hidden`'s: the activation runs in float32 on the 16-bit value and is
 rounded back, and the gradient is jax.vjp of that same function. The activation is its kernel
@@ -43,7 +47,7 @@ from jax.extend.core import primitives as prims
 from kernels.activations import ACTIVATIONS, kernel_activation
 from kernels.hidden import hidden_math
 
-KINDS = ("activation", "activation_grad", "glu", "glu_grad")
+KINDS = ("activation", "activation_grad", "activation_grad_value", "glu", "glu_grad")
 # Columns of one gate (or up) unit in the interleaved GLU layout.
 GLU_UNIT = 64
 
@@ -68,8 +72,8 @@ class Epilogue:
 
   def output_widths(self, n: int) -> tuple[int, ...]:
     """Columns of each output of a product of width n."""
-    return {"activation": (n, n), "activation_grad": (n,), "glu": (n, n // 2),
-            "glu_grad": (2 * n,)}[self.kind]
+    return {"activation": (n, n), "activation_grad": (n,), "activation_grad_value": (n, n),
+            "glu": (n, n // 2), "glu_grad": (2 * n,)}[self.kind]
 
   @property
   def num_outputs(self) -> int:
@@ -78,11 +82,11 @@ class Epilogue:
   @property
   def takes_residual(self) -> bool:
     """Whether the kernel reads the forward's product (h, or gu) as one more input."""
-    return self.kind in ("activation_grad", "glu_grad")
+    return self.kind in ("activation_grad", "activation_grad_value", "glu_grad")
 
   def residual_width(self, n: int) -> int | None:
     """Columns of the residual input of a product of width n (None: it takes none)."""
-    return {"activation_grad": n, "glu_grad": 2 * n}.get(self.kind)
+    return {"activation_grad": n, "activation_grad_value": n, "glu_grad": 2 * n}.get(self.kind)
 
   def apply(self, out: jax.Array, residual: jax.Array | None = None):
     """The epilogue as separate passes over the product `out`: what the kernel returns."""
@@ -95,6 +99,9 @@ class Epilogue:
     residual = jax.lax.optimization_barrier(residual)
     if self.kind == "activation_grad":
       return activation_grad_tile(self.activation, residual, out)
+    if self.kind == "activation_grad_value":
+      return (activation_grad_tile(self.activation, residual, out),
+              activation_tile(self.activation, residual))
     return interleave(*glu_grad_tile(self.activation, *deinterleave(residual), out))
 
 

@@ -15,7 +15,8 @@ in the backward, the write and read of d(a). The residuals (x, h, a and the weig
 grouped_matmul + kernels.hidden + grouped_matmul keep, and so are the values, to float32
 rounding of the activation (kernels.gmm.epilogue): the epilogue rounds the product to 16 bits
 before the activation, as the separate passes do. On backends without epilogues the same
-epilogues run as separate passes.
+epilogues run as separate passes. With keep_activation=False the forward keeps x and h only, and
+the backward's data-gradient epilogue writes a = act(h) again next to dh.
 
   grouped_glu(x (M, d), w_gate, w_up (G, d, f), w_out (G, f, d), group_sizes, activation)
       y[m] = (act(x[m] W_gate[g]) * (x[m] W_up[g])) W_out[g]
@@ -51,23 +52,27 @@ def _activation(activation) -> str:
   return name
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _grouped_mlp(x, w_in, w_out, group_sizes, activation, backend):
-  return _grouped_mlp_fwd(x, w_in, w_out, group_sizes, activation, backend)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _grouped_mlp(x, w_in, w_out, group_sizes, activation, backend, keep_activation):
+  return _grouped_mlp_fwd(x, w_in, w_out, group_sizes, activation, backend, keep_activation)[0]
 
 
-def _grouped_mlp_fwd(x, w_in, w_out, group_sizes, activation, backend):
+def _grouped_mlp_fwd(x, w_in, w_out, group_sizes, activation, backend, keep_activation):
   h, a = run_gmm(x, w_in, group_sizes, False, backend, x.dtype,
                  epilogue=Epilogue("activation", activation))
   y = run_gmm(a, w_out, group_sizes, False, backend, x.dtype)
-  return y, (x, w_in, w_out, group_sizes, h, a)
+  return y, (x, w_in, w_out, group_sizes, h, a if keep_activation else None)
 
 
-def _grouped_mlp_bwd(activation, backend, residuals, dy):
+def _grouped_mlp_bwd(activation, backend, keep_activation, residuals, dy):
   x, w_in, w_out, group_sizes, h, a = residuals
   dy = dy.astype(x.dtype)
-  dh = run_gmm(dy, w_out, group_sizes, True, backend, x.dtype,
-               epilogue=Epilogue("activation_grad", activation), residual=h)
+  if keep_activation:
+    dh = run_gmm(dy, w_out, group_sizes, True, backend, x.dtype,
+                 epilogue=Epilogue("activation_grad", activation), residual=h)
+  else:   # a = act(h) again, in the same epilogue that reads h for the derivative
+    dh, a = run_gmm(dy, w_out, group_sizes, True, backend, x.dtype,
+                    epilogue=Epilogue("activation_grad_value", activation), residual=h)
   dw_out = run_xty(a, dy, group_sizes, backend, w_out.dtype)
   dw_in = run_xty(x, dh, group_sizes, backend, w_in.dtype)
   dx = run_gmm(dh, w_in, group_sizes, True, backend, x.dtype)
@@ -85,6 +90,7 @@ def grouped_mlp(
     *,
     activation: str | Callable[[jax.Array], jax.Array],
     backend: str | None = None,
+    keep_activation: bool = True,
 ) -> jax.Array:
   """Differentiable act(x W_in) W_out per group; see the module docstring.
 
@@ -95,11 +101,17 @@ def grouped_mlp(
     activation: a kernels.activations.ACTIVATIONS name, or one of its functions.
     backend: a name of GMM_BACKENDS (kernels.gmm.backends), as for grouped_matmul: every product
       runs there (None: "pallas" on a GPU, "xla" elsewhere).
+    keep_activation: True: the forward pass keeps a = act(h) for the backward one (with x and h).
+      False: it keeps x and h only, and the backward's data-gradient product writes a again from
+      h in its epilogue (Epilogue("activation_grad_value")): an (M, f) array less memory between
+      the passes for one more (M, f) write in the backward. The same values either way.
 
   Returns:
     (M, d) in x's dtype.
   """
   backend = GMM_BACKENDS.validate(backend)
+  if not isinstance(keep_activation, bool):
+    raise ValueError(f"keep_activation: must be True or False, got {keep_activation!r}")
   name = _activation(activation)
   validation.check_float_operand("x", x, 2)
   validation.check_float_operand("w_in", w_in, 3)
@@ -112,7 +124,7 @@ def grouped_mlp(
     raise ValueError(f"w_out: must have shape (G, f, d) = {(g, f, d)} to match w_in, got "
                      f"{tuple(w_out.shape)}")
   validation.check_group_sizes(group_sizes, g)
-  return _grouped_mlp(x, w_in, w_out, group_sizes, name, backend)
+  return _grouped_mlp(x, w_in, w_out, group_sizes, name, backend, keep_activation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

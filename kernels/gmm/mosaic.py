@@ -128,9 +128,10 @@ def gmm_epilogue_config(shape: GroupedShape, dtypes: Dtypes, tuned: GmmConfig | 
   The activation's epilogue runs on 64-column chunks: over a whole 128-column block its float32
   temporaries spilled registers (H200, Small's up projection: 1.08 ms against 0.83, the plain
   product 0.63); the derivative's, which also loads the pre-activation per chunk, does not spill
-  and keeps the block (0.86 ms against 0.90 in chunks)."""
+  and keeps the block (0.86 ms against 0.90 in chunks). The derivative with the activation's
+  value computes both: 64-column chunks, as the activation's."""
   config = tuned if isinstance(tuned, MosaicWsGmmConfig) else MosaicWsGmmConfig()
-  if epilogue.kind == "activation" and config.epi_cols is None:
+  if epilogue.kind in ("activation", "activation_grad_value") and config.epi_cols is None:
     config = dataclasses.replace(config, epi_cols=64)
   if epilogue.is_glu:   # one gate and one up unit per warpgroup, a unit per chunk
     config = dataclasses.replace(config, block_n=2 * GLU_UNIT, epi_cols=GLU_UNIT)

@@ -127,7 +127,8 @@ def gmm(
   """Grouped matmul; see the module docstring. Inputs are validated by the public op.
 
   epilogue: None (out = the product), or an Epilogue: "activation" returns (h, act(h)),
-  "activation_grad" takes the pre-activation `residual` (M, N) and returns its gradient."""
+  "activation_grad" takes the pre-activation `residual` (M, N) and returns its gradient,
+  "activation_grad_value" that gradient and act(residual)."""
   cfg = config or MosaicWsGmmConfig()
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
@@ -331,7 +332,7 @@ def _epilogue_targets(epilogue: Epilogue | None, c: int, epi: int,
   [col0, col0 + epi)."""
   if epilogue is None or epilogue.kind == "activation_grad":
     return [(0, col0)]
-  if epilogue.kind == "activation":
+  if epilogue.kind in ("activation", "activation_grad_value"):
     return [(0, col0), (1, col0)]
   unit = epilogue_lib.GLU_UNIT
   if epilogue.kind == "glu":   # chunk 0 the gate unit, chunk 1 the up unit and then a
@@ -352,6 +353,9 @@ def _epilogue_values(epilogue: Epilogue | None, acc, c: int, epi: int, col0,
     return [out, epilogue_lib.activation_tile(act, out)]
   if epilogue.kind == "activation_grad":
     return [epilogue_lib.activation_grad_tile(act, load_residual(col0), out)]
+  if epilogue.kind == "activation_grad_value":
+    h = load_residual(col0)
+    return [epilogue_lib.activation_grad_tile(act, h, out), epilogue_lib.activation_tile(act, h)]
   if epilogue.kind == "glu":
     return [out] if c == 0 else [out, epilogue_lib.glu_tile(act, acc[:, :epi], out)]
   gate, up = load_residual(2 * col0), load_residual(2 * col0 + epilogue_lib.GLU_UNIT)
