@@ -44,6 +44,7 @@ from jaxmoe import cli  # noqa: E402
 from jaxmoe import data as data_lib  # noqa: E402
 from jaxmoe.config import IMPLS, ModelConfig, TrainConfig  # noqa: E402
 from jaxmoe.model import flops_per_token, param_counts  # noqa: E402
+from jaxmoe.presets import with_impl  # noqa: E402
 from jaxmoe.train import build_program, peak_flops, train_mesh  # noqa: E402
 
 # variant -> ModelConfig overrides
@@ -54,6 +55,18 @@ VARIANTS = {
     "capacity": {"ffn": "moe", "moe_impl": "capacity", "capacity_factor": 1.0},
     "dense": {"ffn": "dense"},
 }
+
+
+def variant_config(model_base, overrides: dict):
+  """The base ModelConfig with a variant's overrides; a MoE impl other than the base's takes the
+  preset's memory settings as jaxmoe.presets.with_impl gives them, a dense model recomputes nothing
+  of the experts."""
+  fields = model_base.to_dict()
+  if overrides.get("ffn") == "dense":
+    fields["recompute_activation"] = False
+  elif "moe_impl" in overrides:
+    fields = with_impl(fields, overrides["moe_impl"])
+  return dataclasses.replace(model_base, **{**fields, **overrides})
 
 
 def bench_variant(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
@@ -165,7 +178,7 @@ def main() -> int:
     if args.smoke and name == "blocksparse":
       overrides["block_size"] = 16                # the test preset's d_ff is 64
     try:
-      model_cfg = dataclasses.replace(model_base, **overrides)
+      model_cfg = variant_config(model_base, overrides)
       res = bench_variant(name, model_cfg, train_cfg, tokens, args.warmup)
     except Exception:  # report and go on with the other variants
       traceback.print_exc()

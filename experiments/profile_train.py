@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from experiments import bench_common as bc
-from experiments.bench_train import VARIANTS, add_config_args, resolve_configs
+from experiments.bench_train import VARIANTS, add_config_args, resolve_configs, variant_config
 from experiments.trace_summary import summarize_trace
 from jaxmoe import data as data_lib
 from jaxmoe.config import ModelConfig, TrainConfig
@@ -133,7 +133,7 @@ def main() -> int:
 
   results = {}
   for name in args.variants.split(","):
-    model_cfg = dataclasses.replace(model_base, **VARIANTS[name])
+    model_cfg = variant_config(model_base, VARIANTS[name])
     try:
       r = profile_variant(name, model_cfg, train_cfg, tokens, args.iters, args.trace_steps,
                           args.out, args.top, phases=not args.no_phases,

@@ -26,6 +26,7 @@ import statistics
 
 from experiments import bench_common as bc
 from jaxmoe.metrics import read_jsonl
+from jaxmoe.presets import with_impl
 
 VARIANTS = ("dmoe", "capacity-1.0", "capacity-1.5", "capacity-2.0", "dense")
 # --quick: an XS-shaped model small enough for a CPU (byte tokens, the embedded corpus).
@@ -36,13 +37,14 @@ QUICK_TRAIN = dict(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, 
                    eval_batches=2, ckpt_every=0, log_every=5, corpus_bytes=1 << 20)
 
 
-def variant_overrides(name: str) -> dict:
+def variant_model(name: str, model: dict) -> dict:
+  """The model fields of variant `name` from the preset's (or the quick model's) `model`."""
   if name == "dmoe":
-    return {}
+    return model
   if name == "dense":
-    return {"ffn": "dense", "remat_mlp": False}
+    return {**model, "ffn": "dense", "remat_mlp": False, "recompute_activation": False}
   factor = float(name.split("-")[1])
-  return {"moe_impl": "capacity", "capacity_factor": factor}
+  return {**with_impl(model, "capacity"), "capacity_factor": factor}
 
 
 def train_variant(name: str, preset: str, out_dir: str, train_overrides: dict, quick: bool) -> str:
@@ -51,7 +53,7 @@ def train_variant(name: str, preset: str, out_dir: str, train_overrides: dict, q
   from jaxmoe.train import run
 
   p = get_preset(preset)
-  model = {**(QUICK_MODEL if quick else p["model"]), **variant_overrides(name)}
+  model = variant_model(name, QUICK_MODEL if quick else p["model"])
   train = {**(QUICK_TRAIN if quick else p["train"]), **train_overrides}
   run_dir = os.path.join(out_dir, name)
   print(f"== {name}: {run_dir}", flush=True)

@@ -25,20 +25,31 @@ _TINY_TRAIN = dict(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=
                    eval_every=50, eval_batches=4, ckpt_every=50, log_every=10)
 
 
-def _megablocks(d_model: int, n_layers: int, n_heads: int, remat: bool = False,
-                remat_mlp: bool = False) -> dict[str, Any]:
+def _megablocks(d_model: int, n_layers: int, n_heads: int, **memory: Any) -> dict[str, Any]:
+  """memory: the ModelConfig fields that trade compute for memory (remat, remat_mlp, loss_chunks,
+  recompute_activation)."""
   return {
       "model": dict(vocab_size=50304, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                     n_kv_heads=n_heads, d_ff=4 * d_model, activation="gelu_tanh", max_seq_len=1024,
                     ffn="moe", num_experts=64, top_k=1, router="softmax_topk", renormalize=False,
-                    moe_impl="grouped", dtype="bfloat16",
-                    remat=remat, remat_mlp=remat_mlp, capacity_factor=1.0),
+                    moe_impl="grouped", dtype="bfloat16", capacity_factor=1.0, **memory),
       # Real text: the Python sources on the machine ("python", up to 128 MB), tokenized by a
       # byte-level BPE of the model's vocabulary trained on them (cached after the first run).
       "train": dict(steps=20000, batch_size=64, seq_len=1024, lr=6e-4, warmup_steps=2000,
                     eval_every=1000, eval_batches=8, ckpt_every=1000, log_every=50,
                     data="python", tokenizer="bpe", corpus_bytes=128 << 20),
   }
+
+
+def with_impl(model: dict[str, Any], moe_impl: str) -> dict[str, Any]:
+  """A preset's model fields with another MoE impl. recompute_activation (keep the expert MLP's
+  pre-activation only) runs on the fused grouped MLP alone; another impl recomputes the whole
+  expert MLP instead (remat_mlp), as the capacity baseline at Small does (266.1 ms a step on the
+  H100, 2026-11-23): its (E, C, d) buffers go through separate products."""
+  model = {**model, "moe_impl": moe_impl}
+  if moe_impl != "grouped" and model.get("recompute_activation"):
+    model.update(recompute_activation=False, remat_mlp=True)
+  return model
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -54,21 +65,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       eval_batches=2, ckpt_every=10, log_every=5, corpus_bytes=1 << 20),
     },
     # Small's 64 experts make 3.6B parameters: weights, Adam moments and gradients take ~52 GB,
-    # and batch 64 fits an 80 GB H100 only when some activations are recomputed. Fastest measured
-    # (H100): remat_mlp, recomputing only the MLPs' hidden activations (213.8 ms a
-    # step, 72 GB planned), against full remat (245.9 ms). On an expert-parallel mesh it becomes
-    # the MoE layers' communication-aware remat (train.parallel_config).
+    # and batch 64 does not fit an 80 GB H100 with every activation kept (81.1 GiB planned on an
+    # H200). Fastest measured on the H100 that fits: nothing recomputed but the expert MLP's
+    # activation from its pre-activation in the backward's epilogue (recompute_activation), with
+    # the head and the loss fused (loss_chunks: no (B, T, V) logits kept): 197.2 ms a step, 67.5
+    # GiB planned, against 203.3 ms for remat_mlp (recomputing the expert MLP's up projection, 66.9
+    # GiB) in the same run, and 245.9 ms for full remat (2026-11-23). On an expert-parallel mesh
+    # remat_mlp would become the MoE layers' communication-aware remat (train.parallel_config).
     # Medium (12.9B parameters) needs expert parallelism over several GPUs in any case.
     "xs": _megablocks(512, 8, 8),
-    "small": _megablocks(768, 12, 12, remat_mlp=True),
+    "small": _megablocks(768, 12, 12, loss_chunks=8, recompute_activation=True),
     "medium": _megablocks(1024, 24, 16, remat=True),
 }
 for _name in ("xs", "small", "medium"):
   # The dense bases (46M-356M parameters) fit without remat.
   PRESETS[f"{_name}-dense"] = {"model": {**PRESETS[_name]["model"], "ffn": "dense",
-                                         "remat": False, "remat_mlp": False},
+                                         "remat": False, "remat_mlp": False,
+                                         "recompute_activation": False},
                                "train": PRESETS[_name]["train"]}
-  PRESETS[f"{_name}-capacity"] = {"model": {**PRESETS[_name]["model"], "moe_impl": "capacity"},
+  PRESETS[f"{_name}-capacity"] = {"model": with_impl(PRESETS[_name]["model"], "capacity"),
                                   "train": PRESETS[_name]["train"]}
 
 
