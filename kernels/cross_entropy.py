@@ -25,7 +25,8 @@ in bf16 at the Small preset (65536 tokens, V 50304), kept from the forward pass 
 one. This op runs the head's matmul, the loss and the whole backward of both chunk by chunk along
 the sequence (`num_chunks` pieces of T, each (B, T / num_chunks) tokens: with the batch split over
 devices, every chunk is too), inside the forward pass: per chunk the logits, their log-sum-exp,
-dlogits = (softmax - onehot) / (B T) in x's dtype, dx = dlogits w^T and dw += x^T dlogits (float32).
+dlogits = (softmax - onehot) / (B T) in x's dtype, dx = dlogits w^T and dw += x^T dlogits (float32;
+per block of `batch_shards` rows, so that a batch split over devices sums dw across them once).
 It keeps dx (B, T, D) and dw (D, V) for the backward pass, which only scales them by the
 cotangent. The same matmuls and elementwise passes as the logits path, in the same dtypes
 (dlogits and dx rounded to x's dtype; dw summed over chunks in float32, rounded once to w's
@@ -117,9 +118,15 @@ def _chunk_logits(x_c: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.einsum("btd,dv->btv", x_c, w, preferred_element_type=jnp.float32).astype(x_c.dtype)
 
 
-def _scan_chunks(x, w, targets, num_chunks: int, with_grads: bool):
-  """(sum of the valid tokens' losses, dx (B, T, D) | None, dw (D, V) float32 | None)."""
+def _scan_chunks(x, w, targets, num_chunks: int, batch_shards: int, with_grads: bool):
+  """(sum of the valid tokens' losses, dx (B, T, D) | None, dw (D, V) float32 | None).
+
+  dw is carried as (batch_shards, D, V), each block of B / batch_shards rows summing its own
+  rows: with the batch split over devices in those blocks, every device adds into its own slice
+  and the sum across devices happens once, after the loop (a (D, V) carry would be summed across
+  devices in every chunk)."""
   b, t, d = x.shape
+  s = batch_shards
   t_pad = -(-t // num_chunks) * num_chunks
   valid = _chunked(jnp.ones((b, t), jnp.bool_), num_chunks, t_pad)
   xs = (_chunked(x, num_chunks, t_pad), _chunked(targets, num_chunks, t_pad), valid)
@@ -130,35 +137,39 @@ def _scan_chunks(x, w, targets, num_chunks: int, with_grads: bool):
     logits = _chunk_logits(x_c, w)
     lse = _lse(logits)
     loss = jnp.where(ok, lse - _target_logit(logits, y_c), 0.0)
+    # The per-token losses leave the loop and are summed after it: a sum here would be one more
+    # reduction across devices in every chunk.
     if not with_grads:
-      return dw, (jnp.sum(loss), None)
+      return dw, (loss, None)
     probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     onehot = (vocab == y_c[..., None]).astype(jnp.float32)
     dlogits = jnp.where(ok[..., None], (probs - onehot) * inv_n, 0.0).astype(x.dtype)
     dx_c = jnp.einsum("btv,dv->btd", dlogits, w, preferred_element_type=jnp.float32)
-    dw = dw + jnp.einsum("btd,btv->dv", x_c, dlogits, preferred_element_type=jnp.float32)
-    return dw, (jnp.sum(loss), dx_c.astype(x.dtype))
+    blocks = lambda a: a.reshape(s, b // s, *a.shape[1:])   # noqa: E731
+    dw = dw + jnp.einsum("sbtd,sbtv->sdv", blocks(x_c), blocks(dlogits),
+                         preferred_element_type=jnp.float32)
+    return dw, (loss, dx_c.astype(x.dtype))
 
-  dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads else jnp.zeros((), jnp.float32)
+  dw0 = jnp.zeros((s, *w.shape), jnp.float32) if with_grads else jnp.zeros((), jnp.float32)
   dw, (losses, dx) = jax.lax.scan(body, dw0, xs)
   if not with_grads:
     return jnp.sum(losses), None, None
-  return jnp.sum(losses), _unchunked(dx, t), dw
+  return jnp.sum(losses), _unchunked(dx, t), jnp.sum(dw, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _linear_cross_entropy(x, w, targets, num_chunks):
-  total, _, _ = _scan_chunks(x, w, targets, num_chunks, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _linear_cross_entropy(x, w, targets, num_chunks, batch_shards):
+  total, _, _ = _scan_chunks(x, w, targets, num_chunks, batch_shards, with_grads=False)
   return total / (x.shape[0] * x.shape[1])
 
 
-def _linear_cross_entropy_fwd(x, w, targets, num_chunks):
-  total, dx, dw = _scan_chunks(x, w, targets, num_chunks, with_grads=True)
+def _linear_cross_entropy_fwd(x, w, targets, num_chunks, batch_shards):
+  total, dx, dw = _scan_chunks(x, w, targets, num_chunks, batch_shards, with_grads=True)
   return total / (x.shape[0] * x.shape[1]), (dx, dw, jnp.zeros((0,), w.dtype))
 
 
-def _linear_cross_entropy_bwd(num_chunks, residuals, g):
+def _linear_cross_entropy_bwd(num_chunks, batch_shards, residuals, g):
   dx, dw, w_like = residuals
   g = g.astype(jnp.float32)
   return (dx.astype(jnp.float32) * g).astype(dx.dtype), (dw * g).astype(w_like.dtype), None
@@ -168,7 +179,7 @@ _linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bw
 
 
 def linear_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, *,
-                         num_chunks: int) -> jax.Array:
+                         num_chunks: int, batch_shards: int = 1) -> jax.Array:
   """The mean softmax cross-entropy of the logits x @ w, computed in chunks of the sequence (see
   the module docstring): the (B, T, V) logits are never all in memory.
 
@@ -179,10 +190,14 @@ def linear_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, *,
     targets: (B, T) integer, values in [0, V) (others give a NaN loss).
     num_chunks: pieces the sequence is cut into (T need not be a multiple: the last piece is
       padded and its padding masked); each holds (B, ceil(T / num_chunks), V) logits at a time.
+    batch_shards: the blocks of rows the batch is split into over devices (the data-parallel
+      degree; it divides B): the head's gradient is then summed across devices once, not in
+      every chunk. 1 on one device.
   Returns: the float32 mean over the B T tokens.
   """
-  if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
-    raise ValueError(f"num_chunks: must be a positive int, got {num_chunks!r}")
+  for name, value in (("num_chunks", num_chunks), ("batch_shards", batch_shards)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name}: must be a positive int, got {value!r}")
   if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim != 3 or 0 in x.shape:
     raise ValueError(f"x: must be a non-empty floating (B, T, D) array, got "
                      f"{x.dtype}{list(x.shape)}")
@@ -194,4 +209,6 @@ def linear_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, *,
                      f"got {targets.dtype}{list(targets.shape)}")
   if num_chunks > x.shape[1]:
     raise ValueError(f"num_chunks: must be at most T = {x.shape[1]}, got {num_chunks}")
-  return _linear_cross_entropy(x, w, targets.astype(jnp.int32), num_chunks)
+  if x.shape[0] % batch_shards:
+    raise ValueError(f"batch_shards: must divide B = {x.shape[0]}, got {batch_shards}")
+  return _linear_cross_entropy(x, w, targets.astype(jnp.int32), num_chunks, batch_shards)

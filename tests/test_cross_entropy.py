@@ -2,11 +2,14 @@
 fused with the loss (linear_cross_entropy): the logits path's values and gradients, chunk by chunk,
 keeping no logits."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy
 
@@ -119,6 +122,37 @@ def test_linear_cross_entropy_matches_the_logits_path(rng, dtype, num_chunks):
       x, w, y, num_chunks=num_chunks))(x, w), l0 / scale, rtol=1e-6)
 
 
+def _while_bodies_and_all_reduces(hlo: str) -> tuple[set, list]:
+  """The while loops' body computations, and the computation each all-reduce sits in."""
+  bodies = set(re.findall(r" while\(.*?body=(%[\w.\-]+)", hlo))
+  where, current = [], None
+  for line in hlo.splitlines():
+    if line and not line.startswith(" ") and "{" in line:
+      current = line.split(" ")[1] if line.startswith("ENTRY") else line.split(" ")[0]
+    if " all-reduce(" in line or " all-reduce-start(" in line:
+      where.append(current)
+  return bodies, where
+
+
+def test_linear_cross_entropy_on_a_data_parallel_mesh_sums_dw_once(rng):
+  """The batch split over 4 devices: with batch_shards=4 the head's gradient is summed across
+  them by all-reduces outside the chunk loop (with 1, one sits inside it, run in every chunk);
+  the values equal the single-device ones."""
+  x, w, y = _head_case(rng, jnp.float32, b=8, t=12)
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))   # noqa: E731
+  xs, ws, ys = put(x, P("data")), put(w, P()), put(y, P("data"))
+  want = jax.value_and_grad(lambda x, w: linear_cross_entropy(x, w, y, num_chunks=3),
+                            argnums=(0, 1))(x, w)
+  for shards in (1, 4):
+    f = jax.jit(jax.value_and_grad(lambda x, w, y: linear_cross_entropy(
+        x, w, y, num_chunks=3, batch_shards=shards), argnums=(0, 1)))
+    bodies, where = _while_bodies_and_all_reduces(f.lower(xs, ws, ys).compile().as_text())
+    assert bodies and where, (bodies, where)
+    assert any(c in bodies for c in where) == (shards == 1), (shards, bodies, where)
+    chex.assert_trees_all_close(f(xs, ws, ys), want, rtol=1e-5, atol=1e-7)
+
+
 def test_linear_cross_entropy_keeps_no_logits(rng):
   """The VJP keeps dx and dw, nothing (B, T, V)-sized; the logits path keeps the logits."""
   x, w, y = _head_case(rng, jnp.bfloat16, v=301)
@@ -136,6 +170,8 @@ def test_linear_cross_entropy_out_of_range_target_gives_nan(rng):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(num_chunks=0), "num_chunks: must be a positive int"),
+    (dict(batch_shards=2), r"batch_shards: must divide B = 3, got 2"),
+    (dict(batch_shards=True), "batch_shards: must be a positive int"),
     (dict(num_chunks=11), r"num_chunks: must be at most T = 10"),
     (dict(x=np.zeros((3, 10), np.float32)), r"x: must be a non-empty floating \(B, T, D\)"),
     (dict(w=np.zeros((23, 97), np.float32)), r"w: must be a \(D=24, V\) array"),
@@ -144,7 +180,8 @@ def test_linear_cross_entropy_out_of_range_target_gives_nan(rng):
 ])
 def test_linear_cross_entropy_bad_input_names_the_argument(rng, kw, match):
   x, w, y = _head_case(rng, jnp.float32)
-  args = dict(x=x, w=w, y=y, num_chunks=2)
+  args = dict(x=x, w=w, y=y, num_chunks=2, batch_shards=1)
   args.update({k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()})
   with pytest.raises(ValueError, match=match):
-    linear_cross_entropy(args["x"], args["w"], args["y"], num_chunks=args["num_chunks"])
+    linear_cross_entropy(args["x"], args["w"], args["y"], num_chunks=args["num_chunks"],
+                         batch_shards=args["batch_shards"])

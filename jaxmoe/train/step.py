@@ -46,23 +46,31 @@ def microbatches(a: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
   return a
 
 
-def loss_fn(graphdef):
+def loss_fn(graphdef, batch_shards: int = 1):
   """loss_fn(params, rest, x, y, deterministic) -> (cross-entropy + the MoE losses, (ce, stats)).
 
   With the model's loss_chunks > 0 the cross-entropy runs fused with the LM head
-  (kernels.cross_entropy.linear_cross_entropy) instead of on the model's logits."""
+  (kernels.cross_entropy.linear_cross_entropy) instead of on the model's logits; batch_shards:
+  the devices the batch is split over (`mesh_batch_shards(mesh)`), so that the head's gradient is
+  summed across them once."""
   def loss(params, rest, x, y, deterministic):
     model = nnx.merge(graphdef, params, rest)
     chunks = model.cfg.loss_chunks
     if chunks:
       feats, stats = model.features(x, deterministic=deterministic)
       ce = linear_cross_entropy(feats, model.head_weight(feats.dtype), y,
-                                num_chunks=min(chunks, feats.shape[1]))
+                                num_chunks=min(chunks, feats.shape[1]), batch_shards=batch_shards)
     else:
       logits, stats = model(x, deterministic=deterministic)
       ce = cross_entropy(logits, y)
     return ce + stats["moe_loss"], (ce, stats)
   return loss
+
+
+def mesh_batch_shards(mesh: Mesh | None) -> int:
+  """The devices a batch (or microbatch) is split over: data x expert (batch_sharding), 1 without
+  a mesh."""
+  return 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("expert", 1)
 
 
 # The routed experts' weight matrices: used only through `.astype(compute dtype)` (RoutedExperts._w
@@ -109,7 +117,7 @@ def make_grad_fn(graphdef, model_cfg: ModelConfig, train: TrainConfig, mesh: Mes
   """
   k = train.grad_accum
   dtype = DTYPES[model_cfg.dtype]
-  loss = loss_fn(graphdef)
+  loss = loss_fn(graphdef, mesh_batch_shards(mesh))
   # With a data axis the expert weights' gradients are summed over it, in the dtype they have
   # at that point: the bf16 copy's would be summed in bf16 (float32 through the model's own cast).
   hoist = mesh is None or mesh.shape.get("data", 1) == 1
@@ -186,7 +194,7 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
                "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
 
-  loss = loss_fn(graphdef)
+  loss = loss_fn(graphdef, mesh_batch_shards(mesh))
 
   def eval_loss(params, rest, x, y):
     return loss(params, rest, x, y, True)[1][0]
