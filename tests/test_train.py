@@ -372,8 +372,9 @@ def test_grad_accum_trains_an_moe_model_on_data_and_expert_meshes(tmp_path):
   microbatches' aux gradients differs from the full batch's (and AdamW's first steps amplify tiny
   differences); tested here: it trains (loss falls, finite metrics), tokens_per_expert counts the
   whole global batch (summed over microbatches) and the run on (2,4,1) (expert-parallel layers
-  inside the scan) equals the one on (8,1,1) up to float32 reduction order (the microbatch split
-  does not depend on the mesh); its checkpoint resumes with other grad_accum / adam_mu_dtype."""
+  inside the scan, the head fused with the loss) equals the one on (8,1,1) up to float32
+  reduction order (the microbatch split does not depend on the mesh); its checkpoint resumes with
+  other grad_accum / adam_mu_dtype."""
   quiet = dict(progress=False, log=lambda *a: None)
   # A schedule of 13 steps, stopped at 12 (--stop-at): the resume below adds the 13th (a resume
   # keeps the saved schedule).
@@ -389,9 +390,11 @@ def test_grad_accum_trains_an_moe_model_on_data_and_expert_meshes(tmp_path):
     assert r["dropped_fraction"] == 0.0
     assert sum(r["tokens_per_expert"]) == 2 * 16 * 32 * 2      # layers * tokens * top_k
   assert records[-1]["tokens"] == 12 * 16 * 32
-  _, train_ep = _configs(steps=13, batch_size=16, grad_accum=2, log_every=1, val_fraction=0.0,
-                         **_mesh_kw((2, 4, 1)))
-  result = run(model_cfg, train_ep, str(tmp_path / "ep"), stop_at=3, **quiet)
+  # The (2,4,1) run also fuses the head with the loss (loss_chunks; the head's gradient summed
+  # once across the 8 devices the microbatch is split over): the same math.
+  model_fused, train_ep = _configs({"loss_chunks": 4}, steps=13, batch_size=16, grad_accum=2,
+                                   log_every=1, val_fraction=0.0, **_mesh_kw((2, 4, 1)))
+  result = run(model_fused, train_ep, str(tmp_path / "ep"), stop_at=3, **quiet)
   assert _w_gate(result.state["params"]).sharding.spec == P("expert")
   np.testing.assert_allclose(_losses(tmp_path / "ep"), losses[:3], rtol=1e-5)
   # Resuming may change grad_accum and adam_mu_dtype (the float32 first moment is cast to bf16).
