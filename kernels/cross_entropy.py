@@ -31,7 +31,8 @@ It keeps dx (B, T, D) and dw (D, V) for the backward pass, which only scales the
 cotangent. The same matmuls and elementwise passes as the logits path, in the same dtypes
 (dlogits and dx rounded to x's dtype; dw summed over chunks in float32, rounded once to w's
 dtype): a value the same to float32 rounding, gradients to the rounding of their 16-bit parts.
-Without differentiation only the loss is computed, chunk by chunk as well.
+Without differentiation only the loss is computed, chunk by chunk as well; under differentiation
+both gradients are computed, whichever is used (the forward pass cannot know). Reverse-mode only.
 """
 
 from __future__ import annotations
