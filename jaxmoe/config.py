@@ -342,7 +342,8 @@ class ModelConfig:
                              # (expert-parallel MoE layers: their comm-aware remat)
   fuse_activation: bool = True  # MoEConfig's field: the activation in the grouped kernels
   fuse_glu: bool = False     # MoEConfig's field: a GLU's activation in the grouped kernels
-  recompute_activation: bool = False  # MoEConfig's field: keep h, not act(h), for the backward
+  recompute_activation: bool = False  # MoEConfig's field (the MoE layers' experts): keep h, not
+                                      # act(h), for the backward
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   attention: str = "auto"    # "auto" (cuDNN on GPU for bf16/fp16, else XLA), "xla" or "cudnn"
