@@ -7,7 +7,8 @@ the GLU; bf16; group sizes of a uniform routing draw), on one backend (default "
   1. checks that the two compute the same output and gradients (x, W_in, W_out) within bf16
      rounding (the epilogue rounds the product to bf16 before the activation, as the separate
      pass does; what may differ is the activation's float32 tanh and the kernels' summation
-     order), and that all are finite;
+     order), and that all are finite; for the plain MLP also kernels.grouped_mlp with
+     keep_activation=False ("fused_keep_h");
      (the GLU's separate path takes gate and up as one product of width 2f and
      kernels.hidden_packed, as jaxmoe's grouped impl does);
   2. times the forward and forward+backward (jax.value_and_grad of <y, probe>), each plain and
@@ -46,7 +47,9 @@ SHAPES = {
 }
 SMOKE_SHAPES = {"smoke": (200, 128, 256, 4)}
 ACTIVATION = {"mlp": "gelu_tanh", "glu": "silu"}
-IMPLS = ("separate", "fused")
+# fused_keep_h (the plain MLP): kernels.grouped_mlp(keep_activation=False), the forward keeping h
+# only and the backward's epilogue writing act(h) again (MoEConfig.recompute_activation).
+IMPLS = {"mlp": ("separate", "fused", "fused_keep_h"), "glu": ("separate", "fused")}
 
 
 def separate(kind, x, ws, gs, backend):
@@ -60,14 +63,19 @@ def separate(kind, x, ws, gs, backend):
   return kernels.grouped_matmul(a.astype(x.dtype), ws[-1], gs, backend=backend)
 
 
-def fused(kind, x, ws, gs, backend):
+def fused(kind, x, ws, gs, backend, keep_activation: bool = True):
   if kind == "mlp":
-    return kernels.grouped_mlp(x, *ws, gs, activation=ACTIVATION[kind], backend=backend)
+    return kernels.grouped_mlp(x, *ws, gs, activation=ACTIVATION[kind], backend=backend,
+                               keep_activation=keep_activation)
   return kernels.grouped_glu(x, *ws, gs, activation=ACTIVATION[kind], backend=backend)
 
 
+def fused_keep_h(kind, x, ws, gs, backend):
+  return fused(kind, x, ws, gs, backend, keep_activation=False)
+
+
 def _functions(kind, impl, backend, remat: bool):
-  mlp = {"separate": separate, "fused": fused}[impl]
+  mlp = {"separate": separate, "fused": fused, "fused_keep_h": fused_keep_h}[impl]
   fwd = lambda x, ws, gs: mlp(kind, x, ws, gs, backend)
   if remat:
     fwd = jax.checkpoint(fwd)
@@ -122,18 +130,21 @@ def main(argv=None) -> int:
   for name in wanted:
     m, d, f, e = shapes[name]
     x, ws, gs, probe = _inputs(kind, m, d, f, e)
-    fns = {(impl, remat): _functions(kind, impl, backend, remat) for impl in IMPLS
+    fns = {(impl, remat): _functions(kind, impl, backend, remat) for impl in IMPLS[kind]
            for remat in (False, True)}
     # 1. The same values (forward and gradients), finite.
-    outs = {impl: fns[(impl, False)][1](x, ws, gs, probe) for impl in IMPLS}
+    outs = {impl: fns[(impl, False)][1](x, ws, gs, probe) for impl in IMPLS[kind]}
     leaves = {impl: jax.tree.leaves(o) for impl, o in outs.items()}
-    errs = [bc.rel_err(a, b) for a, b in zip(leaves["fused"], leaves["separate"])]
     finite = all(bool(jnp.all(jnp.isfinite(a))) for o in leaves.values() for a in o)
-    ok = finite and max(errs) < 1e-2
+    errs = {impl: [bc.rel_err(a, b) for a, b in zip(leaves[impl], leaves["separate"])]
+            for impl in IMPLS[kind] if impl != "separate"}
+    ok = finite and max(max(e) for e in errs.values()) < 1e-2
     checks[name] = {"rel_err_loss_dx_dweights": errs, "finite": finite, "pass": ok}
     failures += not ok
-    print(f"{'PASS' if ok else 'FAIL'} {name}: fused vs separate rel err (loss, dx, then each "
-          f"weight's gradient) {[f'{v:.2e}' for v in errs]}, finite={finite}", flush=True)
+    print(f"{'PASS' if ok else 'FAIL'} {name}: vs separate rel err (loss, dx, then each "
+          f"weight's gradient) " + "; ".join(f"{impl} {[f'{v:.2e}' for v in e]}"
+                                              for impl, e in errs.items())
+          + f", finite={finite}", flush=True)
     del outs, leaves
     # 2. Times, interleaved.
     times = {(key, part): [] for key in fns for part in ("fwd", "fwdbwd")}
