@@ -86,6 +86,12 @@ CASES = {
     "config-string-lr": (
         lambda p: ["train", "--preset", "test", "--config", _config_file(p, {"train": {"lr": "fast"}})],
         r"train\.lr must be a number, got 'fast'"),
+    "loss-chunks-over-seq": (lambda p: ["train", "--preset", "test", "--loss-chunks", "33"],
+                             r"model\.loss_chunks must be an int in \[0, max_seq_len=32\], got 33"),
+    "recompute-activation-glu": (
+        lambda p: ["train", "--preset", "test", "--recompute-activation", "true"],
+        r"recompute_activation=True needs impl='grouped' with fuse_activation=True, a plain "
+        r"\(non-GLU\) activation and no biases; got .*activation='swiglu'"),
     "out-is-a-file": (lambda p: ["train", "--preset", "test", "--out", _file(p)],
                       r"is a file, not a run folder"),
     "out-under-a-file": (lambda p: ["train", "--preset", "test", "--out",
