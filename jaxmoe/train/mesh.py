@@ -9,6 +9,8 @@ batch by XLA.
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -81,6 +83,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+# The mesh axes a train or eval step's batch is split over, in contiguous blocks of rows.
+BATCH_AXES = ("data", "expert")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The (B, T) batch of a train or eval step: B split over ("data", "expert")."""
-  return NamedSharding(mesh, P(("data", "expert"), None))
+  """The (B, T) batch of a train or eval step: B split over BATCH_AXES."""
+  return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+  """The devices a batch (or microbatch) is split over: the product of BATCH_AXES' sizes, 1
+  without a mesh."""
+  return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kernels.cross_entropy import linear_cross_entropy
 from jaxmoe.config import DTYPES, ModelConfig, TrainConfig
 from jaxmoe.model import cross_entropy, update_router_biases
-from jaxmoe.train.mesh import batch_sharding
+from jaxmoe.train.mesh import BATCH_AXES, batch_sharding, batch_shards as mesh_batch_shards
 
 
 def microbatches(a: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
@@ -42,7 +42,7 @@ def microbatches(a: jax.Array, k: int, mesh: Mesh | None = None) -> jax.Array:
   b = a.shape[0]
   a = a.reshape(b // k, k, *a.shape[1:]).swapaxes(0, 1)
   if mesh is not None:
-    a = jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, ("data", "expert"))))
+    a = jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, BATCH_AXES)))
   return a
 
 
@@ -51,8 +51,8 @@ def loss_fn(graphdef, batch_shards: int = 1):
 
   With the model's loss_chunks > 0 the cross-entropy runs fused with the LM head
   (kernels.cross_entropy.linear_cross_entropy) instead of on the model's logits; batch_shards:
-  the devices the batch is split over (`mesh_batch_shards(mesh)`), so that the head's gradient is
-  summed across them once."""
+  the devices the batch is split over (jaxmoe.train.mesh.batch_shards), so that the head's
+  gradient is summed across them once."""
   def loss(params, rest, x, y, deterministic):
     model = nnx.merge(graphdef, params, rest)
     chunks = model.cfg.loss_chunks
@@ -65,12 +65,6 @@ def loss_fn(graphdef, batch_shards: int = 1):
       ce = cross_entropy(logits, y)
     return ce + stats["moe_loss"], (ce, stats)
   return loss
-
-
-def mesh_batch_shards(mesh: Mesh | None) -> int:
-  """The devices a batch (or microbatch) is split over: data x expert (batch_sharding), 1 without
-  a mesh."""
-  return 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("expert", 1)
 
 
 # The routed experts' weight matrices: used only through `.astype(compute dtype)` (RoutedExperts._w
