@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmoe.parallel import hlo_collectives
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy
 
 
@@ -125,13 +126,7 @@ def test_linear_cross_entropy_matches_the_logits_path(rng, dtype, num_chunks):
 def _while_bodies_and_all_reduces(hlo: str) -> tuple[set, list]:
   """The while loops' body computations, and the computation each all-reduce sits in."""
   bodies = set(re.findall(r" while\(.*?body=(%[\w.\-]+)", hlo))
-  where, current = [], None
-  for line in hlo.splitlines():
-    if line and not line.startswith(" ") and "{" in line:
-      current = line.split(" ")[1] if line.startswith("ENTRY") else line.split(" ")[0]
-    if " all-reduce(" in line or " all-reduce-start(" in line:
-      where.append(current)
-  return bodies, where
+  return bodies, [c["computation"] for c in hlo_collectives(hlo) if c["op"] == "all-reduce"]
 
 
 def test_linear_cross_entropy_on_a_data_parallel_mesh_sums_dw_once(rng):

@@ -21,14 +21,22 @@ def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
   """Collective instructions of an HLO module's text (jax `.compile().as_text()`):
   [{"op": "all-to-all" | "ragged-all-to-all" | "all-gather" | "all-reduce" | "reduce-scatter" |
   "collective-permute", "shapes": [(dtype, dims), ...] of the result (async *-start ops: the output
-  half of their tuple), "bytes": result bytes, "line": the instruction}] (one per instruction;
-  *-done halves are skipped). For ragged-all-to-all the bytes are the static output buffer's,
-  not the rows actually moved.
+  half of their tuple), "bytes": result bytes, "computation": the name of the computation it sits
+  in (e.g. a while loop's body, which runs it once per iteration), "line": the instruction}] (one
+  per instruction; *-done halves are skipped). For ragged-all-to-all the bytes are the static
+  output buffer's, not the rows actually moved.
   """
   out = []
   op_re = re.compile(r"=\s*(.*?)\s+(" + "|".join(map(re.escape, _COLLECTIVES)) + r")(-start)?\(")
   shape_re = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+  # A computation's header starts its line: "%name (params) -> type {" or "ENTRY %name ...".
+  header_re = re.compile(r"^(?:ENTRY\s+)?(%[\w.\-]+)\s")
+  computation = None
   for line in hlo_text.splitlines():
+    header = header_re.match(line)
+    if header:
+      computation = header.group(1)
+      continue
     m = op_re.search(line)
     if m is None:
       continue
@@ -37,7 +45,8 @@ def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
     if m.group(3) and len(shapes) >= 2:   # async start: (operands..., outputs...)
       shapes = shapes[len(shapes) // 2:]
     nbytes = sum(_DTYPE_BYTES[dt] * int(np.prod(dims)) for dt, dims in shapes)
-    out.append({"op": m.group(2), "shapes": shapes, "bytes": nbytes, "line": line.strip()})
+    out.append({"op": m.group(2), "shapes": shapes, "bytes": nbytes, "computation": computation,
+                "line": line.strip()})
   return out
 
 
