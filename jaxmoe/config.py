@@ -527,6 +527,10 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.95
   adam_mu_dtype: str = "float32"   # Adam's first moment: "float32" or "bfloat16" (2 B/param less)
+  # Keep the routed experts' weights in the compute dtype in the train state too, written by the
+  # optimizer's update (no cast pass over them each step; not checkpointed):
+  # jaxmoe.train.compute_copy. None: wherever it costs no memory (see there); True: required.
+  expert_compute_copy: bool | None = None
   seed: int = 0
   eval_every: int = 100       # 0: only at the end
   eval_batches: int = 4
@@ -576,6 +580,9 @@ class TrainConfig:
     if self.batch_size % self.grad_accum:
       raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum="
                         f"{self.grad_accum} (the microbatches are equal parts of the batch)")
+    if self.expert_compute_copy is not None and not isinstance(self.expert_compute_copy, bool):
+      raise ConfigError(f"train.expert_compute_copy must be a bool or None, got "
+                        f"{self.expert_compute_copy!r}")
     if self.adam_mu_dtype not in MU_DTYPES:
       raise ConfigError(f"train.adam_mu_dtype must be one of {tuple(MU_DTYPES)}, got "
                         f"{self.adam_mu_dtype!r}")

@@ -9,6 +9,7 @@
   state, metrics = program.train_step(state, x, y)
 
   mesh.py     train_mesh (the mesh of TrainConfig's sizes, checked), parallel_config, batch_sharding
+  compute_copy.py  the expert weights in the compute dtype, kept in the state (expert_compute_copy)
   state.py    the optimizer (make_optimizer), the train state, its abstract shape and shardings
   step.py     loss, gradients with accumulation (microbatches), the train and eval steps
   program.py  TrainProgram: all of the above built once per (model, train config, mesh), cached

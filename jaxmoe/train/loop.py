@@ -129,7 +129,7 @@ def _resume(ckpt: Checkpointer, program, model_cfg: ModelConfig, train: TrainCon
                         f"--out, or the saved settings to resume")
     _check_schedule(meta.get("train"), train, out_dir)
     # Restored straight into this mesh's shardings, whatever mesh wrote the checkpoint.
-    return ckpt.restore(program.restore_target(), step)[0]
+    return program.from_checkpoint(ckpt.restore(program.restore_target(), step)[0])
 
   step, state = ckpt.restore_newest(restore, log=log)
   return state, step
@@ -176,7 +176,7 @@ def _train(model_cfg: ModelConfig, train: TrainConfig, out_dir: str, mesh, data:
   def save():
     nonlocal saved
     watch.check(saved)   # never a non-finite state on disk (it could rotate good ones out)
-    ckpt.save(step, state, _meta(step, model_cfg, train))
+    ckpt.save(step, program.to_checkpoint(state), _meta(step, model_cfg, train))
     saved = step
 
   try:
@@ -270,7 +270,7 @@ def _with_params(state: dict, params, program) -> dict:
   shardings = program.state_shardings["params"]
   placed = jax.tree.map(lambda new, old, sh: jax.device_put(new.astype(old.dtype), sh),
                         params, state["params"], shardings)
-  return {**state, "params": placed}
+  return program.from_checkpoint({**state, "params": placed})
 
 
 def _describe(model_cfg: ModelConfig, train: TrainConfig, mesh, expert_parallel: bool,

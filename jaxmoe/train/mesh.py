@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe import parallel
 from jaxmoe.config import ConfigError, ModelConfig, TrainConfig
+from jaxmoe.train import compute_copy
 
 
 def train_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
@@ -62,6 +63,7 @@ def train_mesh(model: ModelConfig, train: TrainConfig, devices=None) -> Mesh:
           remedy="change train.batch_size or train.seq_len")
     except ValueError as err:
       raise ConfigError(str(err)) from None
+  compute_copy.enabled(model, train, {"data": d, "expert": e, "tensor": t})   # ConfigError
   return parallel.make_mesh(parallel.MeshConfig(data=d, expert=e, tensor=t), devices)
 
 

@@ -1,7 +1,9 @@
 """The train state and its optimizer: AdamW with warmup and cosine decay, sharded by the rules.
 
 State (a pytree, all float32 master copies): {"params", "rest" (non-trainable model variables such
-as router biases), "opt" (optax state), "step" (int32)}. It is sharded by the parameters' logical
+as router biases), "opt" (optax state), "step" (int32)}, and with the compute copy on
+"compute": the routed experts' weights in the compute dtype (jaxmoe.train.compute_copy; derived
+from "params", not checkpointed; where jaxmoe.train.compute_copy.enabled). It is sharded by the parameters' logical
 axis names through jaxmoe.parallel.RULES: the routed experts' stacked weights (E, d, f) are split
 E over "expert" and d_ff over "tensor"; the optax moments mirror the parameters and are split the
 same way; everything else (attention, embeddings, norms, router, dense MLPs, step counters) is
@@ -22,8 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxmoe import parallel
-from jaxmoe.config import MU_DTYPES, ConfigError, ModelConfig, TrainConfig
+from jaxmoe.config import DTYPES, MU_DTYPES, ConfigError, ModelConfig, TrainConfig
 from jaxmoe.model import TransformerLM
+from jaxmoe.train import compute_copy
 
 
 def make_optimizer(train: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -41,20 +44,33 @@ def make_optimizer(train: TrainConfig) -> tuple[optax.GradientTransformation, op
   return tx, schedule
 
 
-def init_state(model_cfg: ModelConfig, train: TrainConfig, tx) -> dict:
-  """The state of a fresh model (seeded by train.seed)."""
+def init_state(model_cfg: ModelConfig, train: TrainConfig, tx, copy: bool = False) -> dict:
+  """The state of a fresh model (seeded by train.seed); copy: with the compute copy."""
   model = TransformerLM(model_cfg, rngs=nnx.Rngs(train.seed))
   _, params, rest = nnx.split(model, nnx.Param, ...)
-  return {"params": params, "rest": rest, "opt": tx.init(params),
-          "step": jnp.zeros((), jnp.int32)}
+  return with_compute_copy({"params": params, "rest": rest, "opt": tx.init(params),
+                            "step": jnp.zeros((), jnp.int32)}, model_cfg, copy)
 
 
-def abstract_state(abstract_model: TransformerLM, tx) -> dict:
+def with_compute_copy(state: dict, model_cfg: ModelConfig, copy: bool) -> dict:
+  """`state` with "compute" (re)made from its parameters if `copy`, without it otherwise (a
+  checkpoint's state, which has none, becomes a train state)."""
+  state = {k: v for k, v in state.items() if k != "compute"}
+  if copy:
+    state["compute"] = compute_copy.make_copy(state["params"], DTYPES[model_cfg.dtype])
+  return state
+
+
+def abstract_state(abstract_model: TransformerLM, tx, copy: bool = False) -> dict:
   """The state's structure with jax.ShapeDtypeStruct leaves (nnx Variables keep their logical
   names) from an abstract model (nnx.eval_shape), without allocating anything."""
   _, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  return {"params": params, "rest": rest, "opt": jax.eval_shape(tx.init, params),
-          "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state = {"params": params, "rest": rest, "opt": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  if copy:
+    dtype = DTYPES[abstract_model.cfg.dtype]
+    state["compute"] = jax.eval_shape(lambda p: compute_copy.make_copy(p, dtype), params)
+  return state
 
 
 def state_shardings(abstract: dict, mesh: Mesh) -> dict:
@@ -65,7 +81,11 @@ def state_shardings(abstract: dict, mesh: Mesh) -> dict:
   parameters; unannotated arrays (attention, embeddings, norms, router, counters, "step") are
   replicated.
   """
+  saved = {k: v for k, v in abstract.items() if k != "compute"}
   try:
-    return parallel.tree_shardings(abstract, mesh)
+    shardings = parallel.tree_shardings(saved, mesh)
   except ValueError as err:   # an indivisible dimension the mesh checks did not foresee
     raise ConfigError(f"the model does not fit the mesh {dict(mesh.shape)}: {err}") from None
+  if "compute" in abstract:   # no logical names of its own: split as the parameters it copies
+    shardings["compute"] = compute_copy.copy_shardings(shardings["params"])
+  return shardings

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kernels.cross_entropy import linear_cross_entropy
 from jaxmoe.config import DTYPES, ModelConfig, TrainConfig
+from jaxmoe.train import compute_copy
 from jaxmoe.model import cross_entropy, update_router_biases
 from jaxmoe.train.mesh import BATCH_AXES, batch_sharding, batch_shards as mesh_batch_shards
 
@@ -67,11 +68,6 @@ def loss_fn(graphdef, batch_shards: int = 1):
   return loss
 
 
-# The routed experts' weight matrices: used only through `.astype(compute dtype)` (RoutedExperts._w
-# and the expert-parallel path), so casting them once before the microbatch loop changes no value.
-_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_out")
-
-
 def cast_expert_weights(params, dtype):
   """params with the routed experts' weight matrices cast to `dtype` (the compute dtype).
 
@@ -82,12 +78,10 @@ def cast_expert_weights(params, dtype):
   back in `dtype`, as they already did through the cast inside the model; the accumulator and the
   update stay float32. With remat and one microbatch the cast likewise runs once, outside the
   checkpointed blocks, instead of again in the recompute. make_grad_fn does either only on meshes
-  without a data axis (see there)."""
+  without a data axis (see there). A no-op on weights already in `dtype` (the train state's
+  compute copy, jaxmoe.train.compute_copy)."""
   def cast(path, x):
-    # A leaf's path ends [..., "experts", "w_gate"] or, through the Param, [..., "w_gate", "value"].
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    hit = "experts" in names and any(n in _EXPERT_WEIGHTS for n in names[-2:])
-    return x.astype(dtype) if hit else x
+    return x.astype(dtype) if compute_copy.is_expert_weight(path) else x
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
@@ -172,9 +166,23 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
   model_cfg, train, mesh, ...), which the train step runs; `mesh`: see make_grad_fn.
   """
   k = train.grad_accum
+  dtype = DTYPES[model_cfg.dtype]
+
+  def model_params(state):
+    # A state with the compute copy (jaxmoe.train.compute_copy) runs the model on it: its expert
+    # weights are already in the compute dtype, so the model's own casts (and
+    # cast_expert_weights) are no-ops.
+    if "compute" in state:
+      return compute_copy.with_copy(state["params"], state["compute"])
+    return state["params"]
 
   def train_step(state, x, y):
-    grads, ce, stats = grad_fn(state["params"], state["rest"], x, y)
+    copy = "compute" in state
+    grads, ce, stats = grad_fn(model_params(state), state["rest"], x, y)
+    if copy:
+      # The copy's gradients are in the compute dtype: float32 for the clip and the update, as
+      # the transpose of the cast would have made them (XLA fuses the convert into both).
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     rest = state["rest"]
@@ -186,7 +194,11 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
                "dropped_fraction": stats["dropped_fraction"],
                "tokens_per_expert": stats["tokens_per_expert"],
                "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
-    return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
+    new = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
+    if copy:
+      # Elementwise on the update's output: XLA writes it from the update's own fusion.
+      new["compute"] = compute_copy.make_copy(params, dtype)
+    return new, metrics
 
   loss = loss_fn(graphdef, mesh_batch_shards(mesh))
 
@@ -194,9 +206,10 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
     return loss(params, rest, x, y, True)[1][0]
 
   def eval_step(state, x, y):
+    params = model_params(state)
     if k == 1:
-      return eval_loss(state["params"], state["rest"], x, y)
-    losses = jax.lax.map(lambda xy: eval_loss(state["params"], state["rest"], *xy),
+      return eval_loss(params, state["rest"], x, y)
+    losses = jax.lax.map(lambda xy: eval_loss(params, state["rest"], *xy),
                          (microbatches(x, k, mesh), microbatches(y, k, mesh)))
     return losses.mean()
 
