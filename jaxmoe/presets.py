@@ -25,9 +25,10 @@ _TINY_TRAIN = dict(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=
                    eval_every=50, eval_batches=4, ckpt_every=50, log_every=10)
 
 
-def _megablocks(d_model: int, n_layers: int, n_heads: int, **memory: Any) -> dict[str, Any]:
+def _megablocks(d_model: int, n_layers: int, n_heads: int, train: dict[str, Any] | None = None,
+                **memory: Any) -> dict[str, Any]:
   """memory: the ModelConfig fields that trade compute for memory (remat, remat_mlp, loss_chunks,
-  recompute_activation)."""
+  recompute_activation); train: TrainConfig fields over the common ones."""
   return {
       "model": dict(vocab_size=50304, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                     n_kv_heads=n_heads, d_ff=4 * d_model, activation="gelu_tanh", max_seq_len=1024,
@@ -37,17 +38,19 @@ def _megablocks(d_model: int, n_layers: int, n_heads: int, **memory: Any) -> dic
       # byte-level BPE of the model's vocabulary trained on them (cached after the first run).
       "train": dict(steps=20000, batch_size=64, seq_len=1024, lr=6e-4, warmup_steps=2000,
                     eval_every=1000, eval_batches=8, ckpt_every=1000, log_every=50,
-                    data="python", tokenizer="bpe", corpus_bytes=128 << 20),
+                    data="python", tokenizer="bpe", corpus_bytes=128 << 20, **(train or {})),
   }
 
 
 def with_impl(model: dict[str, Any], moe_impl: str) -> dict[str, Any]:
-  """A preset's model fields with another MoE impl. recompute_activation (keep the expert MLP's
-  pre-activation only) runs on the fused grouped MLP alone; another impl recomputes the whole
+  """A preset's model fields with another MoE impl. A model made to fit without remat by keeping
+  less (the fused head + loss, loss_chunks; recompute_activation) leans on the grouped impl's
+  fused expert MLP (recompute_activation runs on it alone); another impl recomputes the whole
   expert MLP instead (remat_mlp), as the capacity baseline at Small does (266.1 ms a step on the
   H100, 2026-11-23): its (E, C, d) buffers go through separate products."""
   model = {**model, "moe_impl": moe_impl}
-  if moe_impl != "grouped" and model.get("recompute_activation"):
+  lean = model.get("recompute_activation") or model.get("loss_chunks")
+  if moe_impl != "grouped" and lean and not model.get("remat"):
     model.update(recompute_activation=False, remat_mlp=True)
   return model
 
@@ -65,16 +68,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       eval_batches=2, ckpt_every=10, log_every=5, corpus_bytes=1 << 20),
     },
     # Small's 64 experts make 3.6B parameters: weights, Adam moments and gradients take ~52 GB,
-    # and batch 64 does not fit an 80 GB H100 with every activation kept (81.1 GiB planned on an
-    # H200). Fastest measured on the H100 that fits: nothing recomputed but the expert MLP's
-    # activation from its pre-activation in the backward's epilogue (recompute_activation), with
-    # the head and the loss fused (loss_chunks: no (B, T, V) logits kept): 197.2 ms a step, 67.5
-    # GiB planned, against 203.3 ms for remat_mlp (recomputing the expert MLP's up projection, 66.9
-    # GiB) in the same run, and 245.9 ms for full remat (2026-11-23). On an expert-parallel mesh
+    # and batch 64 does not fit an 80 GB H100 with every activation kept and float32 Adam moments
+    # (81.1 GiB planned on an H200). Fastest measured on the H100 (2026-12-07): nothing
+    # recomputed, the head and the loss fused (loss_chunks: no (B, T, V) logits kept) and Adam's
+    # first moment in bf16 (7 GiB less): 177.9 ms a step, 64.6 GiB planned, against 181.0 ms
+    # when the expert MLP also writes its activation again in the backward's epilogue instead of
+    # keeping it (recompute_activation, 60.4 GiB) in the same call; with float32 moments that
+    # recompute was needed to fit (186.3 ms, 67.2 GiB), remat_mlp 203.3 ms (recomputing the
+    # expert MLP's up projection), full remat 245.9 ms (2026-11-23). On an expert-parallel mesh
     # remat_mlp would become the MoE layers' communication-aware remat (train.parallel_config).
     # Medium (12.9B parameters) needs expert parallelism over several GPUs in any case.
     "xs": _megablocks(512, 8, 8),
-    "small": _megablocks(768, 12, 12, loss_chunks=8, recompute_activation=True),
+    "small": _megablocks(768, 12, 12, train={"adam_mu_dtype": "bfloat16"}, loss_chunks=8),
     "medium": _megablocks(1024, 24, 16, remat=True),
 }
 for _name in ("xs", "small", "medium"):

@@ -15,12 +15,13 @@ def test_every_preset_is_a_valid_config(name):
 
 def test_large_moe_presets_recompute_and_their_dense_bases_do_not():
   """Small (3.6B parameters with 64 experts) fits batch 64 on an 80 GB H100 only with less kept:
-  the dMoE recomputes the experts' activation and fuses the head with the loss (the fastest
-  measured); the capacity baseline recomputes the MLPs' hidden activations (remat_mlp); Medium
-  all of each block's. The dense bases fit without either."""
-  small = get_preset("small")["model"]
-  assert small["recompute_activation"] is True and small["loss_chunks"] > 0, small
-  assert not small.get("remat", False) and not small.get("remat_mlp", False), small
+  the dMoE fuses the head with the loss and keeps Adam's first moment in bf16 (the fastest
+  measured), recomputing nothing; the capacity baseline recomputes the MLPs' hidden activations
+  (remat_mlp); Medium all of each block's. The dense bases fit without either."""
+  small = get_preset("small")
+  assert small["model"]["loss_chunks"] > 0 and small["train"]["adam_mu_dtype"] == "bfloat16"
+  for field in ("remat", "remat_mlp", "recompute_activation"):
+    assert not small["model"].get(field, False), (field, small)
   model = get_preset("small-capacity")["model"]
   assert model["remat_mlp"] is True and not model.get("remat", False)
   assert not model["recompute_activation"]
