@@ -92,6 +92,10 @@ CASES = {
         lambda p: ["train", "--preset", "test", "--recompute-activation", "true"],
         r"recompute_activation=True needs impl='grouped' with fuse_activation=True, a plain "
         r"\(non-GLU\) activation and no biases; got .*activation='swiglu'"),
+    "expert-compute-copy-float32": (
+        lambda p: ["train", "--preset", "test", "--expert-compute-copy", "true"],
+        r"train\.expert_compute_copy needs a 16-bit model\.dtype \(the copy is the experts' "
+        r"weights in it\), got model\.dtype='float32'"),
     "out-is-a-file": (lambda p: ["train", "--preset", "test", "--out", _file(p)],
                       r"is a file, not a run folder"),
     "out-under-a-file": (lambda p: ["train", "--preset", "test", "--out",
