@@ -26,14 +26,10 @@ Both are off by default. On the H100 the 4th stage gains 3-7% at the K=2048 benc
 loses 10-25% at the Mixtral-like one; the chain adds nothing measurable on top. The tuned table (kernels/gmm/tuned_configs.json) picks per shape.
 
 `epilogue` (kernels.gmm.epilogue) applies an MLP's activation, or its derivative, to the
-accumulator before the store. A second output's chunk passes through the output's staging slot
-after the first's store has read it. The derivatives read the pre-activation (the `residual`):
-where shared memory has room for one more (block_m, epi_cols) slot per compute warpgroup, a
-tile's first residual chunk is TMA-loaded into it before the tile's K loop starts and each next
-chunk as soon as the previous one is in registers, so the loads overlap the matmul and the
-epilogue's math instead of stalling it (the H100 profile of the Small step had the down
-projection's data gradient with the GELU derivative at ~0.93 ms against ~0.57 plain); otherwise
-each chunk is loaded into the output's staging slot when it is needed (no extra shared memory).
+accumulator before the store. Its extra tiles pass through the same staging slot as the output:
+a second output's chunk is written to it after the first's store has read it, and the
+derivative's pre-activation chunk is TMA-loaded into it before the result overwrites it, so the
+shared memory (and every config's fit) is unchanged.
 """
 
 from __future__ import annotations
@@ -76,12 +72,6 @@ def smem_bytes(config: MosaicWsGmmConfig, in_dtype, out_dtype) -> int:
   stage = (cfg.block_m * cfg.block_k + cfg.block_k * 2 * cfg.block_n) * jnp.dtype(in_dtype).itemsize
   out = 2 * cfg.block_m * _epi_cols(cfg) * jnp.dtype(out_dtype).itemsize
   return cfg.max_concurrent_steps * stage + out
-
-
-def prefetches_residual(config: MosaicWsGmmConfig, in_dtype, out_dtype, residual_dtype) -> bool:
-  """Whether shared memory has room for the residual's prefetch slots (module docstring)."""
-  slots = 2 * config.block_m * _epi_cols(config) * jnp.dtype(residual_dtype).itemsize
-  return smem_bytes(config, in_dtype, out_dtype) + slots <= common.SMEM_BUDGET
 
 
 def _epi_cols(cfg: MosaicWsGmmConfig) -> int:
@@ -162,8 +152,6 @@ def gmm(
                      f"and one up unit per warpgroup) and epi_cols={epilogue_lib.GLU_UNIT}, got "
                      f"block_n={bn}, epi_cols={cfg.epi_cols}")
   widths = (n,) if epilogue is None else epilogue.output_widths(n)
-  prefetch = residual is not None and prefetches_residual(cfg, lhs.dtype, out_dtype,
-                                                          residual.dtype)
   meta = tiling.tile_metadata(group_sizes, m, bm)
   grid_n = n // cta_n
   tile_width = math.gcd(cfg.grid_tile_width, grid_n)
@@ -208,69 +196,38 @@ def gmm(
             lhs_gmem.at[pl.ds(0, bm), :], rhs_cols(rhs_gmem.at[0])),
         o_smem=plgpu.SMEM((2, bm, epi), out_gmem.dtype))
     if res_gmem is not None:
-      # One per compute warpgroup: the residual chunk's TMA load into its slot.
+      # One per compute warpgroup: the residual chunk's TMA load into its staging slot.
       scratch["res_barrier"] = plgpu.Barrier(num_barriers=2)
-      if prefetch:
-        scratch["res_smem"] = plgpu.SMEM((2, bm, epi), res_gmem.dtype)
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocations, o_smem, res_barrier=None, res_smem=None):
+    def _scope(allocations, o_smem, res_barrier=None):
       num_real = num_real_gmem[0]
       num_active = num_active_gmem[0]
 
-      def residual_chunk(block_start, col, slot):
-        return plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(block_start, bm), pl.ds(col, epi)],
-                                       slot.at[wg], res_barrier.at[wg])
-
-      def read_slot(slot):
-        plgpu.barrier_wait(res_barrier.at[wg])
-        value = slot[wg]
-        plgpu.commit_smem()   # every thread has read the slot before it is overwritten
-        return value
-
-      def prefetched_residual(block_start, col0):
-        """(start, load): start() issues the tile's first residual chunk; load(c, i) returns
-        chunk c's i-th residual read (the order of _residual_reads) and issues the next."""
-        reads = [(c, i) for c in range(bn // epi)
-                 for i in range(_residual_reads(epilogue))]
-        cols = [_residual_column(epilogue, col0 + c * epi, i) for c, i in reads]
-
-        def start():
-          residual_chunk(block_start, cols[0], res_smem)
-
-        def load(c, i):
-          j = reads.index((c, i))
-          value = read_slot(res_smem)
-          if j + 1 < len(reads):
-            residual_chunk(block_start, cols[j + 1], res_smem)
-          return value
-        return start, load
-
-      def store_tile(mi, ni, chunk_values, load_residual=None):
+      def store_tile(mi, ni, chunk_values):
         """Writes this warpgroup's rows [row_start, row_end) of tile (mi, ni), block_n columns
-        of the product, chunk by chunk through its o_smem slot: chunk_values(c, read) gives
-        chunk c's stores, epi columns each, as (values, output index, column) in the order
-        _epilogue_targets lists them; read(i) is the chunk's i-th residual chunk
-        (_residual_column), from `load_residual(c, i)` where it is prefetched, else loaded
-        through the slot before anything is written there."""
+        of the product, chunk by chunk through its o_smem slot: chunk_values(c, load_residual)
+        gives chunk c's stores, epi columns each, as (values, output index, column) in the
+        order _epilogue_targets lists them (load_residual(col) reads epi columns of the
+        residual from `col`, through the slot, before anything is written there)."""
         g = tile_group_gmem[mi]
         block_start = tile_block_gmem[mi] * bm
         row_start = jnp.maximum(offsets_gmem[g], block_start)
         row_end = jnp.minimum(offsets_gmem[g + 1], block_start + bm)
         count = row_end - row_start
-        col0 = ni * cta_n + wg * bn
         for c in range(bn // epi):
           # The previous chunk's (or tile's) stores must have read o_smem before it is reused.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-          def read(i, c=c):
-            if load_residual is not None:
-              return load_residual(c, i)
-            # (before any store of this chunk: the slot is free)
-            residual_chunk(block_start, _residual_column(epilogue, col0 + c * epi, i), o_smem)
-            return read_slot(o_smem)
+          def load_residual(col):   # (before any store of this chunk: the slot is free)
+            plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(block_start, bm), pl.ds(col, epi)],
+                                    o_smem.at[wg], res_barrier.at[wg])
+            plgpu.barrier_wait(res_barrier.at[wg])
+            value = o_smem[wg]
+            plgpu.commit_smem()   # every thread has read the slot before it is overwritten
+            return value
 
-          for j, (values, out, col) in enumerate(chunk_values(c, read)):
+          for j, (values, out, col) in enumerate(chunk_values(c, load_residual)):
             if j:
               plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             o_smem[wg] = values
@@ -287,23 +244,18 @@ def gmm(
         block_start = tile_block_gmem[mi] * bm
 
         def compute_context(eval_pipeline):
-          load_residual = None
-          if res_smem is not None:
-            start, load_residual = prefetched_residual(block_start, ni * cta_n + wg * bn)
-            start()   # in flight during the K loop
-
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
           def _acc_scope(acc_ref):
             eval_pipeline(acc_ref)
             acc = acc_ref[...].astype(out_gmem.dtype)
 
-            def chunk_values(c, read):
+            def chunk_values(c, load_residual):
               col0 = ni * cta_n + wg * bn + c * epi
-              values = _epilogue_values(epilogue, acc, c, epi, read)
+              values = _epilogue_values(epilogue, acc, c, epi, col0, load_residual)
               return [(v, out, col) for v, (out, col) in
                       zip(values, _epilogue_targets(epilogue, c, epi, col0))]
 
-            store_tile(mi, ni, chunk_values, load_residual)
+            store_tile(mi, ni, chunk_values)
 
         def mma_body(_, a_smem, b_smem, acc_ref):
           if transpose_rhs:
@@ -389,27 +341,10 @@ def _epilogue_targets(epilogue: Epilogue | None, c: int, epi: int,
   return [(0, 2 * col0), (0, 2 * col0 + unit)]
 
 
-def _residual_reads(epilogue: Epilogue | None) -> int:
-  """Residual chunks each output chunk reads: the pre-activation's, or a GLU's gate and up."""
-  if epilogue is None or not epilogue.takes_residual:
-    return 0
-  return 2 if epilogue.is_glu else 1
-
-
-def _residual_column(epilogue: Epilogue, col0, i: int):
-  """The first residual column of read i of the output chunk at product column col0: the same
-  columns for the activation's derivative; for glu_grad the chunk is unit col0 // GLU_UNIT of
-  da, whose gate (i = 0) and up (i = 1) units sit at twice that in the interleaved residual."""
-  if not epilogue.is_glu:
-    return col0
-  return 2 * col0 + i * epilogue_lib.GLU_UNIT
-
-
-def _epilogue_values(epilogue: Epilogue | None, acc, c: int, epi: int,
-                     read) -> list[jax.Array]:
+def _epilogue_values(epilogue: Epilogue | None, acc, c: int, epi: int, col0,
+                     load_residual) -> list[jax.Array]:
   """The values of chunk c's stores (_epilogue_targets), from the tile `acc` (in the output
-  dtype) and, for the gradients, the residual's chunks: read(i) is the chunk's i-th
-  (_residual_column), each read once, in order."""
+  dtype) and, for the gradients, the residual's chunks."""
   out = acc[:, c * epi:(c + 1) * epi]
   if epilogue is None:
     return [out]
@@ -417,11 +352,11 @@ def _epilogue_values(epilogue: Epilogue | None, acc, c: int, epi: int,
   if epilogue.kind == "activation":
     return [out, epilogue_lib.activation_tile(act, out)]
   if epilogue.kind == "activation_grad":
-    return [epilogue_lib.activation_grad_tile(act, read(0), out)]
+    return [epilogue_lib.activation_grad_tile(act, load_residual(col0), out)]
   if epilogue.kind == "activation_grad_value":
-    h = read(0)
+    h = load_residual(col0)
     return [epilogue_lib.activation_grad_tile(act, h, out), epilogue_lib.activation_tile(act, h)]
   if epilogue.kind == "glu":
     return [out] if c == 0 else [out, epilogue_lib.glu_tile(act, acc[:, :epi], out)]
-  gate, up = read(0), read(1)
+  gate, up = load_residual(2 * col0), load_residual(2 * col0 + epilogue_lib.GLU_UNIT)
   return list(epilogue_lib.glu_grad_tile(act, gate, up, out))
