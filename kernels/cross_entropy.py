@@ -49,14 +49,16 @@ def _lse_combine(a, b):
   m = jnp.maximum(m1, m2)
   # The side holding the max is taken as it is: exp(m - m) is 1, and for m = +-inf it would be
   # NaN. The other side's exp(-inf) is 0, so -inf entries add nothing.
-  return m, jnp.where(m1 == m, s1, s1 * jnp.exp(m1 - m)) + jnp.where(m2 == m, s2, s2 * jnp.exp(m2 - m))
+  return m, (jnp.where(m1 == m, s1, s1 * jnp.exp(m1 - m))
+             + jnp.where(m2 == m, s2, s2 * jnp.exp(m2 - m)))
 
 
 def _lse(logits: jax.Array) -> jax.Array:
   """float32 log-sum-exp over the last axis in one read of the logits: a variadic reduction of
   (running max, sum of exp(x - running max)) pairs, the online softmax's recurrence.
   jax.nn.logsumexp reads them twice (a max pass, then a sum-of-exp pass): at 8192 tokens x 50304
-  two passes of 0.3 ms each on the H100 (experiments/results/h100/2026-12-07-profile-small-b64-lean-dmoe.json)."""
+  two passes of 0.3 ms each on the H100 (experiments/results/h100/
+  2026-12-07-profile-small-b64-lean-dmoe.json)."""
   x = logits.astype(jnp.float32)
   m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.float32(-jnp.inf), jnp.float32(0.0)),
                         _lse_combine, (x.ndim - 1,))

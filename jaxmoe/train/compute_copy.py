@@ -3,11 +3,12 @@
 The expert weight matrices (E, d, f) are most of an MoE model's parameters (3.6B of the Small
 preset's 3.7B) and the model reads them only through a cast to the compute dtype. Cast in the step,
 that is one more pass over every expert weight each step: read 4 B, write 2 B per parameter (7.0 ms
-of a 198 ms Small step on the H100, experiments/results/h100/2026-12-07-profile-small-b64-lean-dmoe.json).
+of a 198 ms Small step on the H100: experiments/results/h100/
+2026-12-07-profile-small-b64-lean-dmoe.json).
 Where the copy is on (`enabled`: by default wherever it holds no more memory than that cast) the
-train state carries it, state["compute"], and the
-optimizer's update writes it in the same pass that writes the new float32 weights and moments
-(+2 B per parameter there, no separate read): the step's forward and backward read the copy.
+train state carries it, state[KEY], and the optimizer's update writes it in the same pass that
+writes the new float32 weights and moments (+2 B per parameter there, no separate read): the
+step's forward and backward read the copy.
 
 The values are the same as casting in the step: the copy is the cast of the current parameters,
 and the gradients of the copy are the gradients of the cast (the model casts its expert weights to
@@ -21,7 +22,7 @@ peak is about the same, but it is also held between steps (2 B per expert parame
 Small). On a mesh with a data axis the gradients of the copy would be summed across devices in the
 compute dtype, so it is off there (and a ConfigError where asked for).
 
-state["compute"] is a tuple of arrays, one per expert weight leaf of the parameters, in their
+state[KEY] is a tuple of arrays, one per expert weight leaf of the parameters, in their
 jax.tree.leaves order (`expert_leaves`).
 """
 
@@ -32,6 +33,9 @@ from typing import Any
 import jax
 
 from jaxmoe.config import ConfigError, ModelConfig, TrainConfig
+
+# The train state's entry that holds the copy.
+KEY = "compute"
 
 # The routed experts' weight matrices: used only through `.astype(compute dtype)` (RoutedExperts._w
 # and the expert-parallel path), so a copy in that dtype changes no value.
@@ -52,7 +56,7 @@ def expert_leaves(params: Any) -> tuple[int, ...]:
 
 
 def make_copy(params: Any, dtype: Any) -> tuple[jax.Array, ...]:
-  """The expert weight leaves of `params` cast to `dtype` (state["compute"])."""
+  """The expert weight leaves of `params` cast to `dtype` (state[KEY])."""
   leaves = jax.tree.leaves(params)
   return tuple(leaves[i].astype(dtype) for i in expert_leaves(params))
 

@@ -41,7 +41,7 @@ class TrainProgram:
     static attribute, so it lives in the graphdef).
   abstract_state: the state's structure with ShapeDtypeStruct leaves; state_shardings: its
     NamedShardings (jaxmoe.train.state); batch_sharding: the (B, T) batch's.
-  compute_copy: whether the state carries the expert weights' compute copy (state["compute"],
+  compute_copy: whether the state carries the expert weights' compute copy (state["compute"]:
     jaxmoe.train.compute_copy.enabled); checkpoints never hold it (to_checkpoint,
     from_checkpoint).
   grad_fn: grad_fn(params, rest, x, y) -> (grads, ce, stats), not jitted (the train step's own).
@@ -81,7 +81,7 @@ class TrainProgram:
   @staticmethod
   def to_checkpoint(state: dict) -> dict:
     """What a checkpoint holds of a train state: all of it but the derived compute copy."""
-    return {k: v for k, v in state.items() if k != "compute"}
+    return {k: v for k, v in state.items() if k != compute_copy.KEY}
 
   def from_checkpoint(self, state: dict) -> dict:
     """The train state of a checkpoint's state (or of a state whose parameters were replaced):

@@ -1,14 +1,14 @@
 """The train state and its optimizer: AdamW with warmup and cosine decay, sharded by the rules.
 
 State (a pytree, all float32 master copies): {"params", "rest" (non-trainable model variables such
-as router biases), "opt" (optax state), "step" (int32)}, and with the compute copy on
-"compute": the routed experts' weights in the compute dtype (jaxmoe.train.compute_copy; derived
-from "params", not checkpointed; where jaxmoe.train.compute_copy.enabled). It is sharded by the parameters' logical
-axis names through jaxmoe.parallel.RULES: the routed experts' stacked weights (E, d, f) are split
-E over "expert" and d_ff over "tensor"; the optax moments mirror the parameters and are split the
-same way; everything else (attention, embeddings, norms, router, dense MLPs, step counters) is
-replicated. The state is created sharded (jit with out_shardings, never materialized whole on one
-device).
+as router biases), "opt" (optax state), "step" (int32)}, and where jaxmoe.train.compute_copy is
+enabled "compute" (compute_copy.KEY): the routed experts' weights in the compute dtype, derived
+from "params" and not checkpointed. It is sharded by the parameters' logical axis names through
+jaxmoe.parallel.RULES: the routed experts' stacked weights (E, d, f) are split E over "expert"
+and d_ff over "tensor"; the optax moments (and the compute copy) mirror the parameters and are
+split the same way; everything else (attention, embeddings, norms, router, dense MLPs, step
+counters) is replicated. The state is created sharded (jit with out_shardings, never materialized
+whole on one device).
 
 Adam's first moment can be stored in bfloat16 (TrainConfig.adam_mu_dtype, `--adam-mu-dtype`; the
 second moment and the parameters stay float32): 2 bytes per parameter less memory and optimizer
@@ -55,9 +55,9 @@ def init_state(model_cfg: ModelConfig, train: TrainConfig, tx, copy: bool = Fals
 def with_compute_copy(state: dict, model_cfg: ModelConfig, copy: bool) -> dict:
   """`state` with "compute" (re)made from its parameters if `copy`, without it otherwise (a
   checkpoint's state, which has none, becomes a train state)."""
-  state = {k: v for k, v in state.items() if k != "compute"}
+  state = {k: v for k, v in state.items() if k != compute_copy.KEY}
   if copy:
-    state["compute"] = compute_copy.make_copy(state["params"], DTYPES[model_cfg.dtype])
+    state[compute_copy.KEY] = compute_copy.make_copy(state["params"], DTYPES[model_cfg.dtype])
   return state
 
 
@@ -69,7 +69,7 @@ def abstract_state(abstract_model: TransformerLM, tx, copy: bool = False) -> dic
            "step": jax.ShapeDtypeStruct((), jnp.int32)}
   if copy:
     dtype = DTYPES[abstract_model.cfg.dtype]
-    state["compute"] = jax.eval_shape(lambda p: compute_copy.make_copy(p, dtype), params)
+    state[compute_copy.KEY] = jax.eval_shape(lambda p: compute_copy.make_copy(p, dtype), params)
   return state
 
 
@@ -81,11 +81,11 @@ def state_shardings(abstract: dict, mesh: Mesh) -> dict:
   parameters; unannotated arrays (attention, embeddings, norms, router, counters, "step") are
   replicated.
   """
-  saved = {k: v for k, v in abstract.items() if k != "compute"}
+  saved = {k: v for k, v in abstract.items() if k != compute_copy.KEY}
   try:
     shardings = parallel.tree_shardings(saved, mesh)
   except ValueError as err:   # an indivisible dimension the mesh checks did not foresee
     raise ConfigError(f"the model does not fit the mesh {dict(mesh.shape)}: {err}") from None
-  if "compute" in abstract:   # no logical names of its own: split as the parameters it copies
-    shardings["compute"] = compute_copy.copy_shardings(shardings["params"])
+  if compute_copy.KEY in abstract:   # no logical names of its own: split as what it copies
+    shardings[compute_copy.KEY] = compute_copy.copy_shardings(shardings["params"])
   return shardings

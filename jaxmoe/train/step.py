@@ -172,12 +172,12 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
     # A state with the compute copy (jaxmoe.train.compute_copy) runs the model on it: its expert
     # weights are already in the compute dtype, so the model's own casts (and
     # cast_expert_weights) are no-ops.
-    if "compute" in state:
-      return compute_copy.with_copy(state["params"], state["compute"])
+    if compute_copy.KEY in state:
+      return compute_copy.with_copy(state["params"], state[compute_copy.KEY])
     return state["params"]
 
   def train_step(state, x, y):
-    copy = "compute" in state
+    copy = compute_copy.KEY in state
     grads, ce, stats = grad_fn(model_params(state), state["rest"], x, y)
     if copy:
       # The copy's gradients are in the compute dtype: float32 for the clip and the update, as
@@ -197,7 +197,7 @@ def make_steps(graphdef, model_cfg: ModelConfig, train: TrainConfig, tx, schedul
     new = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
     if copy:
       # Elementwise on the update's output: XLA writes it from the update's own fusion.
-      new["compute"] = compute_copy.make_copy(params, dtype)
+      new[compute_copy.KEY] = compute_copy.make_copy(params, dtype)
     return new, metrics
 
   loss = loss_fn(graphdef, mesh_batch_shards(mesh))
