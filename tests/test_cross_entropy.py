@@ -58,6 +58,21 @@ def test_large_logits_do_not_overflow(rng):
   np.testing.assert_allclose(y, [0.0, big + np.log(2.0)], rtol=1e-6)
 
 
+def test_infinite_and_nan_logits_as_logsumexp_gives_them(rng):
+  """The one-read log-sum-exp merges (max, sum) pairs; where a row's max is +-inf (or NaN) it must
+  give what jax.nn.logsumexp gives: a row of -inf -> -inf, a +inf entry -> +inf, a NaN -> NaN."""
+  logits = jnp.asarray(rng.standard_normal((5, 7)), jnp.float32)
+  logits = logits.at[0].set(-jnp.inf).at[1, 3].set(jnp.inf).at[2, 4].set(jnp.nan)
+  logits = logits.at[3, :6].set(-jnp.inf)    # one finite entry: exactly that entry
+  targets = jnp.asarray([0, 0, 0, 6, 1], jnp.int32)
+  want = jax.nn.logsumexp(logits, axis=-1) - logits[jnp.arange(5), targets]
+  got = cross_entropy(logits, targets)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  ok = ~np.isnan(want)
+  np.testing.assert_allclose(np.asarray(got)[ok], np.asarray(want)[ok], rtol=1e-6)
+  assert float(got[3]) == 0.0
+
+
 def test_keeps_no_float32_copy_of_the_logits(rng):
   """The backward pass keeps the bf16 logits and a per-token vector, not float32 logits."""
   logits, targets = _case(rng, jnp.bfloat16)
