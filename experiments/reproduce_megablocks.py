@@ -29,8 +29,10 @@ from jaxmoe.metrics import read_jsonl
 from jaxmoe.presets import with_impl
 
 VARIANTS = ("dmoe", "capacity-1.0", "capacity-1.5", "capacity-2.0", "dense")
-# --quick: an XS-shaped model small enough for a CPU (byte tokens, the embedded corpus).
-QUICK_MODEL = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=128,
+# --quick: an XS-shaped model small enough for a CPU (byte tokens, the embedded corpus), one block:
+# each block of the unrolled model adds to the compile of the train and eval steps, most of the
+# quick run's time.
+QUICK_MODEL = dict(vocab_size=256, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, d_ff=128,
                    max_seq_len=64, num_experts=8, top_k=1, router="softmax_topk",
                    renormalize=False, activation="gelu_tanh", dtype="float32")
 QUICK_TRAIN = dict(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=10,
