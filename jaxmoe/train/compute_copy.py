@@ -55,6 +55,11 @@ def expert_leaves(params: Any) -> tuple[int, ...]:
   return tuple(i for i, (path, _) in enumerate(flat) if is_expert_weight(path))
 
 
+def without(state: dict) -> dict:
+  """`state` (or its abstract form, or its shardings) without the copy: what a checkpoint holds."""
+  return {k: v for k, v in state.items() if k != KEY}
+
+
 def make_copy(params: Any, dtype: Any) -> tuple[jax.Array, ...]:
   """The expert weight leaves of `params` cast to `dtype` (state[KEY])."""
   leaves = jax.tree.leaves(params)

@@ -81,7 +81,7 @@ class TrainProgram:
   @staticmethod
   def to_checkpoint(state: dict) -> dict:
     """What a checkpoint holds of a train state: all of it but the derived compute copy."""
-    return {k: v for k, v in state.items() if k != compute_copy.KEY}
+    return compute_copy.without(state)
 
   def from_checkpoint(self, state: dict) -> dict:
     """The train state of a checkpoint's state (or of a state whose parameters were replaced):

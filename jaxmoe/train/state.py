@@ -55,7 +55,7 @@ def init_state(model_cfg: ModelConfig, train: TrainConfig, tx, copy: bool = Fals
 def with_compute_copy(state: dict, model_cfg: ModelConfig, copy: bool) -> dict:
   """`state` with "compute" (re)made from its parameters if `copy`, without it otherwise (a
   checkpoint's state, which has none, becomes a train state)."""
-  state = {k: v for k, v in state.items() if k != compute_copy.KEY}
+  state = compute_copy.without(state)
   if copy:
     state[compute_copy.KEY] = compute_copy.make_copy(state["params"], DTYPES[model_cfg.dtype])
   return state
@@ -81,9 +81,8 @@ def state_shardings(abstract: dict, mesh: Mesh) -> dict:
   parameters; unannotated arrays (attention, embeddings, norms, router, counters, "step") are
   replicated.
   """
-  saved = {k: v for k, v in abstract.items() if k != compute_copy.KEY}
   try:
-    shardings = parallel.tree_shardings(saved, mesh)
+    shardings = parallel.tree_shardings(compute_copy.without(abstract), mesh)
   except ValueError as err:   # an indivisible dimension the mesh checks did not foresee
     raise ConfigError(f"the model does not fit the mesh {dict(mesh.shape)}: {err}") from None
   if compute_copy.KEY in abstract:   # no logical names of its own: split as what it copies
